@@ -1,0 +1,29 @@
+"""How the CLI reports errors: one line, no traceback, exit code 2 for anything the user can fix."""
+
+from __future__ import annotations
+
+import click
+from elmreg.registry.errors import ElmregError, UserError
+
+
+class UserFacingError(click.ClickException):
+    """A click exception whose exit code says whether the user (2) or the environment (1) must act."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message.strip().splitlines()[0] if message.strip() else "error")
+        self.exit_code = exit_code
+
+    def format_message(self) -> str:
+        return self.message
+
+
+class ElmregGroup(click.Group):
+    """A click group that turns elmreg's exceptions into one-line errors (``--debug`` keeps tracebacks)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ElmregError as exc:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            raise UserFacingError(str(exc), exit_code=2 if isinstance(exc, UserError) else 1) from exc

@@ -1,0 +1,230 @@
+"""``elmreg``: the command line. Commands are thin: they parse, call the library, and print."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+
+import click
+from elmreg.cli.errors import ElmregGroup
+from elmreg.registry.context import RegistryContext
+from elmreg.registry.services import services_down, services_status, services_up
+from elmreg.registry.settings import load_settings, setting_docs
+from elmreg.registry.store import schema
+from elmreg.registry.store.session import create_catalogue_engine
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def _registry(ctx: click.Context) -> RegistryContext:
+    return ctx.obj["registry"]
+
+
+def _print_json(value) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+@click.group(cls=ElmregGroup, context_settings=CONTEXT_SETTINGS)
+@click.version_option(package_name="elmreg", prog_name="elmreg")
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False),
+    help="elmreg home directory (default: $ELMREG_HOME or ~/.elmreg).",
+)
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, home: str | None, debug: bool) -> None:
+    """elmreg: a registry of expert language models, chosen per task by Retrieval-of-Experts in SQL.
+
+    \b
+    Start here:
+      elmreg services up      start the embedded PostgreSQL + S3 (or use ELMREG_DATABASE_URL / ELMREG_S3_ENDPOINT_URL)
+      elmreg db upgrade       create or migrate the catalogue schema
+      elmreg status           services, URLs, schema revision and catalogue counts
+    """
+    settings = load_settings(home=home)
+    logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.WARNING))
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    ctx.obj["registry"] = RegistryContext(settings)
+    ctx.call_on_close(ctx.obj["registry"].close)
+
+
+# -- services ------------------------------------------------------------------------------------------------
+@cli.group(context_settings=CONTEXT_SETTINGS)
+def services() -> None:
+    """Start, stop and inspect the embedded PostgreSQL+pgvector and S3 servers.
+
+    Configured servers (ELMREG_DATABASE_URL, ELMREG_S3_ENDPOINT_URL) are never started or stopped by elmreg.
+    """
+
+
+def _echo_services(rows) -> None:
+    for row in rows:
+        where = "embedded" if row.embedded else "configured"
+        state = "running" if row.running else "stopped"
+        click.echo(f"{row.name:<9} {where:<10} {state:<8} {row.url}  {row.detail}".rstrip())
+
+
+@services.command("up")
+@click.pass_context
+def services_up_command(ctx: click.Context) -> None:
+    """Start the embedded servers (a no-op for those already running).
+
+    Example: elmreg services up
+    """
+    _echo_services(services_up(_registry(ctx).settings))
+
+
+@services.command("down")
+@click.pass_context
+def services_down_command(ctx: click.Context) -> None:
+    """Stop the embedded servers. Data stays in the elmreg home directory.
+
+    Example: elmreg services down
+    """
+    stopped = services_down(_registry(ctx).settings)
+    click.echo("stopped: " + ", ".join(stopped) if stopped else "nothing was running")
+
+
+@services.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def services_status_command(ctx: click.Context, as_json: bool) -> None:
+    """Show whether each server runs and where, without starting anything.
+
+    Example: elmreg services status --json
+    """
+    rows = services_status(_registry(ctx).settings)
+    if as_json:
+        _print_json([asdict(r) for r in rows])
+    else:
+        _echo_services(rows)
+
+
+# -- database ------------------------------------------------------------------------------------------------
+@cli.group(context_settings=CONTEXT_SETTINGS)
+def db() -> None:
+    """Create and migrate the catalogue schema (Alembic revisions shipped with elmreg)."""
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+@click.pass_context
+def db_upgrade(ctx: click.Context, revision: str) -> None:
+    """Migrate the catalogue up to REVISION (default: head).
+
+    Example: elmreg db upgrade
+    """
+    engine = create_catalogue_engine(_registry(ctx).endpoints.database_url)
+    try:
+        before = schema.current_revision(engine)
+        schema.upgrade(engine, revision)
+        after = schema.current_revision(engine)
+    finally:
+        engine.dispose()
+    click.echo(f"catalogue schema: {before or 'empty'} -> {after}")
+
+
+@db.command("downgrade")
+@click.argument("revision")
+@click.option(
+    "--yes", is_flag=True, help="Confirm; downgrading to 'base' drops every elmreg table and its data."
+)
+@click.pass_context
+def db_downgrade(ctx: click.Context, revision: str, yes: bool) -> None:
+    """Migrate the catalogue down to REVISION ('base' removes the schema).
+
+    Example: elmreg db downgrade base --yes
+    """
+    if not yes:
+        raise click.UsageError("downgrading can drop data: add --yes to confirm")
+    engine = create_catalogue_engine(_registry(ctx).endpoints.database_url)
+    try:
+        schema.downgrade(engine, revision)
+        after = schema.current_revision(engine)
+    finally:
+        engine.dispose()
+    click.echo(f"catalogue schema: {after or 'empty'}")
+
+
+@db.command("current")
+@click.pass_context
+def db_current(ctx: click.Context) -> None:
+    """Print the catalogue's schema revision and the newest one this elmreg ships.
+
+    Example: elmreg db current
+    """
+    engine = create_catalogue_engine(_registry(ctx).endpoints.database_url)
+    try:
+        current = schema.current_revision(engine)
+    finally:
+        engine.dispose()
+    head = schema.head_revision()
+    note = "up to date" if current == head else "run 'elmreg db upgrade'"
+    click.echo(f"{current or 'empty'} (head {head}: {note})")
+
+
+# -- status --------------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Services and their URLs, schema revision, library version and the row count of every table.
+
+    Starts the embedded servers if they are down. Example: elmreg status
+    """
+    registry = _registry(ctx)
+    endpoints = registry.endpoints
+    rows = services_status(registry.settings)
+    from elmreg.registry.store.sqlalchemy_store import SqlAlchemyStore
+
+    summary = SqlAlchemyStore(registry.engine).summary()
+    if as_json:
+        _print_json(
+            {
+                "services": [asdict(r) for r in rows],
+                "database_url": rows[0].url,
+                "s3_endpoint_url": endpoints.s3_endpoint_url,
+                "s3_bucket": endpoints.s3_bucket,
+                "catalogue": asdict(summary),
+            }
+        )
+        return
+    click.echo("services")
+    _echo_services(rows)
+    click.echo(
+        f"\ns3 bucket      {endpoints.s3_bucket}{('/' + endpoints.s3_prefix) if endpoints.s3_prefix else ''}"
+    )
+    click.echo(f"psql           psql '{_psql_url(rows[0].url)}'")
+    click.echo(
+        f"PostgreSQL     {summary.server_version}, pgvector {summary.pgvector_version or 'not installed'}"
+    )
+    current = summary.schema_revision or "empty"
+    note = "up to date" if summary.schema_revision == summary.head_revision else "run 'elmreg db upgrade'"
+    click.echo(f"schema         {current} (head {summary.head_revision}: {note})")
+    click.echo(f"library        version {summary.library_version}")
+    if summary.row_counts:
+        click.echo("\ncatalogue rows")
+        for table, count in summary.row_counts.items():
+            click.echo(f"  {table:<20} {count}")
+
+
+def _psql_url(url: str) -> str:
+    """The libpq form of a SQLAlchemy URL, which psql accepts."""
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+@cli.command("config")
+def config_command() -> None:
+    """List every ELMREG_* setting with its default and meaning.
+
+    Example: elmreg config
+    """
+    for name, default, help_text in setting_docs():
+        click.echo(f"{name:<30} {default or '(empty)':<40} {help_text}")
+
+
+def main() -> None:
+    cli(prog_name="elmreg")

@@ -1,0 +1,53 @@
+"""Alembic environment for the elmreg catalogue, run from the installed package by ``elmreg db upgrade``."""
+
+from __future__ import annotations
+
+from alembic import context
+from elmreg.registry.store.models import Base
+from pgvector.sqlalchemy import Vector
+from sqlalchemy import create_engine, pool
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def include_object(obj, name, type_, reflected, compare_to):
+    # Per-embedder HNSW indexes are created at run time by the store (their dimension is the embedder's),
+    # so they are not part of the declared schema.
+    return not (type_ == "index" and name and name.startswith("ix_library_entries_embedding_hnsw_e"))
+
+
+def _configure(connection) -> None:
+    # Reflection must know pgvector's type to compare models and database without false drift.
+    connection.dialect.ischema_names["vector"] = Vector
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        include_object=include_object,
+        compare_type=True,
+        transaction_per_migration=True,
+    )
+
+
+def run_migrations_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        _configure(connection)
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+    engine = create_engine(config.get_main_option("sqlalchemy.url"), poolclass=pool.NullPool)
+    with engine.connect() as connection:
+        _configure(connection)
+        with context.begin_transaction():
+            context.run_migrations()
+
+
+if context.is_offline_mode():
+    context.configure(
+        url=config.get_main_option("sqlalchemy.url"), target_metadata=target_metadata, literal_binds=True
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+else:
+    run_migrations_online()

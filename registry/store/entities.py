@@ -1,0 +1,124 @@
+"""Plain, frozen records that the store returns. ORM rows never leave the store."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Backbone:
+    id: int
+    name: str
+    family: str
+    fingerprint: str | None
+    config: dict[str, Any]
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Embedder:
+    id: int
+    name: str
+    dimension: int
+    normalized: bool
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Task:
+    id: int
+    name: str
+    dataset: str
+    subset: str | None
+    split: str
+    level: str
+    task_type: str
+    metric: str
+    templates: list[dict[str, Any]]
+    max_examples: int | None
+    expert_kind: str
+    backbone_id: int
+    training_config: dict[str, Any]
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class StoredArtifact:
+    """Where an expert's weights are, and what they must hash to."""
+
+    uri: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Expert:
+    id: int
+    name: str
+    task_id: int | None
+    backbone_id: int
+    kind: str
+    status: str
+    artifact: StoredArtifact | None
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    library_version: int | None
+    retired_at_version: int | None
+    merge_method: str | None
+    merge_params: dict[str, Any] | None
+    created_at: dt.datetime
+    ready_at: dt.datetime | None
+    retired_at: dt.datetime | None
+    parents: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class LibraryEntry:
+    """One embedded training sample of an expert, ready to insert."""
+
+    sample_index: int
+    text: str
+    embedding: Any  # a 1-D float sequence (numpy array or list)
+
+
+@dataclass(frozen=True)
+class LibraryHit:
+    """A library entry found by inner-product search; ``score`` is the inner product (higher is closer)."""
+
+    entry_id: int
+    expert_id: int
+    sample_index: int
+    text: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    kind: str
+    payload: dict[str, Any]
+    status: str
+    priority: int
+    attempts: int
+    max_attempts: int
+    lease_owner: str | None
+    lease_expires_at: dt.datetime | None
+    last_error: str | None
+    dedupe_key: str | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class CatalogueSummary:
+    """What ``elmreg status`` shows about the catalogue."""
+
+    schema_revision: str | None
+    head_revision: str
+    library_version: int
+    row_counts: dict[str, int] = field(default_factory=dict)
+    pgvector_version: str | None = None
+    server_version: str | None = None
