@@ -1,0 +1,12 @@
+"""elmreg: a continual-learning registry of expert language models.
+
+One small expert per task on a frozen backbone, chosen at inference by Retrieval-of-Experts in SQL
+(PostgreSQL + pgvector), with weights in S3-compatible storage. See README.md.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("elmreg")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"

@@ -29,7 +29,10 @@ from elmreg.registry.store.entities import StoredArtifact
 _TRANSFER = TransferConfig(
     multipart_threshold=64 * 1024 * 1024, multipart_chunksize=64 * 1024 * 1024, max_concurrency=4
 )
+# HEAD responses carry no body, so a refused HEAD shows only as a bare 403.
 _CREDENTIAL_ERRORS = {
+    "403",
+    "Forbidden",
     "InvalidAccessKeyId",
     "SignatureDoesNotMatch",
     "AccessDenied",
@@ -87,7 +90,7 @@ class S3ArtifactRepository(ArtifactRepository):
             if code in _CREDENTIAL_ERRORS:
                 return CredentialsError(
                     f"S3 at {where} rejected the credentials ({code}) while trying to {action}: "
-                    "check ELMREG_S3_ACCESS_KEY_ID / ELMREG_S3_SECRET_ACCESS_KEY"
+                    "check ELMREG_S3_ACCESS_KEY_ID / ELMREG_S3_SECRET_ACCESS_KEY and the key's permissions"
                 )
             if code in _MISSING:
                 return ArtifactNotFoundError(f"object {uri or self.bucket} is missing from S3 at {where}")

@@ -56,11 +56,13 @@ class EmbeddedPostgres:
     def start(self) -> PostgresState:
         """Start the server (initialising the data directory on first use) and create the elmreg database."""
         pgserver, _ = _pgserver()
-        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                server = pgserver.get_server(self.data_dir, cleanup_mode=None)
+                # Not pgserver.get_server(): it caches one handle per directory per process and would hand
+                # back a stale one after 'services down'. The constructor checks the server and starts it.
+                server = pgserver.PostgresServer(self.data_dir.resolve(), cleanup_mode=None)
         except (subprocess.SubprocessError, OSError, AssertionError) as exc:
             log = self.data_dir / "log"
             tail = log.read_text()[-800:] if log.exists() else ""

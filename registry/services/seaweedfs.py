@@ -144,6 +144,10 @@ class EmbeddedS3:
             "-volume.max=0",
             "-s3",
             f"-s3.config={self.identities_file}",
+            # The Iceberg and Lance catalogue listeners have fixed default ports that a second instance
+            # (another user, a test run) would collide on; elmreg needs neither.
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
         ]
         for i, component in enumerate(_COMPONENTS):
             args += [f"-{component}.port={ports[2 * i]}", f"-{component}.port.grpc={ports[2 * i + 1]}"]
@@ -173,8 +177,12 @@ class EmbeddedS3:
         )
         return self.state()
 
-    def stop(self, timeout: float = 20.0) -> bool:
-        """Stop the server if it runs; returns whether it was running."""
+    def stop(self, timeout: float = 3.0) -> bool:
+        """Stop the server if it runs; returns whether it was running.
+
+        SeaweedFS 4.48 flushes and closes its volume and filer stores right after SIGTERM but then keeps
+        retrying internal subscriptions instead of exiting, so after a short grace period it is killed.
+        """
         current = self.state()
         if not current.running or current.pid is None:
             self.state_file.unlink(missing_ok=True)

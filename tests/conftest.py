@@ -1,0 +1,83 @@
+"""Session fixtures: the real embedded PostgreSQL+pgvector and SeaweedFS S3, started once for the whole run.
+
+With ELMREG_TEST_DATABASE_URL / ELMREG_TEST_S3_ENDPOINT_URL (and the S3 key variables) set, the suite runs against
+those servers instead; either way it is the code path users get, never a mock.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from elmreg.registry.context import RegistryContext
+from elmreg.registry.services import services_down
+from elmreg.registry.settings import Settings, load_settings
+from elmreg.registry.store import schema
+from sqlalchemy import text
+
+
+def _test_environ(home: Path) -> dict[str, str]:
+    """The environment the tests' settings are built from: the test home, plus any external servers."""
+    environ = {"ELMREG_HOME": str(home)}
+    for name in ("DATABASE_URL", "S3_ENDPOINT_URL", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY"):
+        value = os.environ.get(f"ELMREG_TEST_{name}")
+        if value:
+            environ[f"ELMREG_{name}"] = value
+    return environ
+
+
+@pytest.fixture(scope="session")
+def elmreg_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("elmreg-home")
+
+
+@pytest.fixture(scope="session")
+def test_environ(elmreg_home: Path) -> dict[str, str]:
+    return _test_environ(elmreg_home)
+
+
+@pytest.fixture(scope="session")
+def settings(test_environ: dict[str, str]) -> Iterator[Settings]:
+    settings = load_settings(test_environ)
+    yield settings
+    services_down(settings)
+
+
+@pytest.fixture(scope="session")
+def registry(settings: Settings) -> Iterator[RegistryContext]:
+    """A registry on real services with the schema migrated to head."""
+    context = RegistryContext(settings)
+    schema.upgrade(context.engine)
+    yield context
+    context.close()
+
+
+@pytest.fixture(scope="session")
+def store(registry: RegistryContext):
+    return registry.store
+
+
+@pytest.fixture(scope="session")
+def artifacts(registry: RegistryContext):
+    return registry.artifacts
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short unique suffix, so tests sharing the session's catalogue never collide on names."""
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
+def scratch_database(registry: RegistryContext) -> Iterator[str]:
+    """A fresh, empty database on the same server (for migration tests that drop everything)."""
+    name = f"elmreg_scratch_{uuid.uuid4().hex[:8]}"
+    with registry.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    url = registry.engine.url.set(database=name)
+    yield url.render_as_string(hide_password=False)
+    with registry.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
