@@ -7,6 +7,7 @@ import logging
 from dataclasses import asdict
 
 import click
+
 from elmreg.cli.errors import ElmregGroup
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.services import services_down, services_status, services_up

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from alembic import context
-from elmreg.registry.store.models import Base
 from pgvector.sqlalchemy import Vector
 from sqlalchemy import create_engine, pool
+
+from elmreg.registry.store.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from functools import cached_property
 
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+
 from elmreg.registry.artifacts import ArtifactCache, ArtifactRepository, open_artifact_repository
 from elmreg.registry.errors import SchemaOutOfDateError
 from elmreg.registry.services import Endpoints, resolve_endpoints
@@ -11,8 +14,6 @@ from elmreg.registry.settings import Settings, load_settings
 from elmreg.registry.store import schema
 from elmreg.registry.store.session import create_catalogue_engine, translate_error
 from elmreg.registry.store.sqlalchemy_store import SqlAlchemyStore
-from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError
 
 
 class RegistryContext:

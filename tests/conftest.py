@@ -12,11 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
+
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.services import services_down
 from elmreg.registry.settings import Settings, load_settings
 from elmreg.registry.store import schema
-from sqlalchemy import text
 
 
 def _test_environ(home: Path) -> dict[str, str]:

@@ -7,6 +7,7 @@ import os
 
 import pytest
 from boto3.s3.transfer import TransferConfig
+
 from elmreg.registry.artifacts import ArtifactCache, S3ArtifactRepository, sha256_file
 from elmreg.registry.artifacts import s3 as s3_module
 from elmreg.registry.errors import ArtifactIntegrityError, ArtifactNotFoundError, CredentialsError

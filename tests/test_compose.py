@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import yaml
+
 from elmreg.registry.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from pgvector.sqlalchemy import Vector
+from sqlalchemy import inspect, text
+
 from elmreg.registry.store import schema
 from elmreg.registry.store.models import Base
 from elmreg.registry.store.session import create_catalogue_engine
-from pgvector.sqlalchemy import Vector
-from sqlalchemy import inspect, text
 
 
 def test_upgrade_downgrade_upgrade(scratch_database):

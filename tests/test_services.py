@@ -7,6 +7,7 @@ import urllib.request
 
 import psycopg
 import pytest
+
 from elmreg.registry.services import resolve_endpoints, services_down, services_status, services_up
 from elmreg.registry.settings import load_settings
 

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from elmreg.registry.errors import ConfigurationError
 from elmreg.registry.settings import Settings, load_settings, setting_docs
 

@@ -6,10 +6,11 @@ import threading
 
 import numpy as np
 import pytest
+from sqlalchemy import text
+
 from elmreg.registry.errors import AlreadyExistsError, CatalogueError, NotFoundError
 from elmreg.registry.store.entities import LibraryEntry, StoredArtifact
 from elmreg.registry.store.models import hnsw_index_name
-from sqlalchemy import text
 
 DIM = 384
 

@@ -14,6 +14,7 @@ from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+
 from elmreg.registry.artifacts.base import ArtifactRepository, sha256_file
 from elmreg.registry.errors import (
     ArtifactError,

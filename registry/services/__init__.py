@@ -12,11 +12,12 @@ import json
 import secrets
 from dataclasses import dataclass
 
+from filelock import FileLock
+
 from elmreg.registry.errors import ServiceError
 from elmreg.registry.services.postgres import EmbeddedPostgres
 from elmreg.registry.services.seaweedfs import EmbeddedS3
 from elmreg.registry.settings import Settings
-from filelock import FileLock
 
 __all__ = [
     "Endpoints",

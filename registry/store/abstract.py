@@ -16,6 +16,7 @@ from elmreg.registry.store.entities import (
     LibraryHit,
     StoredArtifact,
     Task,
+    TrainingRun,
 )
 
 
@@ -110,12 +111,18 @@ class RegistryStore(ABC):
         entries: Sequence[LibraryEntry],
         metrics: dict[str, Any] | None = None,
         config: dict[str, Any] | None = None,
+        lease: tuple[int, str] | None = None,
     ) -> Expert:
         """Make an expert routable, atomically: record its verified artifact, insert its library entries,
         take the next library version and mark it 'ready'. Call only after the upload was verified.
 
+        Args:
+            lease: ``(job_id, worker)``: publish only while that worker still holds that job's lease, so a
+                worker whose lease expired (and whose job was re-claimed) cannot add a second expert.
+
         Raises:
-            CatalogueError: The expert is already ready or retired, or an entry has the wrong dimension.
+            CatalogueError: The expert is already ready or retired, an entry has the wrong dimension, or the
+                lease is no longer held.
         """
 
     @abstractmethod
@@ -151,6 +158,28 @@ class RegistryStore(ABC):
     @abstractmethod
     def referenced_artifact_uris(self) -> set[str]:
         """Every artifact URI the catalogue points to (for garbage collection of the bucket)."""
+
+    @abstractmethod
+    def start_training_run(
+        self,
+        *,
+        task_id: int,
+        expert_id: int | None,
+        worker: str,
+        config: dict[str, Any],
+        job_id: int | None = None,
+    ) -> TrainingRun:
+        """Record that ``worker`` started training an expert for a task."""
+
+    @abstractmethod
+    def finish_training_run(
+        self, run_id: int, *, status: str, metrics: dict[str, Any] | None = None, error: str | None = None
+    ) -> TrainingRun:
+        """Close a training run as 'succeeded' or 'failed'."""
+
+    @abstractmethod
+    def list_training_runs(self, *, task_id: int | None = None) -> list[TrainingRun]:
+        """Training runs, oldest first."""
 
     # -- work queue ----------------------------------------------------------------------------------------
     @abstractmethod

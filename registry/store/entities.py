@@ -113,6 +113,21 @@ class Job:
 
 
 @dataclass(frozen=True)
+class TrainingRun:
+    id: int
+    job_id: int | None
+    task_id: int
+    expert_id: int | None
+    worker: str
+    status: str
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    error: str | None
+    started_at: dt.datetime
+    finished_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
 class CatalogueSummary:
     """What ``elmreg status`` shows about the catalogue."""
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import elmreg.migrations
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
+
+import elmreg.migrations
 
 
 def alembic_config(engine: Engine | None = None) -> Config:

@@ -5,6 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.orm import Session, sessionmaker
+
 from elmreg.registry.errors import (
     AlreadyExistsError,
     CatalogueError,
@@ -12,9 +16,6 @@ from elmreg.registry.errors import (
     SchemaOutOfDateError,
     ServiceError,
 )
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
-from sqlalchemy.orm import Session, sessionmaker
 
 # SQLSTATE codes (PostgreSQL appendix A) that have a message a user can act on.
 _UNIQUE_VIOLATION = "23505"

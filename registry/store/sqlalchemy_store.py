@@ -7,6 +7,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+from pgvector.psycopg import register_vector
+from sqlalchemy import Engine, func, select, text, update
+from sqlalchemy.orm import Session
+
 from elmreg.registry.errors import CatalogueError, NotFoundError
 from elmreg.registry.store import schema
 from elmreg.registry.store.abstract import RegistryStore
@@ -20,6 +24,7 @@ from elmreg.registry.store.entities import (
     LibraryHit,
     StoredArtifact,
     Task,
+    TrainingRun,
 )
 from elmreg.registry.store.models import (
     BackboneRow,
@@ -30,12 +35,10 @@ from elmreg.registry.store.models import (
     JobRow,
     LibraryChangeRow,
     TaskRow,
+    TrainingRunRow,
     hnsw_index_name,
 )
 from elmreg.registry.store.session import ManagedSessions, translate_error
-from pgvector.psycopg import register_vector
-from sqlalchemy import Engine, func, select, text, update
-from sqlalchemy.orm import Session
 
 # Serialises library version numbers across every process that publishes or retires experts.
 _LIBRARY_VERSION_LOCK = 0x656C6D726567  # "elmreg"
@@ -111,6 +114,22 @@ def _job(row: JobRow) -> Job:
         last_error=row.last_error,
         dedupe_key=row.dedupe_key,
         created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    )
+
+
+def _run(row: TrainingRunRow) -> TrainingRun:
+    return TrainingRun(
+        id=row.id,
+        job_id=row.job_id,
+        task_id=row.task_id,
+        expert_id=row.expert_id,
+        worker=row.worker,
+        status=row.status,
+        config=dict(row.config),
+        metrics=dict(row.metrics),
+        error=row.error,
         started_at=row.started_at,
         finished_at=row.finished_at,
     )
@@ -287,8 +306,11 @@ class SqlAlchemyStore(RegistryStore):
         entries: Sequence[LibraryEntry],
         metrics: dict[str, Any] | None = None,
         config: dict[str, Any] | None = None,
+        lease: tuple[int, str] | None = None,
     ) -> Expert:
         with self.sessions() as session:
+            if lease is not None:
+                self._held(session, *lease)
             row = session.scalar(select(ExpertRow).where(ExpertRow.id == expert_id).with_for_update())
             if row is None:
                 raise NotFoundError(f"no expert '{expert_id}'")
@@ -407,6 +429,44 @@ class SqlAlchemyStore(RegistryStore):
             return set(
                 session.scalars(select(ExpertRow.artifact_uri).where(ExpertRow.artifact_uri.is_not(None)))
             )
+
+    def start_training_run(
+        self,
+        *,
+        task_id: int,
+        expert_id: int | None,
+        worker: str,
+        config: dict[str, Any],
+        job_id: int | None = None,
+    ) -> TrainingRun:
+        with self.sessions() as session:
+            row = TrainingRunRow(
+                task_id=task_id, expert_id=expert_id, worker=worker, config=config, job_id=job_id
+            )
+            session.add(row)
+            session.flush()
+            session.refresh(row)
+            return _run(row)
+
+    def finish_training_run(
+        self, run_id: int, *, status: str, metrics: dict[str, Any] | None = None, error: str | None = None
+    ) -> TrainingRun:
+        with self.sessions() as session:
+            row = session.get(TrainingRunRow, run_id)
+            if row is None:
+                raise NotFoundError(f"no training run {run_id}")
+            row.status, row.error, row.finished_at = status, error, dt.datetime.now(dt.UTC)
+            if metrics is not None:
+                row.metrics = metrics
+            session.flush()
+            return _run(row)
+
+    def list_training_runs(self, *, task_id: int | None = None) -> list[TrainingRun]:
+        query = select(TrainingRunRow).order_by(TrainingRunRow.id)
+        if task_id is not None:
+            query = query.where(TrainingRunRow.task_id == task_id)
+        with self.sessions() as session:
+            return [_run(r) for r in session.scalars(query)]
 
     # -- work queue ----------------------------------------------------------------------------------------
     def enqueue_job(
