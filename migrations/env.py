@@ -7,15 +7,10 @@ from pgvector.sqlalchemy import Vector
 from sqlalchemy import create_engine, pool
 
 from elmreg.registry.store.models import Base
+from elmreg.registry.store.schema import include_object
 
 config = context.config
 target_metadata = Base.metadata
-
-
-def include_object(obj, name, type_, reflected, compare_to):
-    # Per-embedder HNSW indexes are created at run time by the store (their dimension is the embedder's),
-    # so they are not part of the declared schema.
-    return not (type_ == "index" and name and name.startswith("ix_library_entries_embedding_hnsw_e"))
 
 
 def _configure(connection) -> None:

@@ -213,8 +213,17 @@ class RegistryStore(ABC):
         """Mark a job the worker holds as succeeded."""
 
     @abstractmethod
-    def fail_job(self, job_id: int, worker: str, error: str, *, retry_delay_seconds: float = 30.0) -> Job:
-        """Record a failure: queue the job again after a delay, or mark it failed once attempts are used up."""
+    def fail_job(
+        self,
+        job_id: int,
+        worker: str,
+        error: str,
+        *,
+        retry_delay_seconds: float = 30.0,
+        permanent: bool = False,
+    ) -> Job:
+        """Record a failure: queue the job again after a delay, or mark it failed once attempts are used up
+        (at once when ``permanent``: a failure that retrying cannot fix, such as bad task data)."""
 
     @abstractmethod
     def get_job(self, job_id: int) -> Job:

@@ -551,12 +551,20 @@ class SqlAlchemyStore(RegistryStore):
             session.flush()
             return _job(row)
 
-    def fail_job(self, job_id: int, worker: str, error: str, *, retry_delay_seconds: float = 30.0) -> Job:
+    def fail_job(
+        self,
+        job_id: int,
+        worker: str,
+        error: str,
+        *,
+        retry_delay_seconds: float = 30.0,
+        permanent: bool = False,
+    ) -> Job:
         with self.sessions() as session:
             row = self._held(session, job_id, worker)
             row.last_error = error[-4000:]
             row.lease_expires_at = None
-            if row.attempts >= row.max_attempts:
+            if permanent or row.attempts >= row.max_attempts:
                 row.status, row.finished_at = "failed", dt.datetime.now(dt.UTC)
             else:
                 row.status = "queued"

@@ -1,0 +1,183 @@
+"""``elmreg scheduler``: the clock of the registry (APScheduler 3, job store in the catalogue database).
+
+It only *enqueues* work; workers do it. Three schedules:
+
+- every minute, a training job for every task that has neither an expert nor a pending training job;
+- nightly, ingestion of task manifests (YAML lists of add-task specs) from ``ELMREG_MANIFEST_DIR``;
+- nightly, a ``benchmark`` job for the experts added since the last benchmark.
+
+Only one scheduler is active at a time: each one tries to take a PostgreSQL advisory lock on a connection it
+keeps open and waits as a standby until it gets it. If the active one dies, its connection closes, the lock is
+released and a standby takes over. Missed runs (the machine was down at 02:00) are coalesced into one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from dataclasses import dataclass
+
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy import text
+
+from elmreg.registry.context import RegistryContext
+from elmreg.registry.settings import Settings
+
+_log = logging.getLogger(__name__)
+
+# Distinct from the library-version lock: this one is held for the whole life of the active scheduler.
+SCHEDULER_LOCK_KEY = 0x656C6D73636864  # "elmschd"
+APSCHEDULER_TABLE = "apscheduler_jobs"
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """When the periodic jobs run (cron fields in the scheduler's local time zone)."""
+
+    new_task_interval_seconds: int = 60
+    ingest_hour: int = 1
+    benchmark_hour: int = 3
+    misfire_grace_seconds: int = 6 * 3600
+
+
+# -- the scheduled functions: module-level, so the persistent job store can refer to them by name -----------------
+def enqueue_untrained_tasks(settings: Settings) -> list[int]:
+    """Queue a training job for each task with no expert and no training job; returns their job ids."""
+    registry = RegistryContext(settings)
+    try:
+        store = registry.store
+        busy = {e.task_id for e in store.list_experts() if e.status in ("pending", "training", "ready")}
+        queued = {
+            j.payload.get("task_id")
+            for j in store.list_jobs()
+            if j.kind == "train" and j.status in ("queued", "running")
+        }
+        jobs = []
+        for task in store.list_tasks():
+            if task.id in busy or task.id in queued:
+                continue
+            jobs.append(
+                store.enqueue_job("train", {"task_id": task.id}, dedupe_key=f"train-task:{task.id}").id
+            )
+        return jobs
+    finally:
+        registry.close()
+
+
+def ingest_manifests_job(settings: Settings) -> None:
+    """Register the tasks listed in the manifest folder (already-registered ones are skipped)."""
+    from elmreg.registry.tasks import ingest_manifests
+
+    registry = RegistryContext(settings)
+    try:
+        report = ingest_manifests(registry)
+        _log.warning("manifest ingestion: %s", report)
+    finally:
+        registry.close()
+
+
+def enqueue_benchmark(settings: Settings) -> int:
+    """Queue tonight's benchmark of the experts added since the previous one (one job per day)."""
+    registry = RegistryContext(settings)
+    try:
+        today = dt.datetime.now(dt.UTC).date().isoformat()
+        job = registry.store.enqueue_job(
+            "benchmark", {"requested_by": "scheduler"}, dedupe_key=f"benchmark:{today}"
+        )
+        return job.id
+    finally:
+        registry.close()
+
+
+class Scheduler:
+    """The active-or-standby scheduler process."""
+
+    def __init__(self, registry: RegistryContext, config: ScheduleConfig | None = None):
+        self.registry = registry
+        self.config = config or ScheduleConfig()
+        self._lock_connection = None
+        self._scheduler: BackgroundScheduler | None = None
+
+    def try_become_active(self) -> bool:
+        """Take the advisory lock if nobody holds it; the lock lives as long as our connection."""
+        if self._lock_connection is None:
+            self._lock_connection = self.registry.engine.connect()
+        got = self._lock_connection.execute(
+            text("SELECT pg_try_advisory_lock(:key)"), {"key": SCHEDULER_LOCK_KEY}
+        ).scalar()
+        self._lock_connection.commit()
+        return bool(got)
+
+    def start(self) -> BackgroundScheduler:
+        """Register the schedules (replacing stale copies in the job store) and start running them."""
+        settings = self.registry.settings
+        self.registry.store  # noqa: B018 - fails early with a clear message if the schema is not migrated
+        scheduler = BackgroundScheduler(
+            jobstores={
+                "default": SQLAlchemyJobStore(engine=self.registry.engine, tablename=APSCHEDULER_TABLE)
+            },
+            job_defaults={
+                "coalesce": True,
+                "max_instances": 1,
+                "misfire_grace_time": self.config.misfire_grace_seconds,
+            },
+        )
+        scheduler.add_job(
+            enqueue_untrained_tasks,
+            IntervalTrigger(seconds=self.config.new_task_interval_seconds),
+            args=[settings],
+            id="enqueue-untrained-tasks",
+            replace_existing=True,
+        )
+        scheduler.add_job(
+            ingest_manifests_job,
+            CronTrigger(hour=self.config.ingest_hour, minute=0),
+            args=[settings],
+            id="nightly-ingest",
+            replace_existing=True,
+        )
+        scheduler.add_job(
+            enqueue_benchmark,
+            CronTrigger(hour=self.config.benchmark_hour, minute=0),
+            args=[settings],
+            id="nightly-benchmark",
+            replace_existing=True,
+        )
+        scheduler.start()
+        self._scheduler = scheduler
+        return scheduler
+
+    def run(self, *, stop: threading.Event | None = None, standby_poll_seconds: float = 15.0) -> None:
+        """Wait to become active, then run the schedules until ``stop`` is set."""
+        stop = stop or threading.Event()
+        while not stop.is_set() and not self.try_become_active():
+            _log.warning("another scheduler is active; standing by")
+            stop.wait(standby_poll_seconds)
+        if stop.is_set():
+            return self.shutdown()
+        self.start()
+        try:
+            stop.wait()
+        finally:
+            self.shutdown()
+
+    def next_runs(self) -> dict[str, dt.datetime | None]:
+        """When each schedule fires next (for ``elmreg scheduler --list`` and tests)."""
+        if self._scheduler is None:
+            return {}
+        return {job.id: job.next_run_time for job in self._scheduler.get_jobs()}
+
+    def shutdown(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+        if self._lock_connection is not None:
+            # Invalidate rather than return it to the pool: closing the DBAPI connection is what releases a
+            # session-level advisory lock (a pooled connection would keep holding it).
+            self._lock_connection.invalidate()
+            self._lock_connection.close()
+            self._lock_connection = None

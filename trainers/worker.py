@@ -1,0 +1,145 @@
+"""The worker loop: claim a queued job, keep its lease alive, run its handler, record the outcome.
+
+Any number of workers on any number of machines share one catalogue: claiming uses ``FOR UPDATE SKIP LOCKED``,
+so each job goes to one worker; a worker that dies stops heartbeating, its lease expires and another worker
+re-claims the job. Handlers are plain functions per job kind, passed in by the caller (the CLI wires training
+from ``trainers`` and benchmarks from ``inference``), so this loop knows nothing about what a job does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from elmreg.registry.context import RegistryContext
+from elmreg.registry.errors import ElmregError, UserError
+from elmreg.registry.store.entities import Job
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_LEASE_SECONDS = 300.0
+
+
+class LeaseLost(ElmregError):
+    """Another worker took the job over (our lease expired); stop without publishing anything."""
+
+
+@dataclass
+class JobContext:
+    """What a handler gets: the registry, its job, and a way to check it still owns the job."""
+
+    registry: RegistryContext
+    job: Job
+    worker: str
+    _lost: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def lease(self) -> tuple[int, str]:
+        return self.job.id, self.worker
+
+    def check_lease(self) -> None:
+        """Raise :class:`LeaseLost` if the heartbeat found the lease gone; call it at safe points."""
+        if self._lost.is_set():
+            raise LeaseLost(f"job {self.job.id} was taken over by another worker")
+
+
+JobHandler = Callable[[JobContext], None]
+
+
+def default_worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, context: JobContext, lease_seconds: float):
+        super().__init__(name=f"heartbeat-{context.job.id}", daemon=True)
+        self.context, self.lease_seconds = context, lease_seconds
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        # Three beats per lease: one missed beat (a slow query, a GC pause) does not lose the job.
+        while not self.stopped.wait(self.lease_seconds / 3):
+            try:
+                held = self.context.registry.store.heartbeat(
+                    self.context.job.id, self.context.worker, lease_seconds=self.lease_seconds
+                )
+            except ElmregError as exc:  # the database blinked; the next beat may get through
+                _log.warning("heartbeat for job %s failed: %s", self.context.job.id, exc)
+                continue
+            if not held:
+                self.context._lost.set()
+                return
+
+
+class Worker:
+    """Runs queued jobs of the kinds it has handlers for."""
+
+    def __init__(
+        self,
+        registry: RegistryContext,
+        handlers: Mapping[str, JobHandler],
+        *,
+        name: str | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        retry_delay_seconds: float = 30.0,
+    ):
+        self.registry = registry
+        self.handlers = dict(handlers)
+        self.name = name or default_worker_name()
+        self.lease_seconds = lease_seconds
+        self.retry_delay_seconds = retry_delay_seconds
+
+    def run_once(self) -> Job | None:
+        """Claim and run one job; returns it as it ended, or None when no job was runnable."""
+        store = self.registry.store
+        job = store.claim_job(self.name, lease_seconds=self.lease_seconds, kinds=list(self.handlers))
+        if job is None:
+            return None
+        context = JobContext(self.registry, job, self.name)
+        heartbeat = _Heartbeat(context, self.lease_seconds)
+        heartbeat.start()
+        try:
+            self.handlers[job.kind](context)
+            context.check_lease()
+        except LeaseLost as exc:
+            _log.warning("%s", exc)
+            return store.get_job(job.id)
+        except Exception as exc:  # noqa: BLE001 - any failure is recorded on the job and retried
+            # A user error (bad data) will not fix itself: no retries. Anything else may be transient.
+            message = str(exc) if isinstance(exc, UserError) else traceback.format_exc()
+            _log.error(
+                "job %s (%s) failed: %s", job.id, job.kind, str(exc).splitlines()[0] if str(exc) else exc
+            )
+            return store.fail_job(
+                job.id,
+                self.name,
+                message,
+                retry_delay_seconds=self.retry_delay_seconds,
+                permanent=isinstance(exc, UserError),
+            )
+        finally:
+            heartbeat.stopped.set()
+            heartbeat.join()
+        return store.finish_job(job.id, self.name)
+
+    def run_forever(self, *, poll_seconds: float = 5.0, stop: threading.Event | None = None) -> None:
+        """Run jobs until ``stop`` is set; sleeps ``poll_seconds`` whenever the queue is empty."""
+        stop = stop or threading.Event()
+        while not stop.is_set():
+            if self.run_once() is None:
+                stop.wait(poll_seconds)
+
+    def drain(self, *, max_jobs: int | None = None) -> list[Job]:
+        """Run jobs until none is runnable (or ``max_jobs`` ran); returns them as they ended."""
+        done: list[Job] = []
+        while max_jobs is None or len(done) < max_jobs:
+            job = self.run_once()
+            if job is None:
+                break
+            done.append(job)
+        return done
