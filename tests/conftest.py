@@ -73,6 +73,15 @@ def unique() -> str:
 
 
 @pytest.fixture
+def fresh_registry(settings: Settings, scratch_database: str) -> Iterator[RegistryContext]:
+    """A registry on its own empty, migrated database (same servers): for tests that need an empty queue."""
+    context = RegistryContext(settings.replace(database_url=scratch_database))
+    schema.upgrade(context.engine)
+    yield context
+    context.close()
+
+
+@pytest.fixture
 def scratch_database(registry: RegistryContext) -> Iterator[str]:
     """A fresh, empty database on the same server (for migration tests that drop everything)."""
     name = f"elmreg_scratch_{uuid.uuid4().hex[:8]}"
