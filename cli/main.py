@@ -8,17 +8,18 @@ from dataclasses import asdict
 
 import click
 
+from elmreg.api import Registry
+from elmreg.cli import catalogue
 from elmreg.cli.errors import ElmregGroup
-from elmreg.registry.context import RegistryContext
 from elmreg.registry.services import services_down, services_status, services_up
 from elmreg.registry.settings import load_settings, setting_docs
 from elmreg.registry.store import schema
-from elmreg.registry.store.session import create_catalogue_engine
+from elmreg.registry.store.sqlalchemy_store import SqlAlchemyStore
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
-def _registry(ctx: click.Context) -> RegistryContext:
+def _registry(ctx: click.Context) -> Registry:
     return ctx.obj["registry"]
 
 
@@ -48,7 +49,7 @@ def cli(ctx: click.Context, home: str | None, debug: bool) -> None:
     logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.WARNING))
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
-    ctx.obj["registry"] = RegistryContext(settings)
+    ctx.obj["registry"] = Registry(settings)
     ctx.call_on_close(ctx.obj["registry"].close)
 
 
@@ -118,13 +119,10 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
 
     Example: elmreg db upgrade
     """
-    engine = create_catalogue_engine(_registry(ctx).endpoints.database_url)
-    try:
-        before = schema.current_revision(engine)
-        schema.upgrade(engine, revision)
-        after = schema.current_revision(engine)
-    finally:
-        engine.dispose()
+    engine = _registry(ctx).context.engine
+    before = schema.current_revision(engine)
+    schema.upgrade(engine, revision)
+    after = schema.current_revision(engine)
     click.echo(f"catalogue schema: {before or 'empty'} -> {after}")
 
 
@@ -141,12 +139,9 @@ def db_downgrade(ctx: click.Context, revision: str, yes: bool) -> None:
     """
     if not yes:
         raise click.UsageError("downgrading can drop data: add --yes to confirm")
-    engine = create_catalogue_engine(_registry(ctx).endpoints.database_url)
-    try:
-        schema.downgrade(engine, revision)
-        after = schema.current_revision(engine)
-    finally:
-        engine.dispose()
+    engine = _registry(ctx).context.engine
+    schema.downgrade(engine, revision)
+    after = schema.current_revision(engine)
     click.echo(f"catalogue schema: {after or 'empty'}")
 
 
@@ -157,11 +152,7 @@ def db_current(ctx: click.Context) -> None:
 
     Example: elmreg db current
     """
-    engine = create_catalogue_engine(_registry(ctx).endpoints.database_url)
-    try:
-        current = schema.current_revision(engine)
-    finally:
-        engine.dispose()
+    current = schema.current_revision(_registry(ctx).context.engine)
     head = schema.head_revision()
     note = "up to date" if current == head else "run 'elmreg db upgrade'"
     click.echo(f"{current or 'empty'} (head {head}: {note})")
@@ -177,11 +168,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
     Starts the embedded servers if they are down. Example: elmreg status
     """
     registry = _registry(ctx)
-    endpoints = registry.endpoints
+    endpoints = registry.context.endpoints
     rows = services_status(registry.settings)
-    from elmreg.registry.store.sqlalchemy_store import SqlAlchemyStore
-
-    summary = SqlAlchemyStore(registry.engine).summary()
+    # Not registry.status(): that refuses an unmigrated catalogue, and status must describe one.
+    summary = SqlAlchemyStore(registry.context.engine).summary()
     if as_json:
         _print_json(
             {
@@ -225,6 +215,10 @@ def config_command() -> None:
     """
     for name, default, help_text in setting_docs():
         click.echo(f"{name:<30} {default or '(empty)':<40} {help_text}")
+
+
+for command in (catalogue.tasks, catalogue.experts, catalogue.jobs, catalogue.gc):
+    cli.add_command(command)
 
 
 def main() -> None:

@@ -6,6 +6,10 @@ One small expert per task on a frozen backbone, chosen at inference by Retrieval
 
 from importlib.metadata import PackageNotFoundError, version
 
+from elmreg.api import Registry
+
+__all__ = ["Registry", "__version__"]
+
 try:
     __version__ = version("elmreg")
 except PackageNotFoundError:  # running from a source tree that was never installed

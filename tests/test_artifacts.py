@@ -29,7 +29,7 @@ def test_round_trip_is_content_addressed_and_verified(artifacts, tmp_path):
     assert artifacts.put_file(_write(tmp_path / "copy.bin", data)) == stored
     out = artifacts.download(stored, tmp_path / "down" / "w.safetensors")
     assert out.read_bytes() == data
-    assert stored.uri in {uri for uri, _ in artifacts.list_objects()}
+    assert stored.uri in {obj.uri for obj in artifacts.list_objects()}
 
 
 def test_tampered_object_is_refused(artifacts, tmp_path):

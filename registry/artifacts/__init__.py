@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from elmreg.registry.artifacts.base import ArtifactRepository, sha256_file
+from elmreg.registry.artifacts.base import ArtifactRepository, StoredObject, sha256_file
 from elmreg.registry.artifacts.s3 import S3ArtifactRepository
 from elmreg.registry.errors import ConfigurationError
 from elmreg.registry.services import Endpoints
@@ -16,6 +16,7 @@ __all__ = [
     "ArtifactCache",
     "ArtifactRepository",
     "S3ArtifactRepository",
+    "StoredObject",
     "open_artifact_repository",
     "sha256_file",
 ]

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from elmreg.registry.store.entities import StoredArtifact
 
 _CHUNK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """An object as the store lists it (for garbage collection)."""
+
+    uri: str
+    size: int
+    last_modified: dt.datetime
 
 
 def sha256_file(path: Path) -> tuple[str, int]:
@@ -57,5 +68,5 @@ class ArtifactRepository(ABC):
         """Delete the object at ``uri`` (no error if it is already gone)."""
 
     @abstractmethod
-    def list_objects(self) -> Iterator[tuple[str, int]]:
-        """Every (uri, size) under this repository's prefix."""
+    def list_objects(self) -> Iterator[StoredObject]:
+        """Every object under this repository's prefix."""

@@ -15,7 +15,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from elmreg.registry.artifacts.base import ArtifactRepository, sha256_file
+from elmreg.registry.artifacts.base import ArtifactRepository, StoredObject, sha256_file
 from elmreg.registry.errors import (
     ArtifactError,
     ArtifactIntegrityError,
@@ -210,11 +210,13 @@ class S3ArtifactRepository(ArtifactRepository):
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, "delete an object", uri) from exc
 
-    def list_objects(self) -> Iterator[tuple[str, int]]:
+    def list_objects(self) -> Iterator[StoredObject]:
         paginator = self.client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + "blobs/"):
                 for obj in page.get("Contents", []):
-                    yield f"s3://{self.bucket}/{obj['Key']}", int(obj["Size"])
+                    yield StoredObject(
+                        f"s3://{self.bucket}/{obj['Key']}", int(obj["Size"]), obj["LastModified"]
+                    )
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, "list objects") from exc

@@ -1,0 +1,220 @@
+"""Catalogue verbs: tasks, experts, jobs, training runs, and garbage collection of the bucket."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import click
+
+from elmreg.api import Registry
+from elmreg.cli.output import echo_json, echo_record, echo_table
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+def _registry(ctx: click.Context) -> Registry:
+    return ctx.obj["registry"]
+
+
+def _when(value: dt.datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M") if value else ""
+
+
+# -- tasks -----------------------------------------------------------------------------------------------------
+@click.group(context_settings=CONTEXT_SETTINGS)
+def tasks() -> None:
+    """Registered tasks (a dataset + prompt template; each gets an expert)."""
+
+
+@tasks.command("list")
+@json_option
+@click.pass_context
+def tasks_list(ctx: click.Context, as_json: bool) -> None:
+    """List tasks with their expert's status.
+
+    Example: elmreg tasks list --json
+    """
+    registry = _registry(ctx)
+    rows = registry.tasks()
+    if as_json:
+        return echo_json(rows)
+    status = {}
+    for expert in registry.experts():
+        if expert.task_id is not None:
+            status[expert.task_id] = expert.status
+    echo_table(
+        ["id", "name", "dataset", "type", "kind", "K", "expert", "created"],
+        [
+            (
+                t.id,
+                t.name,
+                t.dataset + (f"/{t.subset}" if t.subset else ""),
+                t.task_type,
+                t.expert_kind,
+                t.max_examples,
+                status.get(t.id, "queued"),
+                _when(t.created_at),
+            )
+            for t in rows
+        ],
+        empty="no tasks yet: register one with 'elmreg add-task'",
+    )
+
+
+@tasks.command("show")
+@click.argument("task")
+@json_option
+@click.pass_context
+def tasks_show(ctx: click.Context, task: str, as_json: bool) -> None:
+    """Show one task (by name or id), its templates and training runs.
+
+    Example: elmreg tasks show strategyqa
+    """
+    registry = _registry(ctx)
+    record = registry.task(task)
+    runs = registry.training_runs(record.id)
+    if as_json:
+        return echo_json({"task": record, "training_runs": runs})
+    echo_record(record)
+    click.echo("\ntraining runs")
+    echo_table(
+        ["id", "worker", "status", "started", "finished", "error"],
+        [
+            (r.id, r.worker, r.status, _when(r.started_at), _when(r.finished_at), (r.error or "")[:60])
+            for r in runs
+        ],
+    )
+
+
+# -- experts ---------------------------------------------------------------------------------------------------
+@click.group(context_settings=CONTEXT_SETTINGS)
+def experts() -> None:
+    """Trained experts: list, inspect, retire."""
+
+
+@experts.command("list")
+@click.option("--status", type=click.Choice(["pending", "training", "ready", "failed", "retired"]))
+@json_option
+@click.pass_context
+def experts_list(ctx: click.Context, status: str | None, as_json: bool) -> None:
+    """List experts with kind, status and the library version that added them.
+
+    Example: elmreg experts list --status ready
+    """
+    rows = _registry(ctx).experts(status=status)
+    if as_json:
+        return echo_json(rows)
+    echo_table(
+        ["id", "name", "kind", "status", "version", "size", "ready"],
+        [
+            (
+                e.id,
+                e.name,
+                e.kind,
+                e.status,
+                e.library_version or "",
+                f"{e.artifact.size / 1e6:.1f} MB" if e.artifact else "",
+                _when(e.ready_at),
+            )
+            for e in rows
+        ],
+        empty="no experts yet",
+    )
+
+
+@experts.command("show")
+@click.argument("expert")
+@json_option
+@click.pass_context
+def experts_show(ctx: click.Context, expert: str, as_json: bool) -> None:
+    """Show one expert (by name or id): artifact, config, training metrics, lineage.
+
+    Example: elmreg experts show strategyqa
+    """
+    record = _registry(ctx).expert(expert)
+    if as_json:
+        return echo_json(record)
+    echo_record(record)
+
+
+@experts.command("retire")
+@click.argument("expert")
+@click.pass_context
+def experts_retire(ctx: click.Context, expert: str) -> None:
+    """Take an expert out of routing. It keeps its weights, entries and audit history.
+
+    Routing pinned to an earlier library version still sees it. Example: elmreg experts retire 12
+    """
+    record = _registry(ctx).retire(expert)
+    click.echo(f"retired {record.name} at library version {record.retired_at_version}")
+
+
+# -- jobs ------------------------------------------------------------------------------------------------------
+@click.group(context_settings=CONTEXT_SETTINGS)
+def jobs() -> None:
+    """The work queue that workers drain."""
+
+
+@jobs.command("list")
+@click.option("--status", type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled"]))
+@json_option
+@click.pass_context
+def jobs_list(ctx: click.Context, status: str | None, as_json: bool) -> None:
+    """List jobs with attempts, lease holder and last error.
+
+    Example: elmreg jobs list --status failed
+    """
+    rows = _registry(ctx).jobs(status=status)
+    if as_json:
+        return echo_json(rows)
+    echo_table(
+        ["id", "kind", "payload", "status", "attempts", "worker", "created", "error"],
+        [
+            (
+                j.id,
+                j.kind,
+                j.payload,
+                j.status,
+                f"{j.attempts}/{j.max_attempts}",
+                j.lease_owner or "",
+                _when(j.created_at),
+                (j.last_error or "").strip().splitlines()[-1][:60] if j.last_error else "",
+            )
+            for j in rows
+        ],
+        empty="no jobs",
+    )
+
+
+# -- gc --------------------------------------------------------------------------------------------------------
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.option("--delete", is_flag=True, help="Delete the objects (default: only list them).")
+@click.option(
+    "--min-age-hours",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Leave younger objects alone: an upload may be about to be published.",
+)
+@json_option
+@click.pass_context
+def gc(ctx: click.Context, delete: bool, min_age_hours: float, as_json: bool) -> None:
+    """List (dry run) or delete bucket objects that no expert references.
+
+    Example: elmreg gc            then: elmreg gc --delete
+    """
+    report = _registry(ctx).gc(delete=delete, min_age=dt.timedelta(hours=min_age_hours))
+    if as_json:
+        return echo_json(report)
+    for obj in report.unreferenced:
+        click.echo(f"{'deleted' if delete else 'unreferenced'}  {obj.uri}  {obj.size} bytes")
+    click.echo(
+        f"{len(report.unreferenced)} unreferenced object(s), {report.reclaimable_bytes} bytes"
+        + (" deleted" if delete else " (dry run: add --delete to remove them)")
+        + (
+            f"; {len(report.too_young)} younger than {min_age_hours:g} h left alone"
+            if report.too_young
+            else ""
+        )
+    )
