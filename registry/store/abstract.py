@@ -146,6 +146,10 @@ class RegistryStore(ABC):
         """Bulk-insert (COPY) entries of an existing expert for one embedder; returns how many were written."""
 
     @abstractmethod
+    def library_texts(self, expert_id: int, embedder_id: int) -> list[tuple[int, str]]:
+        """The ``(sample_index, text)`` of an expert's entries for one embedder, in sample order."""
+
+    @abstractmethod
     def nearest_entries(
         self, embedder_id: int, query: Sequence[float], *, k: int = 1, library_version: int | None = None
     ) -> list[LibraryHit]:

@@ -34,6 +34,7 @@ from elmreg.registry.store.models import (
     ExpertRow,
     JobRow,
     LibraryChangeRow,
+    LibraryEntryRow,
     TaskRow,
     TrainingRunRow,
     hnsw_index_name,
@@ -400,6 +401,15 @@ class SqlAlchemyStore(RegistryStore):
         with self.sessions() as session:
             _by_key(session, ExpertRow, expert_id, "expert")
             return self._copy_entries(session, expert_id, embedder_id, entries)
+
+    def library_texts(self, expert_id: int, embedder_id: int) -> list[tuple[int, str]]:
+        query = (
+            select(LibraryEntryRow.sample_index, LibraryEntryRow.text)
+            .where(LibraryEntryRow.expert_id == expert_id, LibraryEntryRow.embedder_id == embedder_id)
+            .order_by(LibraryEntryRow.sample_index)
+        )
+        with self.sessions() as session:
+            return [(r.sample_index, r.text) for r in session.execute(query)]
 
     def nearest_entries(
         self, embedder_id: int, query: Sequence[float], *, k: int = 1, library_version: int | None = None
