@@ -150,6 +150,34 @@ def experts_retire(ctx: click.Context, expert: str) -> None:
     click.echo(f"retired {record.name} at library version {record.retired_at_version}")
 
 
+@experts.command("export")
+@click.argument("expert")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder to write.")
+@click.pass_context
+def experts_export(ctx: click.Context, expert: str, out_dir: str) -> None:
+    """Write an expert to a folder: PEFT format for LoRA (PeftModel.from_pretrained loads it), safetensors
+    for the other kinds, plus an elmreg_expert.json card.
+
+    Example: elmreg experts export strategyqa --out exported/strategyqa
+    """
+    folder = _registry(ctx).export_expert(expert, out_dir)
+    click.echo(f"wrote {folder}")
+
+
+@experts.command("import")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--task", required=True, help="Registered task the adapter is an expert for.")
+@click.option("--name", help="Expert name (default: <task>-imported).")
+@click.pass_context
+def experts_import(ctx: click.Context, folder: str, task: str, name: str | None) -> None:
+    """Register an existing PEFT LoRA adapter folder as an expert of TASK (checked against its backbone).
+
+    Example: elmreg experts import ./my-lora --task strategyqa
+    """
+    record = _registry(ctx).import_expert(folder, task=task, name=name)
+    click.echo(f"imported {record.name} (id {record.id}) at library version {record.library_version}")
+
+
 # -- jobs ------------------------------------------------------------------------------------------------------
 @click.group(context_settings=CONTEXT_SETTINGS)
 def jobs() -> None:

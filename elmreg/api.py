@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from typing import Any
 
 from elmreg.registry.context import RegistryContext
+from elmreg.registry.errors import CatalogueError
 from elmreg.registry.gc import DEFAULT_MIN_AGE, GcReport, collect_garbage
+from elmreg.registry.library import ReembedReport, reembed_library
 from elmreg.registry.settings import Settings, load_settings
 from elmreg.registry.store.entities import CatalogueSummary, Expert, Job, Task, TrainingRun
+from elmreg.registry.tasks import IngestReport, TaskRequest, add_task, ingest_manifests
 
 
 class Registry:
@@ -41,6 +45,80 @@ class Registry:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # -- growing the library -------------------------------------------------------------------------------
+    def add_task(self, dataset: str, *, now: bool = False, hooks=None, **options: Any) -> Task:
+        """Register a task (validated first; nothing is written if it is invalid) and queue its training.
+
+        Args:
+            dataset: ``bigbench:<task>``, a local json/jsonl/csv/parquet file or folder, or a hub id.
+            now: Train the expert in this process before returning (otherwise a worker does it).
+            hooks: ``trainers.pipeline.TrainingHooks`` for progress reporting when ``now``.
+            **options: The other fields of ``registry.tasks.TaskRequest`` (prompt, kind, max_examples, ...).
+
+        Example::
+
+            registry.add_task("bigbench:strategyqa", max_examples=64, training={"epochs": 1})
+        """
+        from elmreg.trainers.pipeline import validate_training_options
+
+        task, job = add_task(
+            self.context, TaskRequest(dataset=dataset, **options), validate_training=validate_training_options
+        )
+        if now and job is not None:
+            done = self.worker(hooks=hooks).run_once(job_id=job.id)
+            if done is None or done.status != "succeeded":
+                raise CatalogueError(
+                    f"training task {task.name} failed: {done.last_error if done else 'not runnable'}"
+                )
+        return task
+
+    def worker(self, *, hooks=None, name: str | None = None, lease_seconds: float | None = None):
+        """A worker that runs queued ``train`` jobs (``.run_once()``, ``.drain()``, ``.run_forever()``)."""
+        from elmreg.trainers.pipeline import make_train_handler
+        from elmreg.trainers.worker import DEFAULT_LEASE_SECONDS, Worker
+
+        return Worker(
+            self.context,
+            {"train": make_train_handler(hooks)},
+            name=name,
+            lease_seconds=lease_seconds or DEFAULT_LEASE_SECONDS,
+        )
+
+    def train(self, *, hooks=None) -> list[Job]:
+        """Run every queued training job in this process; returns the jobs as they ended."""
+        return self.worker(hooks=hooks).drain()
+
+    def ingest(self, folder: str | Path | None = None) -> IngestReport:
+        """Register the tasks of the manifest folder (``ELMREG_MANIFEST_DIR``) that are not registered yet."""
+        from elmreg.trainers.pipeline import validate_training_options
+
+        return ingest_manifests(
+            self.context, Path(folder) if folder else None, validate_training=validate_training_options
+        )
+
+    def reembed(self, embedder: str, *, source: str | None = None) -> ReembedReport:
+        """Build library entries for another sentence encoder from the texts of ``source`` (default: the
+        configured embedder), so that retrievers can be compared."""
+        from elmreg.registry.embedder import load_embedder
+
+        return reembed_library(
+            self.context.store, load_embedder(embedder), source_embedder=source or self.settings.embedder
+        )
+
+    def export_expert(self, key: int | str, out_dir: str | Path) -> Path:
+        """Write an expert to a folder: PEFT format for LoRA, safetensors otherwise, plus a JSON card."""
+        from elmreg.trainers.pipeline import export_expert
+
+        return export_expert(self.context, self.expert(key), Path(out_dir))
+
+    def import_expert(
+        self, folder: str | Path, *, task: int | str, name: str | None = None, hooks=None
+    ) -> Expert:
+        """Register an existing PEFT LoRA adapter folder as an expert of a registered task."""
+        from elmreg.trainers.pipeline import import_peft_adapter
+
+        return import_peft_adapter(self.context, Path(folder), self.task(task), name=name, hooks=hooks)
 
     # -- catalogue -----------------------------------------------------------------------------------------
     def status(self) -> CatalogueSummary:

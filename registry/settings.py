@@ -65,7 +65,8 @@ class Settings:
     )
     device: str = _setting("auto", "Torch device for training and inference: auto, cpu, cuda, cuda:N.")
     manifest_dir: str = _setting(
-        "", "Folder or s3:// prefix of task manifests for nightly ingestion. Default: HOME/manifests."
+        "",
+        "Folder of task manifests (YAML lists of add-task specs) for nightly ingestion. Default: HOME/manifests.",
     )
     log_level: str = _setting("WARNING", "Python logging level of elmreg's own loggers.")
 

@@ -94,10 +94,12 @@ class Worker:
         self.lease_seconds = lease_seconds
         self.retry_delay_seconds = retry_delay_seconds
 
-    def run_once(self) -> Job | None:
-        """Claim and run one job; returns it as it ended, or None when no job was runnable."""
+    def run_once(self, job_id: int | None = None) -> Job | None:
+        """Claim and run one job (``job_id``: that one); returns it as it ended, or None if none was runnable."""
         store = self.registry.store
-        job = store.claim_job(self.name, lease_seconds=self.lease_seconds, kinds=list(self.handlers))
+        job = store.claim_job(
+            self.name, lease_seconds=self.lease_seconds, kinds=list(self.handlers), job_id=job_id
+        )
         if job is None:
             return None
         context = JobContext(self.registry, job, self.name)

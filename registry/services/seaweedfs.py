@@ -141,7 +141,11 @@ class EmbeddedS3:
             f"-ip={HOST}",
             f"-ip.bind={HOST}",
             "-master.telemetry=false",
-            "-volume.max=0",
+            # Volumes are not preallocated; the default 30 GB volume size with an auto-sized count leaves two
+            # volumes on a 70 GB disk, and each bucket (collection) needs its own: writes then fail.
+            "-master.volumeSizeLimitMB=1024",
+            "-volume.max=100",
+            "-volume.preStopSeconds=0",
             "-s3",
             f"-s3.config={self.identities_file}",
             # The Iceberg and Lance catalogue listeners have fixed default ports that a second instance

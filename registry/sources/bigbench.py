@@ -44,6 +44,16 @@ def _run_pip(pip: list[str], destination: Path) -> bool:
     return subprocess.run(command, stdout=sys.stderr, stderr=sys.stderr).returncode == 0
 
 
+def _pip_refuses_sdist() -> bool:
+    from importlib.metadata import version
+
+    try:
+        major, minor = (int(p) for p in version("pip").split(".")[:2])
+    except (ValueError, ImportError):
+        return False
+    return (major, minor) >= (26, 3)
+
+
 def _download_sdist(root: Path) -> Path:
     downloads = root / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
@@ -54,7 +64,7 @@ def _download_sdist(root: Path) -> Path:
         f"elmreg: downloading the BIG-bench task files ({SDIST}, 358 MB, once) into {downloads}",
         file=sys.stderr,
     )
-    if not _run_pip([sys.executable, "-m", "pip"], downloads):
+    if _pip_refuses_sdist() or not _run_pip([sys.executable, "-m", "pip"], downloads):
         helper = root / "pip-helper"
         if not (helper / "bin" / "pip").exists():
             subprocess.run([sys.executable, "-m", "venv", str(helper)], check=True)

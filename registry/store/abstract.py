@@ -202,7 +202,8 @@ class RegistryStore(ABC):
     def claim_job(
         self, worker: str, *, lease_seconds: float, kinds: Sequence[str] | None = None
     ) -> Job | None:
-        """Take the next runnable job (queued, or running with an expired lease) for ``worker``.
+        """Take the next runnable job (queued, or running with an expired lease) for ``worker``; with
+        ``job_id``, that job only.
 
         Uses ``FOR UPDATE SKIP LOCKED`` so that any number of workers on any number of machines can claim
         concurrently and each job goes to exactly one of them.

@@ -506,7 +506,12 @@ class SqlAlchemyStore(RegistryStore):
             return _job(row)
 
     def claim_job(
-        self, worker: str, *, lease_seconds: float, kinds: Sequence[str] | None = None
+        self,
+        worker: str,
+        *,
+        lease_seconds: float,
+        kinds: Sequence[str] | None = None,
+        job_id: int | None = None,
     ) -> Job | None:
         now = func.now()
         runnable = ((JobRow.status == "queued") & (JobRow.run_after <= now)) | (
@@ -515,6 +520,8 @@ class SqlAlchemyStore(RegistryStore):
         query = select(JobRow).where(runnable)
         if kinds:
             query = query.where(JobRow.kind.in_(list(kinds)))
+        if job_id is not None:
+            query = query.where(JobRow.id == job_id)
         query = query.order_by(JobRow.priority.desc(), JobRow.run_after, JobRow.id).limit(1)
         with self.sessions() as session:
             row = session.scalar(query.with_for_update(skip_locked=True))

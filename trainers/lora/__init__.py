@@ -1,4 +1,4 @@
-"""LoRA experts (PEFT)."""
+"""LoRA experts (PEFT), stored in PEFT's own format."""
 
 from elmreg.trainers.lora.config import LoraTrainingConfig
 from elmreg.trainers.lora.trainer import LoraTrainer, export_peft_folder

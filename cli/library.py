@@ -1,0 +1,266 @@
+"""Growing the library: add-task, worker, scheduler, manifest ingestion, re-embedding, BIG-bench listing."""
+
+from __future__ import annotations
+
+import threading
+
+import click
+
+from elmreg.api import Registry
+from elmreg.cli.output import echo_json, echo_table
+from elmreg.cli.progress import training_progress
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def _registry(ctx: click.Context) -> Registry:
+    return ctx.obj["registry"]
+
+
+@click.command("add-task", context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--dataset",
+    required=True,
+    help="bigbench:<task>[/<subtask>], a local json/jsonl/csv/parquet file or folder, or a hub id.",
+)
+@click.option("--subset", help="Dataset configuration (hub) or BIG-bench subtask.")
+@click.option(
+    "--split", default="train", show_default=True, help="Split to train on (BIG-bench: train/validation/all)."
+)
+@click.option("--prompt", help="Inline Jinja template 'INPUT ||| TARGET' over the dataset's columns.")
+@click.option("--answer-choices", help="Jinja for the choices, separated by '|||' (e.g. 'no ||| yes').")
+@click.option(
+    "--template-file", type=click.Path(exists=True, dir_okay=False), help="A promptsource templates.yaml."
+)
+@click.option("--template-name", help="Template of --template-file to use (prompt level).")
+@click.option("--name", help="Task name (default: derived from the dataset).")
+@click.option(
+    "--level",
+    type=click.Choice(["prompt", "dataset"]),
+    default="prompt",
+    show_default=True,
+    help="prompt: one Prompt Expert per template; dataset: one Dataset Expert over all templates.",
+)
+@click.option(
+    "--max-examples",
+    "-k",
+    type=int,
+    help="K examples sampled for training (default 50,000 classification / 10,000 generative).",
+)
+@click.option("--kind", type=click.Choice(["lora", "ffn_adapter", "full"]), default="lora", show_default=True)
+@click.option("--backbone", help="Backbone hub id or path (default: ELMREG_BACKBONE).")
+@click.option(
+    "--task-type", type=click.Choice(["classification", "generative"]), help="Override the inferred type."
+)
+@click.option(
+    "--metric", type=click.Choice(["accuracy", "rouge_l", "bleu"]), help="Override the default metric."
+)
+@click.option("--epochs", type=int, help="Training epochs (default 5).")
+@click.option("--learning-rate", type=float, help="Constant learning rate (default 1e-4).")
+@click.option("--batch-size", type=int, help="Batch size (default 8).")
+@click.option("--seed", type=int, help="Seed for sampling and training (default 0).")
+@click.option(
+    "--now", is_flag=True, help="Train the expert here and now, with a progress bar, instead of queueing it."
+)
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the task as JSON.")
+@click.pass_context
+def add_task_command(
+    ctx: click.Context,
+    dataset,
+    subset,
+    split,
+    prompt,
+    answer_choices,
+    template_file,
+    template_name,
+    name,
+    level,
+    max_examples,
+    kind,
+    backbone,
+    task_type,
+    metric,
+    epochs,
+    learning_rate,
+    batch_size,
+    seed,
+    now,
+    quiet,
+    as_json,
+) -> None:
+    """Register a task and queue the training of its expert (validated first: bad input writes nothing).
+
+    \b
+    Examples:
+      elmreg add-task --dataset bigbench:strategyqa --max-examples 64
+      elmreg add-task --dataset data/reviews.jsonl --prompt '{{text}} Positive? ||| {{answer_choices[label]}}' \\
+                      --answer-choices 'no ||| yes' --name reviews --now
+    """
+    training = {
+        k: v
+        for k, v in {
+            "epochs": epochs,
+            "learning_rate": learning_rate,
+            "batch_size": batch_size,
+            "seed": seed,
+        }.items()
+        if v is not None
+    }
+    with training_progress(quiet or not now) as hooks:
+        task = _registry(ctx).add_task(
+            dataset,
+            now=now,
+            hooks=hooks,
+            subset=subset,
+            split=split,
+            prompt=prompt,
+            answer_choices=answer_choices,
+            template_file=template_file,
+            template_name=template_name,
+            name=name,
+            level=level,
+            max_examples=max_examples,
+            kind=kind,
+            backbone=backbone,
+            task_type=task_type,
+            metric=metric,
+            training=training,
+        )
+    if as_json:
+        return echo_json(task)
+    state = "trained" if now else "queued for training (run 'elmreg worker' to train it)"
+    click.echo(
+        f"task {task.name} (id {task.id}): {task.task_type}, metric {task.metric}, K={task.max_examples}, "
+        f"{task.expert_kind} expert {state}"
+    )
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.option("--once", is_flag=True, help="Run at most one job, then exit.")
+@click.option("--drain", is_flag=True, help="Run jobs until the queue is empty, then exit.")
+@click.option(
+    "--poll", type=float, default=5.0, show_default=True, help="Seconds between queue checks when idle."
+)
+@click.option(
+    "--lease", type=float, default=300.0, show_default=True, help="Lease seconds (renewed every third)."
+)
+@click.option("--name", help="Worker name in the catalogue (default host:pid).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.pass_context
+def worker(
+    ctx: click.Context, once: bool, drain: bool, poll: float, lease: float, name: str | None, quiet: bool
+) -> None:
+    """Train queued experts. Run several, on several machines, against the same catalogue and bucket.
+
+    Example: elmreg worker --once
+    """
+    with training_progress(quiet) as hooks:
+        runner = _registry(ctx).worker(hooks=hooks, name=name, lease_seconds=lease)
+        if once:
+            jobs = [job] if (job := runner.run_once()) else []
+        elif drain:
+            jobs = runner.drain()
+        else:
+            click.echo(f"worker {runner.name} waiting for jobs (Ctrl-C to stop)", err=True)
+            try:
+                runner.run_forever(poll_seconds=poll)
+            except KeyboardInterrupt:
+                return
+            return
+    if not jobs:
+        click.echo("no queued jobs")
+    for job in jobs:
+        error = (
+            f": {job.last_error.strip().splitlines()[-1]}"
+            if job.last_error and job.status != "succeeded"
+            else ""
+        )
+        click.echo(f"job {job.id} ({job.kind} {job.payload}) {job.status}{error}")
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.pass_context
+def scheduler(ctx: click.Context) -> None:
+    """Run the scheduler: training for new tasks, nightly manifest ingestion, nightly benchmarks.
+
+    Only one is active at a time (a PostgreSQL advisory lock); others wait as standbys. Example: elmreg scheduler
+    """
+    from elmreg.registry.scheduler import Scheduler
+
+    active = Scheduler(_registry(ctx).context)
+    stop = threading.Event()
+    click.echo("scheduler starting (Ctrl-C to stop)", err=True)
+    try:
+        active.run(stop=stop)
+    except KeyboardInterrupt:
+        stop.set()
+        active.shutdown()
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--dir", "folder", type=click.Path(file_okay=False), help="Manifest folder (default ELMREG_MANIFEST_DIR)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def ingest(ctx: click.Context, folder: str | None, as_json: bool) -> None:
+    """Register the tasks listed in manifest files (YAML lists of add-task options); known ones are skipped.
+
+    The scheduler runs this nightly. Example: elmreg ingest --dir manifests/
+    """
+    report = _registry(ctx).ingest(folder)
+    if as_json:
+        return echo_json(report)
+    click.echo(f"added {len(report.added)}, skipped {len(report.skipped)}, failed {len(report.failed)}")
+    for where, error in report.failed:
+        click.echo(f"  {where}: {error}")
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+def library() -> None:
+    """The Expert Library: embedded samples that routing searches."""
+
+
+@library.command("reembed")
+@click.option("--embedder", required=True, help="Sentence-transformers model (name or path) to embed with.")
+@click.option("--from", "source", help="Embedder whose texts to re-embed (default: ELMREG_EMBEDDER).")
+@click.pass_context
+def library_reembed(ctx: click.Context, embedder: str, source: str | None) -> None:
+    """Build library entries for another embedder, next to the existing ones (resumable).
+
+    Example: elmreg library reembed --embedder /models/all-mpnet-base-v2
+    """
+    report = _registry(ctx).reembed(embedder, source=source)
+    click.echo(
+        f"{report.embedder}: {report.entries} entries for {report.experts} expert(s); {report.skipped} already done"
+    )
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+def bigbench() -> None:
+    """BIG-bench tasks available as --dataset bigbench:<task>."""
+
+
+@bigbench.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def bigbench_list(ctx: click.Context, as_json: bool) -> None:
+    """List BIG-bench JSON tasks and their subtasks (downloads the task files once, 358 MB).
+
+    Example: elmreg bigbench list
+    """
+    from elmreg.registry.sources.bigbench import BigBenchTasks
+
+    index = BigBenchTasks.from_cache(_registry(ctx).settings.cache_path).index()
+    if as_json:
+        return echo_json(index)
+    echo_table(
+        ["task", "subtasks"],
+        [(task, ", ".join(s for s in subs if s)) for task, subs in sorted(index.items())],
+    )
+
+
+def register(cli: click.Group) -> None:
+    for command in (add_task_command, worker, scheduler, ingest, library, bigbench):
+        cli.add_command(command)

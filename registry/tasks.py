@@ -1,0 +1,282 @@
+"""Registering tasks: validate the data and the prompt, then record the task and queue its training.
+
+Everything that can be wrong with a task is checked before anything is written: the dataset, split and columns,
+the template (syntax, fields, that it renders), the answer choices of a classification task, the training
+options, the backbone, and the name. The task row and its training job are then written in one transaction.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from elmreg.registry.backbones import backbone_family
+from elmreg.registry.context import RegistryContext
+from elmreg.registry.errors import AlreadyExistsError, NotFoundError, TaskSpecError, UserError
+from elmreg.registry.prompts import (
+    PromptTemplate,
+    check_classification,
+    default_metric,
+    infer_task_type,
+    load_promptsource_templates,
+    render_examples,
+    select_template,
+)
+from elmreg.registry.sources import DatasetSpec, default_template, load_dataset_rows
+from elmreg.registry.store.entities import Job, Task
+
+EXPERT_KINDS = ("lora", "ffn_adapter", "full")
+LEVELS = ("prompt", "dataset")
+METRICS = ("accuracy", "rouge_l", "bleu")
+# The paper samples K=50,000 training examples per classification task and 10,000 per generative task.
+DEFAULT_MAX_EXAMPLES = {"classification": 50_000, "generative": 10_000}
+_VALIDATION_ROWS = 64
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,199}$")
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """What ``elmreg add-task`` (or a manifest entry) asks for."""
+
+    dataset: str
+    subset: str | None = None
+    split: str = "train"
+    prompt: str | None = None
+    answer_choices: str | None = None
+    template_file: str | None = None
+    template_name: str | None = None
+    name: str | None = None
+    level: str = "prompt"
+    max_examples: int | None = None
+    kind: str = "lora"
+    backbone: str | None = None
+    task_type: str | None = None
+    metric: str | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], where: str = "manifest") -> TaskRequest:
+        """Build from a manifest entry (keys as the CLI options, with underscores)."""
+        known = set(cls.__dataclass_fields__)
+        normalised = {k.replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(normalised) - known)
+        if unknown:
+            raise TaskSpecError(
+                f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        if "dataset" not in normalised:
+            raise TaskSpecError(f"{where}: every entry needs a 'dataset'")
+        return cls(**normalised)
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    """A validated request: what will be written."""
+
+    fields: dict[str, Any]
+    backbone: str
+    backbone_family: str
+    rows_available: int
+    examples_checked: int
+
+
+def _templates(request: TaskRequest, spec: DatasetSpec, rows: list[dict[str, Any]]) -> list[PromptTemplate]:
+    if request.prompt and request.template_file:
+        raise TaskSpecError("give either --prompt or --template-file, not both")
+    if request.prompt:
+        if "|||" not in request.prompt:
+            raise TaskSpecError(
+                "the prompt needs '|||' between input and target, e.g. '{{question}} ||| {{answer}}'"
+            )
+        return [PromptTemplate.inline(request.prompt, request.answer_choices)]
+    if request.template_file:
+        templates = load_promptsource_templates(Path(request.template_file).expanduser())
+        if request.level == "dataset":
+            return (
+                templates
+                if not request.template_name
+                else [select_template(templates, request.template_name)]
+            )
+        if not request.template_name:
+            names = ", ".join(sorted(t.name for t in templates))
+            raise TaskSpecError(
+                f"pick a template with --template-name (or use --level dataset for all): {names}"
+            )
+        return [select_template(templates, request.template_name, request.template_file)]
+    template = default_template(spec, rows)
+    if request.answer_choices:
+        template = PromptTemplate.inline(template.jinja, request.answer_choices, template.name)
+    return [template]
+
+
+def _default_name(request: TaskRequest, templates: Sequence[PromptTemplate]) -> str:
+    base = request.dataset.removeprefix("bigbench:")
+    base = Path(base).stem if Path(base).suffix else Path(base).name or base
+    if request.subset:
+        base += f".{request.subset}"
+    if request.level == "prompt" and request.template_file and templates:
+        base += "." + re.sub(r"[^A-Za-z0-9_.-]+", "_", templates[0].name).strip("_")
+    return base
+
+
+def plan_task(
+    context: RegistryContext,
+    request: TaskRequest,
+    *,
+    validate_training: Callable[[str, dict[str, Any]], None] | None = None,
+) -> TaskPlan:
+    """Check everything about a task request without writing anything.
+
+    Args:
+        validate_training: Checks ``request.training`` for the expert kind (the trainers provide it; the
+            registry does not import them).
+
+    Raises:
+        UserError: (TaskSpecError, AlreadyExistsError, ConfigurationError) what is wrong, and how to fix it.
+    """
+    if request.kind not in EXPERT_KINDS:
+        raise TaskSpecError(f"unknown expert kind '{request.kind}'; choose one of {', '.join(EXPERT_KINDS)}")
+    if request.level not in LEVELS:
+        raise TaskSpecError(f"unknown level '{request.level}'; choose 'prompt' or 'dataset'")
+    if request.max_examples is not None and request.max_examples < 1:
+        raise TaskSpecError(f"--max-examples must be at least 1, got {request.max_examples}")
+    if request.task_type not in (None, "classification", "generative"):
+        raise TaskSpecError("--task-type must be 'classification' or 'generative'")
+    if request.metric not in (None, *METRICS):
+        raise TaskSpecError(f"unknown metric '{request.metric}'; choose one of {', '.join(METRICS)}")
+    if request.name is not None and not _NAME.match(request.name):
+        raise TaskSpecError(
+            f"task name '{request.name}' must start with a letter or digit and use letters, digits and ._:/@+-"
+        )
+    store = context.store
+    if request.name is not None:
+        _ensure_free(store, request.name)
+    if validate_training is not None:
+        validate_training(request.kind, request.training)
+
+    spec = DatasetSpec(request.dataset, request.subset, request.split)
+    cache = context.settings.cache_path
+    seed = int(request.training.get("seed", 0))
+    loaded = load_dataset_rows(spec, cache_dir=cache, seed=seed)
+    templates = _templates(request, spec, loaded.rows)
+    for template in templates:
+        template.validate_against(loaded.columns, spec.label())
+    sample = loaded.rows[:_VALIDATION_ROWS]
+    examples = render_examples(sample, templates, seed=seed)
+    if not examples:
+        raise TaskSpecError(
+            f"the template renders no example from the first {len(sample)} rows of {spec.label()} "
+            "(empty input or target); check the template against the data"
+        )
+    task_type = request.task_type or infer_task_type(examples)
+    if task_type == "classification":
+        check_classification(examples, request.name or request.dataset)
+    name = request.name or _default_name(request, templates)
+    if request.name is None:
+        if not _NAME.match(name):
+            raise TaskSpecError(f"cannot derive a task name from '{request.dataset}'; give --name")
+        _ensure_free(store, name)
+    backbone_name = request.backbone or context.settings.backbone
+    family = backbone_family(backbone_name)
+    fields = {
+        "name": name,
+        "dataset": request.dataset,
+        "subset": request.subset,
+        "split": request.split,
+        "level": request.level,
+        "task_type": task_type,
+        "metric": request.metric or default_metric(task_type),
+        "templates": [t.to_dict() for t in templates],
+        "max_examples": request.max_examples or DEFAULT_MAX_EXAMPLES[task_type],
+        "expert_kind": request.kind,
+        "training_config": dict(request.training),
+    }
+    return TaskPlan(
+        fields, backbone_name, family, rows_available=loaded.total, examples_checked=len(examples)
+    )
+
+
+def _ensure_free(store, name: str) -> None:
+    try:
+        store.get_task(name)
+    except NotFoundError:
+        return
+    raise AlreadyExistsError(f"a task named '{name}' already exists; choose another --name")
+
+
+def add_task(
+    context: RegistryContext,
+    request: TaskRequest,
+    *,
+    enqueue: bool = True,
+    validate_training: Callable[[str, dict[str, Any]], None] | None = None,
+) -> tuple[Task, Job | None]:
+    """Validate a task request, then register the task and queue its training job in one transaction.
+
+    Raises:
+        UserError: The request is invalid; nothing was written.
+    """
+    plan = plan_task(context, request, validate_training=validate_training)
+    backbone = context.store.get_or_create_backbone(plan.backbone, plan.backbone_family)
+    return context.store.create_task(enqueue_training=enqueue, backbone_id=backbone.id, **plan.fields)
+
+
+# -- nightly ingestion of manifests -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IngestReport:
+    added: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def read_manifests(folder: Path) -> list[tuple[str, TaskRequest]]:
+    """Task requests from every ``*.yaml``/``*.yml`` in ``folder`` (each a YAML list of add-task specs)."""
+    requests = []
+    for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
+        try:
+            entries = yaml.safe_load(path.read_text()) or []
+        except yaml.YAMLError as exc:
+            raise TaskSpecError(f"manifest {path} is not valid YAML: {exc}") from exc
+        if not isinstance(entries, list):
+            raise TaskSpecError(f"manifest {path} must be a YAML list of tasks")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise TaskSpecError(f"{path} entry {i + 1} is not a mapping")
+            requests.append(
+                (f"{path.name}#{i + 1}", TaskRequest.from_mapping(entry, f"{path.name} entry {i + 1}"))
+            )
+    return requests
+
+
+def ingest_manifests(
+    context: RegistryContext,
+    folder: Path | None = None,
+    *,
+    validate_training: Callable[[str, dict[str, Any]], None] | None = None,
+) -> IngestReport:
+    """Register every manifest task that is not registered yet; one bad entry does not stop the others."""
+    folder = folder or Path(context.settings.manifest_dir or context.settings.home / "manifests").expanduser()
+    if not folder.is_dir():
+        return IngestReport()
+    existing = {t.name for t in context.store.list_tasks()}
+    report = IngestReport()
+    for where, request in read_manifests(folder):
+        if request.name and request.name in existing:
+            report.skipped.append(request.name)
+            continue
+        try:
+            task, _ = add_task(context, request, validate_training=validate_training)
+        except AlreadyExistsError:
+            report.skipped.append(request.name or where)
+            continue
+        except UserError as exc:
+            report.failed.append((where, str(exc)))
+            continue
+        existing.add(task.name)
+        report.added.append(task.name)
+    return report

@@ -1,0 +1,289 @@
+"""From a registered task to a ready expert: by training it (the ``train`` job) or by importing an adapter.
+
+Steps, in the order that keeps the catalogue honest: load and render the task's examples; train; upload the
+weights (verified); embed S library samples; then publish, which records the artifact, inserts the entries,
+takes the next library version and marks the expert ready in one transaction, only while this worker still
+holds the job's lease. A crash anywhere before that leaves no ready expert, and the job is claimed again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from elmreg.registry.backbones import Backbone, load_backbone
+from elmreg.registry.context import RegistryContext
+from elmreg.registry.embedder import load_embedder
+from elmreg.registry.errors import AlreadyExistsError, CatalogueError, TaskSpecError
+from elmreg.registry.library import SAMPLES_PER_EXPERT, embed_entries, register_embedder, sample_indices
+from elmreg.registry.prompts import PromptedExample, PromptTemplate, library_text, render_examples
+from elmreg.registry.sources import DatasetSpec, load_dataset_rows
+from elmreg.registry.store.entities import Expert, Task
+from elmreg.trainers import get_trainer
+from elmreg.trainers.base import ProgressCallback
+from elmreg.trainers.lora import export_peft_folder
+from elmreg.trainers.worker import JobContext
+
+_log = logging.getLogger(__name__)
+_backbones: dict[tuple[str, str], Backbone] = {}
+_backbones_lock = threading.Lock()
+
+
+def shared_backbone(context: RegistryContext, name: str) -> Backbone:
+    """One loaded copy of each backbone per process: workers train job after job on it."""
+    with _backbones_lock:
+        key = (name, context.settings.device)
+        if key not in _backbones:
+            _backbones[key] = load_backbone(
+                name, cache_dir=context.settings.cache_path, device=context.settings.device
+            )
+        return _backbones[key]
+
+
+def validate_training_options(kind: str, options: dict[str, Any]) -> None:
+    """Raise ConfigurationError if ``options`` are not valid for expert ``kind`` (used by add-task)."""
+    get_trainer(kind).make_config(options)
+
+
+@dataclass
+class TrainingHooks:
+    """How a caller watches training: step progress and stage messages (the CLI draws progress bars)."""
+
+    on_step: ProgressCallback | None = None
+    on_stage: Callable[[str], None] | None = None
+
+    def stage(self, message: str) -> None:
+        _log.info(message)
+        if self.on_stage is not None:
+            self.on_stage(message)
+
+
+def _expert_for(context: RegistryContext, task: Task, backbone_id: int) -> Expert:
+    """The task's unfinished expert from an earlier attempt, or a new one."""
+    store = context.store
+    for expert in reversed(store.list_experts(task_id=task.id)):
+        if expert.status in ("pending", "training", "failed"):
+            return store.set_expert_status(expert.id, "training")
+    name = task.name
+    for suffix in range(2, 1000):
+        try:
+            return store.create_expert(
+                name=name, backbone_id=backbone_id, kind=task.expert_kind, task_id=task.id, status="training"
+            )
+        except AlreadyExistsError:
+            name = f"{task.name}-{suffix}"
+    raise AlreadyExistsError(f"could not find a free expert name for task {task.name}")
+
+
+def train_task(
+    context: RegistryContext,
+    task: Task,
+    *,
+    lease: tuple[int, str] | None = None,
+    check_lease: Callable[[], None] | None = None,
+    hooks: TrainingHooks | None = None,
+    worker: str = "inline",
+) -> Expert:
+    """Train, upload and publish the expert of ``task``; returns it ready.
+
+    A task that already has a ready expert is not trained again (a job re-claimed after its worker died between
+    publishing and reporting success must not add a second expert).
+    """
+    hooks = hooks or TrainingHooks()
+    store = context.store
+    ready = [e for e in store.list_experts(task_id=task.id) if e.status == "ready"]
+    if ready:
+        hooks.stage(f"task {task.name} already has ready expert {ready[0].name}; nothing to train")
+        return ready[0]
+
+    trainer = get_trainer(task.expert_kind)
+    config = trainer.make_config(task.training_config)
+    backbone_record = store.get_backbone(task.backbone_id)
+
+    hooks.stage(f"loading examples of {task.name} ({task.dataset}, K={task.max_examples})")
+    examples = task_examples(context, task, seed=config.seed)
+
+    hooks.stage(f"loading backbone {backbone_record.name}")
+    backbone = shared_backbone(context, backbone_record.name)
+    if backbone_record.fingerprint is None:
+        store.get_or_create_backbone(backbone_record.name, backbone.family, fingerprint=backbone.fingerprint)
+
+    expert = _expert_for(context, task, backbone_record.id)
+    run = store.start_training_run(
+        task_id=task.id,
+        expert_id=expert.id,
+        worker=worker,
+        config={"kind": task.expert_kind, **config.to_dict()},
+        job_id=lease[0] if lease else None,
+    )
+    try:
+        with tempfile.TemporaryDirectory(prefix="train-", dir=_tmp_dir(context)) as scratch:
+            hooks.stage(
+                f"training {task.expert_kind} expert on {len(examples)} examples, {config.epochs} epoch(s)"
+            )
+            trained = trainer.train(
+                backbone, examples, config, Path(scratch), progress=hooks.on_step, should_stop=check_lease
+            )
+            published = publish(
+                context,
+                expert,
+                trained.weights_path,
+                config={**trained.config, "training": config.to_dict(), "examples": len(examples)},
+                metrics=trained.metrics,
+                examples=examples,
+                seed=config.seed,
+                lease=lease,
+                check_lease=check_lease,
+                hooks=hooks,
+            )
+    except BaseException as exc:
+        store.finish_training_run(run.id, status="failed", error=f"{type(exc).__name__}: {exc}"[:4000])
+        store.set_expert_status(expert.id, "failed")
+        raise
+    store.finish_training_run(run.id, status="succeeded", metrics=trained.metrics)
+    hooks.stage(f"expert {published.name} is ready at library version {published.library_version}")
+    return published
+
+
+def publish(
+    context: RegistryContext,
+    expert: Expert,
+    weights_path: Path,
+    *,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    examples: Sequence[PromptedExample],
+    seed: int,
+    lease: tuple[int, str] | None = None,
+    check_lease: Callable[[], None] | None = None,
+    hooks: TrainingHooks | None = None,
+) -> Expert:
+    """Upload the weights (verified), embed S library samples of ``examples``, and make the expert ready."""
+    hooks = hooks or TrainingHooks()
+    store = context.store
+    hooks.stage("uploading weights")
+    artifact = context.artifacts.put_file(weights_path)
+    hooks.stage(f"embedding {min(SAMPLES_PER_EXPERT, len(examples))} library samples")
+    embedder = load_embedder(context.settings.embedder)
+    chosen = sample_indices(len(examples), SAMPLES_PER_EXPERT, seed=seed)
+    entries = embed_entries(embedder, [library_text(examples[i]) for i in chosen])
+    if check_lease is not None:
+        check_lease()
+    return store.publish_expert(
+        expert.id,
+        artifact=artifact,
+        embedder_id=register_embedder(store, embedder).id,
+        entries=entries,
+        metrics=metrics,
+        config=config,
+        lease=lease,
+    )
+
+
+def _tmp_dir(context: RegistryContext) -> Path:
+    path = context.settings.cache_path / "tmp"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def make_train_handler(hooks: TrainingHooks | None = None) -> Callable[[JobContext], None]:
+    """The worker's handler for ``train`` jobs."""
+
+    def handle(job: JobContext) -> None:
+        task = job.registry.store.get_task(int(job.job.payload["task_id"]))
+        train_task(
+            job.registry, task, lease=job.lease, check_lease=job.check_lease, hooks=hooks, worker=job.worker
+        )
+
+    return handle
+
+
+def task_examples(context: RegistryContext, task: Task, seed: int = 0) -> list[PromptedExample]:
+    """The task's prompted training examples (K sampled with ``seed``), as training sees them."""
+    spec = DatasetSpec(task.dataset, task.subset, task.split)
+    loaded = load_dataset_rows(
+        spec, cache_dir=context.settings.cache_path, max_rows=task.max_examples, seed=seed
+    )
+    return render_examples(loaded.rows, [PromptTemplate.from_dict(t) for t in task.templates], seed=seed)
+
+
+def import_peft_adapter(
+    context: RegistryContext,
+    folder: Path,
+    task: Task,
+    *,
+    name: str | None = None,
+    hooks: TrainingHooks | None = None,
+) -> Expert:
+    """Register an existing PEFT LoRA adapter folder as the expert of ``task``.
+
+    The adapter is loaded onto the task's backbone first, so one that does not fit is refused before anything
+    is written; its library samples come from the task's training data, as for a trained expert.
+
+    Raises:
+        UserError: Not a PEFT LoRA folder, or it does not fit the task's backbone.
+    """
+    hooks = hooks or TrainingHooks()
+    config_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not config_file.is_file() or not weights.is_file():
+        raise TaskSpecError(
+            f"{folder} is not a PEFT adapter folder (needs adapter_config.json and adapter_model.safetensors)"
+        )
+    adapter_config = json.loads(config_file.read_text())
+    if adapter_config.get("peft_type") != "LORA":
+        raise TaskSpecError(
+            f"{folder} holds a {adapter_config.get('peft_type')} adapter; only LoRA can be imported"
+        )
+    if task.expert_kind != "lora":
+        raise TaskSpecError(f"task {task.name} trains {task.expert_kind} experts; import into a lora task")
+    store = context.store
+    backbone_record = store.get_backbone(task.backbone_id)
+    hooks.stage(f"checking the adapter against backbone {backbone_record.name}")
+    backbone = shared_backbone(context, backbone_record.name)
+    trainer = get_trainer("lora")
+    config = {"kind": "lora", "adapter_config": adapter_config}
+    try:
+        model = trainer.attach(backbone, weights, config)
+    except Exception as exc:  # noqa: BLE001 - peft raises assorted errors for shape and module mismatches
+        raise TaskSpecError(
+            f"the adapter in {folder} does not fit backbone {backbone_record.name}: {str(exc).splitlines()[0]}"
+        ) from exc
+    trainer.detach(backbone, model)
+    examples = task_examples(context, task)
+    expert = store.create_expert(
+        name=name or f"{task.name}-imported", backbone_id=backbone_record.id, kind="lora", task_id=task.id
+    )
+    return publish(
+        context,
+        expert,
+        weights,
+        config={**config, "imported_from": str(folder)},
+        metrics={},
+        examples=examples,
+        seed=0,
+        hooks=hooks,
+    )
+
+
+def export_expert(context: RegistryContext, expert: Expert, out_dir: Path) -> Path:
+    """Write an expert to ``out_dir``: a PEFT folder for LoRA, else its safetensors file; always a JSON card."""
+    if expert.artifact is None:
+        raise CatalogueError(f"expert {expert.name} has no weights yet (status {expert.status})")
+    weights = context.artifact_cache.fetch(expert.artifact)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if expert.kind == "lora":
+        export_peft_folder(weights, expert.config, out_dir)
+    else:
+        shutil.copyfile(weights, out_dir / f"{expert.kind}.safetensors")
+    card = {k: v for k, v in dataclasses.asdict(expert).items() if k not in ("metrics",)}
+    card["backbone"] = context.store.get_backbone(expert.backbone_id).name
+    (out_dir / "elmreg_expert.json").write_text(json.dumps(card, indent=2, default=str))
+    return out_dir
