@@ -8,7 +8,7 @@ options, the backbone, and the name. The task row and its training job are then 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,13 +114,17 @@ def _templates(request: TaskRequest, spec: DatasetSpec, rows: list[dict[str, Any
     return [template]
 
 
-def _default_name(request: TaskRequest, templates: Sequence[PromptTemplate]) -> str:
-    base = request.dataset.removeprefix("bigbench:")
-    base = Path(base).stem if Path(base).suffix else Path(base).name or base
+def default_task_name(request: TaskRequest) -> str:
+    """The name a task gets without --name: the dataset (and subset, and template for prompt-level tasks)."""
+    if request.dataset.startswith("bigbench:"):
+        base = request.dataset.removeprefix("bigbench:").replace("/", ".")
+    else:
+        path = Path(request.dataset)
+        base = path.stem if path.suffix else path.name or request.dataset
     if request.subset:
         base += f".{request.subset}"
-    if request.level == "prompt" and request.template_file and templates:
-        base += "." + re.sub(r"[^A-Za-z0-9_.-]+", "_", templates[0].name).strip("_")
+    if request.level == "prompt" and request.template_file and request.template_name:
+        base += "." + re.sub(r"[^A-Za-z0-9_.-]+", "_", request.template_name).strip("_")
     return base
 
 
@@ -176,7 +180,7 @@ def plan_task(
     task_type = request.task_type or infer_task_type(examples)
     if task_type == "classification":
         check_classification(examples, request.name or request.dataset)
-    name = request.name or _default_name(request, templates)
+    name = request.name or default_task_name(request)
     if request.name is None:
         if not _NAME.match(name):
             raise TaskSpecError(f"cannot derive a task name from '{request.dataset}'; give --name")
@@ -266,13 +270,14 @@ def ingest_manifests(
     existing = {t.name for t in context.store.list_tasks()}
     report = IngestReport()
     for where, request in read_manifests(folder):
-        if request.name and request.name in existing:
-            report.skipped.append(request.name)
+        name = request.name or default_task_name(request)
+        if name in existing:
+            report.skipped.append(name)
             continue
         try:
             task, _ = add_task(context, request, validate_training=validate_training)
-        except AlreadyExistsError:
-            report.skipped.append(request.name or where)
+        except AlreadyExistsError:  # registered meanwhile by someone else
+            report.skipped.append(name)
             continue
         except UserError as exc:
             report.failed.append((where, str(exc)))

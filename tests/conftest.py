@@ -7,6 +7,8 @@ those servers instead; either way it is the code path users get, never a mock.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,8 +33,12 @@ def _test_environ(home: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def elmreg_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("elmreg-home")
+def elmreg_home() -> Iterator[Path]:
+    # Not under pytest's tmp_path: pytest keeps its root 0700 and prunes old runs, while the embedded
+    # PostgreSQL runs as the 'pgserver' user (when tests run as root), which must reach its data directory.
+    home = Path(tempfile.mkdtemp(prefix="elmreg-test-home-"))
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -45,8 +48,9 @@ def test_second_resolve_reuses_running_servers(settings, registry):
     assert again == registry.endpoints
 
 
-def test_up_down_cycle_keeps_data(tmp_path):
-    settings = load_settings({"ELMREG_HOME": str(tmp_path / "home")})
+def test_up_down_cycle_keeps_data():
+    home = Path(tempfile.mkdtemp(prefix="elmreg-test-cycle-"))  # see conftest: not under pytest's 0700 root
+    settings = load_settings({"ELMREG_HOME": str(home)})
     try:
         rows = {r.name: r for r in services_up(settings)}
         assert rows["postgres"].running and rows["s3"].running
@@ -63,6 +67,7 @@ def test_up_down_cycle_keeps_data(tmp_path):
             assert connection.execute("SELECT to_regclass('keep_me') IS NOT NULL").fetchone()[0]
     finally:
         services_down(settings)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_configured_servers_are_not_started(tmp_path):

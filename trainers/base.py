@@ -53,7 +53,8 @@ class TrainingConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
     seed: int = field(
-        default=0, metadata={"help": "Seeds initialisation, example order and dropout: same seed, same weights."}
+        default=0,
+        metadata={"help": "Seeds initialisation, example order and dropout: same seed, same weights."},
     )
 
     def __post_init__(self) -> None:
@@ -235,7 +236,9 @@ class ExpertTrainer(ABC):
         if not isinstance(config, self.config_class):
             raise ConfigurationError(f"a {self.kind} expert needs a {self.config_class.__name__}")
         if backbone.active_expert is not None:
-            raise UserError(f"unload the {backbone.active_expert} expert from {backbone.name} before training")
+            raise UserError(
+                f"unload the {backbone.active_expert} expert from {backbone.name} before training"
+            )
         if seed is not None and seed != config.seed:
             config = dataclasses.replace(config, seed=seed)
         out_dir = Path(tempfile.mkdtemp(prefix=f"elmreg-{self.kind}-")) if out_dir is None else out_dir

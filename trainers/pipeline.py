@@ -117,6 +117,10 @@ def train_task(
         store.get_or_create_backbone(backbone_record.name, backbone.family, fingerprint=backbone.fingerprint)
 
     expert = _expert_for(context, task, backbone_record.id)
+    if lease is not None:
+        store.abandon_training_runs(
+            lease[0], f"abandoned: the worker stopped heartbeating; {worker} took the job over"
+        )
     run = store.start_training_run(
         task_id=task.id,
         expert_id=expert.id,

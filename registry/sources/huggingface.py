@@ -30,13 +30,22 @@ def _data_files(path: Path) -> dict[str, list[str]]:
     return {"train": [str(f) for f in files]}  # one unnamed group of files: that is the training split
 
 
+def _datasets():
+    import datasets
+
+    # Its per-split progress bars would end up in elmreg's one-line error output; elmreg shows its own.
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    return datasets
+
+
 def load_local(path: Path, split: str, cache_dir: Path) -> list[dict[str, Any]]:
     """Rows of one split of a local dataset file or folder.
 
     Raises:
         TaskSpecError: Unknown split, mixed formats, or an unreadable file.
     """
-    import datasets
+    datasets = _datasets()
 
     splits = _data_files(path)
     if split not in splits:
@@ -45,12 +54,15 @@ def load_local(path: Path, split: str, cache_dir: Path) -> list[dict[str, Any]]:
     builders = {_BUILDERS[s] for s in suffixes}
     if len(builders) != 1:
         raise TaskSpecError(f"split '{split}' of {path} mixes file formats ({', '.join(sorted(suffixes))})")
+    if all(Path(f).stat().st_size == 0 for f in splits[split]):
+        raise TaskSpecError(f"dataset {path} [{split}] is empty; pick another split or dataset")
     try:
         dataset = datasets.load_dataset(
             builders.pop(), data_files={split: splits[split]}, split=split, cache_dir=str(cache_dir)
         )
     except Exception as exc:  # noqa: BLE001 - datasets raises many types for unreadable files
-        raise TaskSpecError(f"cannot read {path} ({split}): {str(exc).splitlines()[0]}") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TaskSpecError(f"cannot read {path} ({split}): {reason}") from exc
     return [dict(row) for row in dataset]
 
 
@@ -60,7 +72,7 @@ def load_hub(name: str, subset: str | None, split: str, cache_dir: Path) -> list
     Raises:
         TaskSpecError: The dataset, subset or split cannot be found or fetched.
     """
-    import datasets
+    datasets = _datasets()
 
     try:
         dataset = datasets.load_dataset(name, subset, split=split, cache_dir=str(cache_dir))

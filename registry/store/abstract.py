@@ -182,6 +182,10 @@ class RegistryStore(ABC):
         """Close a training run as 'succeeded' or 'failed'."""
 
     @abstractmethod
+    def abandon_training_runs(self, job_id: int, reason: str) -> int:
+        """Close the still-running runs of a job whose worker vanished (its job was re-claimed) as failed."""
+
+    @abstractmethod
     def list_training_runs(self, *, task_id: int | None = None) -> list[TrainingRun]:
         """Training runs, oldest first."""
 

@@ -471,6 +471,15 @@ class SqlAlchemyStore(RegistryStore):
             session.flush()
             return _run(row)
 
+    def abandon_training_runs(self, job_id: int, reason: str) -> int:
+        with self.sessions() as session:
+            result = session.execute(
+                update(TrainingRunRow)
+                .where(TrainingRunRow.job_id == job_id, TrainingRunRow.status == "running")
+                .values(status="failed", error=reason, finished_at=func.now())
+            )
+            return result.rowcount
+
     def list_training_runs(self, *, task_id: int | None = None) -> list[TrainingRun]:
         query = select(TrainingRunRow).order_by(TrainingRunRow.id)
         if task_id is not None:

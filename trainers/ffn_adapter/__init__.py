@@ -1,4 +1,4 @@
-"""The paper's parallel FFN adapter experts."""
+"""The paper's parallel FFN adapter experts: h = FFN_e(u) + FFN_d(u) + u, only FFN_e trained."""
 
 from elmreg.trainers.ffn_adapter.config import FfnAdapterTrainingConfig
 from elmreg.trainers.ffn_adapter.trainer import FfnAdapterTrainer

@@ -10,7 +10,11 @@ from elmreg.trainers.base import TrainingConfig
 
 @dataclass
 class FfnAdapterTrainingConfig(TrainingConfig):
-    hidden_size: int = field(default=64, metadata={"help": "Hidden size e of each adapter FFN_e."})
+    """The common hyper-parameters plus the adapter's width."""
+
+    hidden_size: int = field(
+        default=64, metadata={"help": "Hidden size e of each adapter FFN_e (one per transformer layer)."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

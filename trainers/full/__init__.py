@@ -1,4 +1,4 @@
-"""Fully fine-tuned experts stored as task vectors."""
+"""Fully fine-tuned experts (the paper's Dataset Experts), stored as task vectors τ = θ_fine-tuned − θ_pre."""
 
 from elmreg.trainers.full.config import FullTrainingConfig
 from elmreg.trainers.full.trainer import FullTrainer

@@ -9,4 +9,4 @@ from elmreg.trainers.base import TrainingConfig
 
 @dataclass
 class FullTrainingConfig(TrainingConfig):
-    """Full fine-tuning uses the common hyper-parameters only."""
+    """Full fine-tuning uses the common hyper-parameters only (every backbone weight is trained)."""

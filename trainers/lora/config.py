@@ -19,7 +19,9 @@ class LoraTrainingConfig(TrainingConfig):
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
     target_modules: list[str] | str = field(
         default="all-linear",
-        metadata={"help": "Modules to adapt: 'all-linear' (every linear layer but the LM head) or a list of names."},
+        metadata={
+            "help": "Modules to adapt: 'all-linear' (every linear layer but the LM head) or a list of names."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -32,7 +34,9 @@ class LoraTrainingConfig(TrainingConfig):
             raise ConfigurationError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if isinstance(self.target_modules, list | tuple):
             if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
-                raise ConfigurationError("LoRA target_modules must be 'all-linear' or a non-empty list of names")
+                raise ConfigurationError(
+                    "LoRA target_modules must be 'all-linear' or a non-empty list of names"
+                )
             self.target_modules = list(self.target_modules)
         elif not isinstance(self.target_modules, str) or not self.target_modules:
             raise ConfigurationError("LoRA target_modules must be 'all-linear' or a non-empty list of names")

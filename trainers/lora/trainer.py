@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from elmreg.registry.backbones import Backbone
+from elmreg.registry.errors import ConfigurationError
 from elmreg.trainers.base import ExpertTrainer, TrainedExpert, TrainingConfig
 from elmreg.trainers.lora.config import LoraTrainingConfig
 
@@ -24,6 +26,11 @@ CONFIG_FILE = "adapter_config.json"
 
 
 class LoraTrainer(ExpertTrainer):
+    """LoRA on every linear layer (by default) of a frozen backbone.
+
+    ``config`` of a trained expert: ``{"kind": "lora", "adapter_config": <adapter_config.json content>}``.
+    """
+
     kind = "lora"
     config_class = LoraTrainingConfig
 
@@ -38,42 +45,82 @@ class LoraTrainer(ExpertTrainer):
             target_modules=config.target_modules,
             task_type="SEQ_2_SEQ_LM" if backbone.family == "seq2seq" else "CAUSAL_LM",
         )
-        model = get_peft_model(backbone.model, peft_config)
+        model = get_peft_model(backbone.model, peft_config, adapter_name=ADAPTER_NAME)
         return model, [p for p in model.parameters() if p.requires_grad]
 
-    def save(self, model, backbone: Backbone, config: TrainingConfig, out_dir: Path) -> TrainedExpert:
-        folder = out_dir / "peft"
-        model.save_pretrained(folder, safe_serialization=True)
-        adapter_config = json.loads((folder / CONFIG_FILE).read_text())
-        # The backbone is recorded by the catalogue; a local cache path here would not travel with the expert.
+    def save(
+        self, model: torch.nn.Module, backbone: Backbone, config: TrainingConfig, out_dir: Path
+    ) -> TrainedExpert:
+        staging = Path(tempfile.mkdtemp(prefix=".peft-", dir=out_dir))
+        try:
+            model.save_pretrained(staging, safe_serialization=True)
+            adapter_config = json.loads((staging / CONFIG_FILE).read_text())
+            weights = out_dir / WEIGHTS_FILE
+            shutil.move(staging / WEIGHTS_FILE, weights)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        # The catalogue records the backbone; a local cache path here would not travel with the expert.
         adapter_config["base_model_name_or_path"] = backbone.name
-        weights = out_dir / WEIGHTS_FILE
-        shutil.move(folder / WEIGHTS_FILE, weights)
-        shutil.rmtree(folder)
         return TrainedExpert(weights, {"kind": self.kind, "adapter_config": adapter_config}, {})
 
-    def restore(self, model, backbone: Backbone) -> None:
-        # unload() removes the LoRA layers without merging them: the backbone's modules are its own again.
+    def restore(self, model: torch.nn.Module, backbone: Backbone) -> None:
+        # unload() swaps every LoRA layer back for the module it wrapped, without merging: the backbone's
+        # modules (the very same objects) and weights are untouched.
         backbone.model = model.unload()
         backbone.model.eval()
         backbone.model.requires_grad_(False)
 
     def attach(self, backbone: Backbone, weights_path: Path, config: dict[str, Any]) -> torch.nn.Module:
-        folder = weights_path.parent / (weights_path.name + ".peft")
-        export_peft_folder(weights_path, config, folder)
-        return PeftModel.from_pretrained(
-            backbone.model, folder, adapter_name=ADAPTER_NAME, is_trainable=False
-        )
+        if "adapter_config" not in config:
+            raise ConfigurationError("a lora expert's config needs its 'adapter_config'")
+        # PEFT loads from a folder; a temporary one that links to the weights avoids copying them, and keeps
+        # the folder holding the weights (perhaps a read-only cache) untouched.
+        with tempfile.TemporaryDirectory(prefix="elmreg-lora-") as folder:
+            export_peft_folder(weights_path, config, Path(folder), link=True)
+            return PeftModel.from_pretrained(
+                backbone.model,
+                folder,
+                adapter_name=ADAPTER_NAME,
+                is_trainable=False,
+                # Creates the LoRA layers empty instead of randomly initialising them only to overwrite them
+                # (which would also draw from torch's global random generator).
+                low_cpu_mem_usage=True,
+            )
 
-    def detach(self, backbone: Backbone, model) -> None:
+    def detach(self, backbone: Backbone, model: torch.nn.Module) -> None:
         self.restore(model, backbone)
 
 
-def export_peft_folder(weights_path: Path, config: dict[str, Any], out_dir: Path) -> Path:
-    """Write a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) for an expert."""
+def export_peft_folder(
+    weights_path: Path, config: dict[str, Any], out_dir: Path, *, link: bool = False
+) -> Path:
+    """Write a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) for a LoRA expert.
+
+    Args:
+        weights_path: The expert's ``adapter_model.safetensors``.
+        config: The expert's config (``TrainedExpert.config`` or the catalogue's copy of it).
+        out_dir: The folder to write (created if missing).
+        link: Symlink the weights instead of copying them (falls back to a copy where links are not allowed).
+
+    Returns:
+        ``out_dir``, which ``PeftModel.from_pretrained(base_model, out_dir)`` loads.
+
+    Raises:
+        ConfigurationError: ``config`` is not a LoRA expert's.
+    """
+    adapter_config = config.get("adapter_config")
+    if not isinstance(adapter_config, dict) or adapter_config.get("peft_type") != "LORA":
+        raise ConfigurationError("not a LoRA expert's config (it needs a PEFT 'adapter_config' of type LORA)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config["adapter_config"], indent=2))
+    (out_dir / CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
     target = out_dir / WEIGHTS_FILE
-    if not target.exists() or target.stat().st_size != weights_path.stat().st_size:
-        shutil.copyfile(weights_path, target)
+    if target.is_symlink() or target.exists():
+        target.unlink()
+    if link:
+        try:
+            target.symlink_to(weights_path.resolve())
+            return out_dir
+        except OSError:
+            pass
+    shutil.copyfile(weights_path, target)
     return out_dir
