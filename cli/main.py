@@ -9,7 +9,7 @@ from dataclasses import asdict
 import click
 
 from elmreg.api import Registry
-from elmreg.cli import catalogue, library
+from elmreg.cli import catalogue, inference, library
 from elmreg.cli.errors import ElmregGroup
 from elmreg.registry.services import services_down, services_status, services_up
 from elmreg.registry.settings import load_settings, setting_docs
@@ -220,6 +220,7 @@ def config_command() -> None:
 for command in (catalogue.tasks, catalogue.experts, catalogue.jobs, catalogue.gc):
     cli.add_command(command)
 library.register(cli)
+inference.register(cli)
 
 
 def main() -> None:

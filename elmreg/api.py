@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from elmreg.registry.context import RegistryContext
-from elmreg.registry.errors import CatalogueError
+from elmreg.registry.errors import CatalogueError, UserError
 from elmreg.registry.gc import DEFAULT_MIN_AGE, GcReport, collect_garbage
 from elmreg.registry.library import ReembedReport, reembed_library
 from elmreg.registry.settings import Settings, load_settings
@@ -119,6 +119,106 @@ class Registry:
         from elmreg.trainers.pipeline import import_peft_adapter
 
         return import_peft_adapter(self.context, Path(folder), self.task(task), name=name, hooks=hooks)
+
+    # -- using the library ----------------------------------------------------------------------------------
+    def router(self):
+        """The RoE router (loads the embedder once; reuse it for many decisions)."""
+        from elmreg.inference.router import Router
+
+        if getattr(self, "_router", None) is None:
+            self._router = Router(self.context)
+        return self._router
+
+    def route(self, instances, *, task: int | str | None = None, **options: Any):
+        """Choose an expert for instances of one task by Retrieval-of-Experts, recording the decision.
+
+        Args:
+            instances: ``PromptedExample`` s or texts in the library format.
+            task: The registered task they come from, if any (shown in the audit views).
+            **options: ``q``, ``top_k``, ``kinds``, ``backbone_id``, ``library_version``, ``caller_label``.
+
+        Returns:
+            ``inference.router.RoutingDecision``.
+        """
+        task_id = self.task(task).id if task is not None else None
+        return self.router().route(instances, task_id=task_id, **options)
+
+    def predict(
+        self,
+        instances,
+        *,
+        expert: int | str | None = None,
+        route: str | None = None,
+        task: int | str | None = None,
+        q: int = 32,
+        capacity: int = 4,
+    ) -> list[dict[str, Any]]:
+        """Answer instances with one expert: given (``expert``), chosen by RoE (``route="roe"``), or none (base).
+
+        Classification instances (with answer choices) are rank-classified; the others get greedy generations.
+
+        Returns:
+            One dict per instance: ``input``, ``prediction``, ``expert`` and (for RoE) ``decision_id``.
+        """
+        from elmreg.inference.scoring import answer
+
+        if expert is not None and route is not None:
+            raise UserError("give either an expert or a route, not both")
+        chosen, decision_id = None, None
+        if route == "roe":
+            decision = self.route(instances, task=task, q=min(q, len(instances)), caller_label="predict")
+            chosen, decision_id = self.expert(decision.chosen_expert_id), decision.decision_id
+        elif route is not None:
+            raise UserError(f"unknown route '{route}'; use roe (or --expert ID)")
+        elif expert is not None:
+            chosen = self.expert(expert)
+        backbone = (
+            self.context.store.get_backbone(chosen.backbone_id).name
+            if chosen
+            else (
+                self.context.store.get_backbone(self.task(task).backbone_id).name
+                if task
+                else self.settings.backbone
+            )
+        )
+        pool = self._pool(backbone, capacity)
+        with pool.use(chosen) as model:
+            predictions = answer(model, pool.backbone, instances)
+        return [
+            {
+                "input": i.input,
+                "prediction": p,
+                "expert": chosen.name if chosen else None,
+                "decision_id": decision_id,
+            }
+            for i, p in zip(instances, predictions, strict=True)
+        ]
+
+    def _pool(self, backbone: str, capacity: int = 4):
+        from elmreg.inference.pool import AdapterPool
+
+        pools = self.__dict__.setdefault("_pools", {})
+        if backbone not in pools:
+            pools[backbone] = AdapterPool(self.context, backbone, capacity=capacity)
+        return pools[backbone]
+
+    def evaluate(
+        self,
+        task: int | str,
+        route: str = "roe",
+        *,
+        split: str = "validation",
+        limit: int | None = None,
+        q: int = 32,
+    ):
+        """Evaluate a route (``roe``, ``oracle``, ``base`` or ``expert:<id>``) on a task's labelled split and
+        store the result in ``evaluations``. Returns ``inference.evaluation.EvaluationResult``."""
+        from elmreg.inference.evaluation import Evaluator
+
+        record = self.task(task)
+        backbone = self.context.store.get_backbone(record.backbone_id).name
+        evaluator = Evaluator(self.context, backbone, pool=self._pool(backbone))
+        return evaluator.evaluate(record, route, split=split, limit=limit, q=q)
 
     # -- catalogue -----------------------------------------------------------------------------------------
     def status(self) -> CatalogueSummary:

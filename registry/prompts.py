@@ -95,8 +95,9 @@ class PromptTemplate:
         rendered = _render(self.answer_choices, row, self.name)
         return tuple(c.strip() for c in rendered.split(SEPARATOR))
 
-    def render(self, row: dict[str, Any]) -> PromptedExample | None:
-        """Render one dataset row; None when the template yields no input or no target for it.
+    def render(self, row: dict[str, Any], *, require_target: bool = True) -> PromptedExample | None:
+        """Render one dataset row; None when the template yields no input (or, with ``require_target``, no
+        target) for it. Unlabeled instances to route or predict are rendered with ``require_target=False``.
 
         promptsource templates legitimately skip rows (e.g. a template for rows with a given label);
         such rows are left out of training rather than trained on an empty target.
@@ -114,7 +115,7 @@ class PromptTemplate:
                 f"template '{self.name}' has no '{SEPARATOR}' between input and target; write 'input ||| target'"
             )
         source, target = parts[0].strip(), parts[1].strip()
-        if not source or not target:
+        if not source or (require_target and not target):
             return None
         return PromptedExample(input=source, target=target, answer_choices=choices)
 

@@ -14,8 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fixtures.bigbench_tree import write_bigbench_cache
+from fixtures.tiny_models import BUILDERS
 from sqlalchemy import text
 
+from elmreg.api import Registry
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.services import services_down
 from elmreg.registry.settings import Settings, load_settings
@@ -97,3 +100,40 @@ def scratch_database(registry: RegistryContext) -> Iterator[str]:
     yield url.render_as_string(hide_password=False)
     with registry.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture(scope="session")
+def tiny_backbones(tmp_path_factory):
+    return {family: str(build(tmp_path_factory.mktemp(f"bb-{family}"))) for family, build in BUILDERS.items()}
+
+
+@pytest.fixture
+def lab(settings, scratch_database, tmp_path, tiny_backbones):
+    """A registry on its own database and bucket prefix, a small BIG-bench cache, a tiny causal default backbone."""
+    cache = tmp_path / "cache"
+    write_bigbench_cache(cache)
+    lab_settings = settings.replace(
+        database_url=scratch_database,
+        s3_prefix=f"{tmp_path.name}/",
+        cache_dir=cache,
+        backbone=tiny_backbones["causal"],
+        device="cpu",
+    )
+    registry = Registry(lab_settings)
+    schema.upgrade(registry.context.engine)
+    yield registry
+    registry.close()
+
+
+def lab_environ(registry: Registry) -> dict[str, str]:
+    """The environment that makes an elmreg subprocess (or CliRunner) use the same registry as ``lab``."""
+    s = registry.settings
+    return {
+        "ELMREG_HOME": str(s.home),
+        "ELMREG_DATABASE_URL": s.database_url,
+        "ELMREG_S3_PREFIX": s.s3_prefix,
+        "ELMREG_CACHE_DIR": str(s.cache_path),
+        "ELMREG_BACKBONE": s.backbone,
+        "ELMREG_DEVICE": "cpu",
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+    }

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from elmreg.cli.main import cli
+from elmreg.registry.store import schema
 
 
 def _commands(group: click.Group, prefix=()):
@@ -57,7 +58,7 @@ def test_status_shows_services_schema_and_counts(run, registry):
 def test_db_current_and_upgrade_are_idempotent(run, registry):
     assert "up to date" in run("db", "current").output
     result = run("db", "upgrade")
-    assert result.exit_code == 0 and "-> 0001" in result.output
+    assert result.exit_code == 0 and f"-> {schema.head_revision()}" in result.output
 
 
 def test_user_errors_are_one_line_with_exit_code_2(run, tmp_path):
@@ -88,7 +89,7 @@ def test_real_subprocess(test_environ, registry):
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["catalogue"]["schema_revision"] == "0001"
+    assert json.loads(done.stdout)["catalogue"]["schema_revision"] == schema.head_revision()
 
 
 def test_config_lists_every_setting(run):

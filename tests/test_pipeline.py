@@ -12,53 +12,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from fixtures.bigbench_tree import write_bigbench_cache
-from fixtures.tiny_models import BUILDERS
+from conftest import lab_environ as _env
 from peft import PeftModel
 from sqlalchemy import text
 
 from elmreg.api import Registry
 from elmreg.cli.main import cli
 from elmreg.registry.backbones import load_backbone
-from elmreg.registry.store import schema
 
 FAST = {"epochs": 1, "learning_rate": 1e-3, "batch_size": 8}
-
-
-@pytest.fixture(scope="module")
-def tiny_backbones(tmp_path_factory):
-    return {family: str(build(tmp_path_factory.mktemp(f"bb-{family}"))) for family, build in BUILDERS.items()}
-
-
-@pytest.fixture
-def lab(settings, scratch_database, tmp_path, tiny_backbones):
-    """A registry on its own database and bucket prefix, a small BIG-bench cache, a tiny causal default backbone."""
-    cache = tmp_path / "cache"
-    write_bigbench_cache(cache)
-    lab_settings = settings.replace(
-        database_url=scratch_database,
-        s3_prefix=f"{tmp_path.name}/",
-        cache_dir=cache,
-        backbone=tiny_backbones["causal"],
-        device="cpu",
-    )
-    registry = Registry(lab_settings)
-    schema.upgrade(registry.context.engine)
-    yield registry
-    registry.close()
-
-
-def _env(registry: Registry) -> dict[str, str]:
-    s = registry.settings
-    return {
-        "ELMREG_HOME": str(s.home),
-        "ELMREG_DATABASE_URL": s.database_url,
-        "ELMREG_S3_PREFIX": s.s3_prefix,
-        "ELMREG_CACHE_DIR": str(s.cache_path),
-        "ELMREG_BACKBONE": s.backbone,
-        "ELMREG_DEVICE": "cpu",
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-    }
 
 
 def _bucket_keys(registry: Registry) -> set[str]:

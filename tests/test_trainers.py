@@ -19,6 +19,7 @@ from elmreg.registry.backbones import Backbone, load_backbone
 from elmreg.registry.encoding import IGNORE_INDEX, EncodedBatch, encode, target_token_loss
 from elmreg.registry.errors import ArtifactError, ConfigurationError, UserError
 from elmreg.registry.prompts import PromptedExample
+from elmreg.registry.settings import DEFAULT_BACKBONE
 from elmreg.trainers import KINDS, get_trainer
 from elmreg.trainers.ffn_adapter.model import ParallelAdapter, add_adapters, remove_adapters
 from elmreg.trainers.full.task_vector import trainable_entries
@@ -299,3 +300,33 @@ def test_kind_specific_options_are_validated():
             get_trainer(kind).make_config(bad)
     with pytest.raises(ConfigurationError, match="unknown expert kind"):
         get_trainer("prefix_tuning")
+
+
+# -- the real default backbone ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gemma(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Backbone:
+    """google/gemma-3-270m, converted once into pytest's cache folder (about a minute), then loaded in seconds."""
+    cache = getattr(request.config, "cache", None)
+    cache_dir = cache.mkdir("elmreg-gemma") if cache is not None else tmp_path_factory.mktemp("gemma")
+    return load_backbone(DEFAULT_BACKBONE, cache_dir=Path(cache_dir))
+
+
+@pytest.mark.slow
+def test_lora_on_the_default_gemma(gemma: Backbone, tmp_path: Path):
+    """On the real 262k vocabulary: the target-only loss is the full-logits loss, and a LoRA expert round-trips."""
+    batch = _batch(gemma)
+    with torch.no_grad():
+        fast = target_token_loss(gemma.model, gemma.family, batch)
+        full = gemma.model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
+        ).loss
+    assert float(fast) == pytest.approx(float(full), abs=1e-5)
+
+    trainer = get_trainer("lora")
+    before = _logits(gemma)
+    trained = trainer.train(gemma, EXAMPLES, trainer.make_config({"epochs": 1, "batch_size": 4}), tmp_path)
+    assert trained.metrics["steps"] == 1 and trained.metrics["final_loss"] < 20
+    model = trainer.load_expert(gemma, trained.weights_path, trained.config)
+    assert not torch.equal(_logits(gemma, model), before)
+    trainer.unload(gemma, model)
+    assert torch.equal(_logits(gemma), before)

@@ -189,6 +189,27 @@ class RegistryStore(ABC):
     def list_training_runs(self, *, task_id: int | None = None) -> list[TrainingRun]:
         """Training runs, oldest first."""
 
+    @abstractmethod
+    def record_evaluation(
+        self,
+        *,
+        task_id: int,
+        expert_id: int | None,
+        route: str,
+        split: str,
+        metric: str,
+        score: float,
+        n_examples: int,
+        library_version: int | None,
+        details: dict[str, Any] | None = None,
+        benchmark_run_id: int | None = None,
+    ) -> int:
+        """Store one evaluation result; returns its id."""
+
+    @abstractmethod
+    def list_evaluations(self, *, task_id: int | None = None) -> list[dict[str, Any]]:
+        """Evaluation results, oldest first, as plain dicts."""
+
     # -- work queue ----------------------------------------------------------------------------------------
     @abstractmethod
     def enqueue_job(

@@ -30,6 +30,7 @@ from elmreg.registry.store.models import (
     BackboneRow,
     Base,
     EmbedderRow,
+    EvaluationRow,
     ExpertParentRow,
     ExpertRow,
     JobRow,
@@ -486,6 +487,47 @@ class SqlAlchemyStore(RegistryStore):
             query = query.where(TrainingRunRow.task_id == task_id)
         with self.sessions() as session:
             return [_run(r) for r in session.scalars(query)]
+
+    def record_evaluation(
+        self,
+        *,
+        task_id: int,
+        expert_id: int | None,
+        route: str,
+        split: str,
+        metric: str,
+        score: float,
+        n_examples: int,
+        library_version: int | None,
+        details: dict[str, Any] | None = None,
+        benchmark_run_id: int | None = None,
+    ) -> int:
+        with self.sessions() as session:
+            row = EvaluationRow(
+                task_id=task_id,
+                expert_id=expert_id,
+                route=route,
+                split=split,
+                metric=metric,
+                score=score,
+                n_examples=n_examples,
+                library_version=library_version,
+                details=details or {},
+                benchmark_run_id=benchmark_run_id,
+            )
+            session.add(row)
+            session.flush()
+            return row.id
+
+    def list_evaluations(self, *, task_id: int | None = None) -> list[dict[str, Any]]:
+        query = select(EvaluationRow).order_by(EvaluationRow.id)
+        if task_id is not None:
+            query = query.where(EvaluationRow.task_id == task_id)
+        with self.sessions() as session:
+            return [
+                {c.name: getattr(row, c.name) for c in EvaluationRow.__table__.columns}
+                for row in session.scalars(query)
+            ]
 
     # -- work queue ----------------------------------------------------------------------------------------
     def enqueue_job(

@@ -1,0 +1,205 @@
+"""Using the library: route (RoE in SQL) and audit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from elmreg.api import Registry
+from elmreg.cli.output import echo_json, echo_table
+from elmreg.registry.prompts import PromptTemplate
+from elmreg.registry.sources import DatasetSpec
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def _registry(ctx: click.Context) -> Registry:
+    return ctx.obj["registry"]
+
+
+def load_instances(
+    registry: Registry,
+    input_file: str | None,
+    dataset: str | None,
+    split: str,
+    task: str | None,
+    limit: int | None,
+):
+    """Instances from --input (JSON lines) or --dataset (a split rendered with its default template)."""
+    from elmreg.inference.inputs import dataset_instances, read_jsonl, to_instances
+
+    if bool(input_file) == bool(dataset):
+        raise click.UsageError("give exactly one of --input FILE or --dataset NAME")
+    if dataset:
+        return dataset_instances(DatasetSpec(dataset, split=split), registry.settings.cache_path, limit=limit)
+    templates = [PromptTemplate.from_dict(t) for t in registry.task(task).templates] if task else None
+    return to_instances(read_jsonl(Path(input_file)), templates)
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--input",
+    "input_file",
+    type=click.Path(dir_okay=False),
+    help='JSON lines: {"input": ..., "answer_choices": [...]} or raw rows with --task.',
+)
+@click.option("--dataset", help="Route instances of a dataset split instead (e.g. bigbench:strategyqa).")
+@click.option("--split", default="validation", show_default=True, help="Split of --dataset.")
+@click.option(
+    "--task", help="Registered task the instances come from: its template renders raw rows; shown in audits."
+)
+@click.option(
+    "--q", "q", type=int, default=32, show_default=True, help="Instances used (a seeded sample of the input)."
+)
+@click.option(
+    "--top-k", type=int, default=1, show_default=True, help="Nearest library entries per instance that vote."
+)
+@click.option(
+    "--kind",
+    "kinds",
+    multiple=True,
+    type=click.Choice(["lora", "ffn_adapter", "full", "merged"]),
+    help="Only experts of this kind (repeatable).",
+)
+@click.option("--library-version", type=int, help="Route against the library as it was at this version.")
+@click.option("--label", help="Caller label stored with the decision.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def route(
+    ctx: click.Context, input_file, dataset, split, task, q, top_k, kinds, library_version, label, as_json
+) -> None:
+    """Choose an expert for instances of a task by Retrieval-of-Experts, in one SQL statement; the decision and
+    every vote are recorded for audit.
+
+    \b
+    Examples:
+      elmreg route --dataset bigbench:strategyqa --split validation
+      elmreg route --input queries.jsonl --q 16 --label nightly
+    """
+    registry = _registry(ctx)
+    instances = load_instances(registry, input_file, dataset, split, task, None)
+    decision = registry.route(
+        instances,
+        task=task,
+        q=q,
+        top_k=top_k,
+        kinds=kinds or None,
+        library_version=library_version,
+        caller_label=label or dataset,
+    )
+    if as_json:
+        return echo_json(decision)
+    click.echo(
+        f"chosen expert: {decision.chosen_expert_name} (id {decision.chosen_expert_id})  "
+        f"decision {decision.decision_id}, library version {decision.library_version}, "
+        f"Q={decision.q}, {decision.latency_ms:.1f} ms"
+    )
+    echo_table(
+        ["expert", "votes", "similarity sum"],
+        [(t.expert_name, t.votes, f"{t.score_sum:.3f}") for t in decision.tallies],
+    )
+    click.echo(f"\naudit: SELECT * FROM audit_votes WHERE decision_id = {decision.decision_id};")
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--input",
+    "input_file",
+    type=click.Path(dir_okay=False),
+    help="JSON lines to answer (see 'elmreg route -h').",
+)
+@click.option("--dataset", help="Answer instances of a dataset split instead.")
+@click.option("--split", default="validation", show_default=True, help="Split of --dataset.")
+@click.option("--limit", type=int, help="Answer at most this many instances of --dataset (seeded sample).")
+@click.option("--task", help="Registered task: renders raw rows with its template; picks its backbone.")
+@click.option("--expert", help="Use this expert (id or name).")
+@click.option("--route", type=click.Choice(["roe"]), help="Let Retrieval-of-Experts choose the expert.")
+@click.option("--q", "q", type=int, default=32, show_default=True, help="Instances RoE uses to choose.")
+@click.option(
+    "--out", type=click.Path(dir_okay=False), help="Write JSON lines here (default: standard output)."
+)
+@click.pass_context
+def predict(ctx: click.Context, input_file, dataset, split, limit, task, expert, route, q, out) -> None:
+    """Answer instances with an expert (or the base backbone when neither --expert nor --route is given).
+
+    Instances with answer choices are rank-classified (highest log-likelihood), the others get greedy
+    generations. Output: one JSON object per line with input, prediction, expert and decision_id.
+
+    
+    Examples:
+      elmreg predict --input questions.jsonl --route roe --out answers.jsonl
+      elmreg predict --dataset bigbench:strategyqa --limit 20 --expert strategyqa
+    """
+    import json
+
+    registry = _registry(ctx)
+    instances = load_instances(registry, input_file, dataset, split, task, limit)
+    rows = registry.predict(instances, expert=expert, route=route, task=task, q=q)
+    lines = "\n".join(json.dumps(r) for r in rows) + "\n"
+    if out:
+        Path(out).write_text(lines)
+        click.echo(f"wrote {len(rows)} predictions to {out}", err=True)
+    else:
+        click.echo(lines, nl=False)
+
+
+@click.command("eval", context_settings=CONTEXT_SETTINGS)
+@click.option("--task", required=True, help="Registered task to evaluate on.")
+@click.option(
+    "--route",
+    "routes",
+    multiple=True,
+    default=["roe"],
+    show_default=True,
+    help="roe, oracle, base or expert:<id or name> (repeatable).",
+)
+@click.option("--split", default="validation", show_default=True, help="Labelled split to evaluate on.")
+@click.option("--limit", type=int, help="Evaluate on at most this many examples (seeded sample).")
+@click.option("--q", "q", type=int, default=32, show_default=True, help="Instances RoE uses to choose.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def evaluate(ctx: click.Context, task, routes, split, limit, q, as_json) -> None:
+    """Evaluate routes on a task's labelled data (accuracy, or ROUGE-L for generation); results are stored in
+    the evaluations table.
+
+    Example: elmreg eval --task strategyqa --route roe --route base --route oracle --limit 100
+    """
+    registry = _registry(ctx)
+    results = [registry.evaluate(task, route, split=split, limit=limit, q=q) for route in routes]
+    if as_json:
+        return echo_json(results)
+    echo_table(
+        ["task", "route", "expert", "metric", "score", "n"],
+        [(r.task, r.route, r.expert or "-", r.metric, f"{r.score:.2f}", r.n_examples) for r in results],
+    )
+
+
+AUDIT_QUERIES = {
+    "latest decisions, with vote margins": "SELECT * FROM audit_decisions ORDER BY created_at DESC LIMIT 20;",
+    "which expert was chosen for each task, by day": "SELECT * FROM audit_choices_by_task ORDER BY day DESC, task;",
+    "experts never chosen": "SELECT * FROM audit_experts_never_chosen;",
+    "the votes of one decision, with the samples they matched": "SELECT * FROM audit_votes WHERE decision_id = 1 ORDER BY query_index, rank;",
+    "close calls (margin of at most 2 votes)": "SELECT decision_id, task, chosen_expert, runner_up_expert, vote_margin FROM audit_decisions WHERE vote_margin <= 2;",
+}
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.pass_context
+def audit(ctx: click.Context) -> None:
+    """Print ready-to-run SQL over the audit views, and how to connect (psql) and grant read-only access.
+
+    Example: elmreg audit
+    """
+    from elmreg.registry.services import services_status
+
+    url = services_status(_registry(ctx).settings)[0].url.replace("postgresql+psycopg://", "postgresql://", 1)
+    click.echo(f"-- connect:  psql '{url}'")
+    click.echo("-- read-only access for a person:  GRANT elmreg_auditor TO alice;\n")
+    for title, sql in AUDIT_QUERIES.items():
+        click.echo(f"-- {title}\n{sql}\n")
+
+
+def register(cli: click.Group) -> None:
+    for command in (route, predict, evaluate, audit):
+        cli.add_command(command)
