@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast lint format services-down clean
+.PHONY: install demo test test-fast test-all lint format services-down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,10 @@ test: install
 	$(BIN)/pytest
 
 test-fast: install
-	$(BIN)/pytest -m "not slow" -x -q
+	$(BIN)/pytest -x -q
+
+test-all: install
+	$(BIN)/pytest -m ""
 
 lint: install
 	$(BIN)/ruff check .

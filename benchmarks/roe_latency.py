@@ -1,0 +1,181 @@
+"""RoE latency: elmreg's SQL path (pgvector HNSW) vs exact in-process search (numpy) vs FAISS HNSW, same vectors.
+
+For each library size, a scratch database on the configured (or embedded) PostgreSQL is filled with synthetic
+experts (100 entries each, clustered around a per-expert centre, like the samples of one task) through elmreg's
+own store; Q=32 queries are drawn near random experts. Reported per method: median latency of one routing
+decision (vectors already embedded), per-query top-1 agreement with exact search, and whether the vote (the chosen
+expert) agrees with exact search.
+
+    .venv/bin/python benchmarks/roe_latency.py --sizes 30000,300000
+
+faiss-cpu is optional (``pip install faiss-cpu``); without it that column is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import uuid
+from collections import Counter
+
+import numpy as np
+from sqlalchemy import text
+
+from elmreg.inference.router import _route_sql, _vector_literal
+from elmreg.registry.context import RegistryContext
+from elmreg.registry.settings import load_settings
+from elmreg.registry.store import schema
+from elmreg.registry.store.entities import LibraryEntry, StoredArtifact
+from elmreg.registry.store.models import hnsw_index_name
+
+DIM, PER_EXPERT, NOISE = 384, 100, 1.0
+HEADER = f"{'entries':>8} {'method':<28} {'ms':>8} {'top-1 agree':>12} {'vote agrees':>12}"
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def synthetic_library(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    experts = size // PER_EXPERT
+    centres = unit(rng.normal(size=(experts, DIM)))
+    owners = np.repeat(np.arange(experts), PER_EXPERT)
+    # Noise of norm ~1 around a unit centre: samples of one expert have cosine ~0.5 with each other, about what
+    # all-MiniLM-L6-v2 gives for instances of one task.
+    vectors = unit(centres[owners] + NOISE * rng.normal(size=(size, DIM)) / np.sqrt(DIM))
+    return centres, owners, vectors
+
+
+def fill(context: RegistryContext, owners: np.ndarray, vectors: np.ndarray) -> tuple[int, dict[int, int]]:
+    store = context.store
+    backbone = store.get_or_create_backbone("bench-backbone", "causal")
+    embedder = store.get_or_create_embedder(f"bench-{DIM}", DIM)
+    with context.engine.begin() as c:  # bulk load, then build the index once (as after a large import)
+        c.execute(text(f"DROP INDEX IF EXISTS {hnsw_index_name(embedder.id)}"))
+    expert_ids = {}
+    for expert in range(int(owners.max()) + 1):
+        record = store.create_expert(name=f"bench-{expert}", backbone_id=backbone.id, kind="lora")
+        rows = np.flatnonzero(owners == expert)
+        store.publish_expert(
+            record.id,
+            artifact=StoredArtifact(f"s3://bench/{expert}", "0" * 64, 1),
+            embedder_id=embedder.id,
+            entries=[LibraryEntry(i, f"sample {i}", vectors[r]) for i, r in enumerate(rows)],
+        )
+        expert_ids[record.id] = expert
+    started = time.perf_counter()
+    with context.engine.begin() as c:
+        c.execute(text("SET maintenance_work_mem = '1GB'"))
+        c.execute(
+            text(
+                f"CREATE INDEX {hnsw_index_name(embedder.id)} ON library_entries "
+                f"USING hnsw ((embedding::vector({DIM})) vector_ip_ops) WHERE embedder_id = {embedder.id}"
+            )
+        )
+        c.execute(text("ANALYZE library_entries"))
+    print(f"  HNSW build: {time.perf_counter() - started:.1f} s")
+    return embedder.id, expert_ids
+
+
+def timed(fn, repeats: int):
+    times, result = [], None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = fn()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times), result
+
+
+def vote(owner_of_hit: list[int]) -> int:
+    counts = Counter(owner_of_hit)
+    return max(counts, key=lambda e: (counts[e], -e))
+
+
+def bench_size(context: RegistryContext, size: int, rng: np.random.Generator, args, faiss) -> None:
+    """Fill one scratch catalogue with ``size`` entries and print a row per method."""
+    print(f"\nlibrary of {size} entries ({size // PER_EXPERT} experts):")
+    centres, owners, vectors = synthetic_library(size, rng)
+    embedder_id, expert_ids = fill(context, owners, vectors)
+    targets = rng.integers(0, len(centres), size=args.q)
+    queries = unit(centres[targets] + NOISE * rng.normal(size=(args.q, DIM)) / np.sqrt(DIM))
+
+    exact_ms, exact_hits = timed(lambda: np.argmax(vectors @ queries.T, axis=0), args.repeats)
+    exact_vote = vote([int(owners[h]) for h in exact_hits])
+    print(HEADER)
+    print(f"{size:>8} {'numpy exact (in process)':<28} {exact_ms:>8.2f} {'100.0%':>12} {'yes':>12}")
+
+    version = context.store.library_version()
+    literal = "{" + ",".join('"' + _vector_literal(v) + '"' for v in queries) + "}"
+    sql = text(_route_sql(DIM, embedder_id, False, False))
+    entry_owner = {}
+    with context.engine.connect() as c:
+        for row in c.execute(text("SELECT id, expert_id FROM library_entries")):
+            entry_owner[row.id] = expert_ids[row.expert_id]
+        entry_row = {}
+        for row in c.execute(text("SELECT id, expert_id, sample_index FROM library_entries")):
+            entry_row[row.id] = int(np.flatnonzero(owners == expert_ids[row.expert_id])[row.sample_index])
+    for ef in (int(e) for e in args.ef_search.split(",")):
+        with context.engine.connect() as c:
+            c.execute(text(f"SET hnsw.ef_search = {ef}"))
+
+            def run_sql(c=c, ef=ef):
+                return c.execute(
+                    sql,
+                    {"queries": literal, "library_version": version, "candidates": ef, "top_k": 1},
+                ).all()
+
+            ms, rows = timed(run_sql, args.repeats)
+        votes = sorted((r for r in rows if r.row_kind == "vote"), key=lambda r: r.query_index)
+        agree = np.mean([entry_row[r.entry_id] == h for r, h in zip(votes, exact_hits, strict=True)])
+        same_vote = vote([entry_owner[r.entry_id] for r in votes]) == exact_vote
+        print(f"{size:>8} {f'elmreg SQL, ef_search={ef}':<28} {ms:>8.2f} {agree:>11.1%} {str(same_vote):>12}")
+        if faiss is not None:
+            if ef == int(args.ef_search.split(",")[0]):
+                index = faiss.IndexHNSWFlat(DIM, 16, faiss.METRIC_INNER_PRODUCT)
+                index.hnsw.efConstruction = 64
+                index.add(vectors)
+            index.hnsw.efSearch = ef
+            ms, (_, hits) = timed(lambda index=index: index.search(queries, 1), args.repeats)
+            agree = np.mean(hits[:, 0] == exact_hits)
+            same_vote = vote([int(owners[h]) for h in hits[:, 0]]) == exact_vote
+            print(
+                f"{size:>8} {f'FAISS HNSW, efSearch={ef}':<28} {ms:>8.2f} {agree:>11.1%} {str(same_vote):>12}"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="30000,300000", help="Library sizes (entries), comma-separated.")
+    parser.add_argument("--q", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--ef-search", default="40,100", help="pgvector/FAISS ef_search values to compare.")
+    args = parser.parse_args()
+    settings = load_settings()
+    base = RegistryContext(settings)
+    rng = np.random.default_rng(0)
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+
+    print(f"RoE latency, Q={args.q}, {DIM}-d, median of {args.repeats}; agreement is with exact search")
+    for size in (int(s) for s in args.sizes.split(",")):
+        name = f"elmreg_bench_{uuid.uuid4().hex[:6]}"
+        with base.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            c.execute(text(f"CREATE DATABASE {name}"))
+        context = RegistryContext(
+            settings.replace(database_url=base.engine.url.set(database=name).render_as_string(False))
+        )
+        try:
+            schema.upgrade(context.engine)
+            bench_size(context, size, rng, args, faiss)
+        finally:
+            context.close()
+            with base.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+                c.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    base.close()
+
+
+if __name__ == "__main__":
+    main()
