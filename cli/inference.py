@@ -175,6 +175,37 @@ def evaluate(ctx: click.Context, task, routes, split, limit, q, as_json) -> None
     )
 
 
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--since", type=click.DateTime(), help="Experts ready since then (default: since the last run)."
+)
+@click.option("--limit", type=int, default=50, show_default=True, help="Examples per task (seeded sample).")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    help="Report folder (default HOME/reports/benchmark-N).",
+)
+@click.pass_context
+def benchmark(ctx: click.Context, since, limit, out_dir) -> None:
+    """Benchmark newly added experts on every registered task (validation split) next to RoE, oracle and base,
+    store the expert x task matrix, and write report.md with a heatmap. The scheduler queues this nightly.
+
+    Example: elmreg benchmark --limit 40
+    """
+    report = _registry(ctx).benchmark(since=since, limit=limit, out_dir=out_dir)
+    echo_table(
+        ["task", "RoE", "RoE expert", "oracle", "base"],
+        [
+            (t, f"{r['roe']:.1f}", r["roe_expert"], f"{r['oracle']:.1f}", f"{r['base']:.1f}")
+            for t, r in report.routes.items()
+        ],
+    )
+    click.echo(
+        f"\nbenchmark run {report.run_id}: {len(report.experts)} new expert(s); report: {report.report_path}"
+    )
+
+
 AUDIT_QUERIES = {
     "latest decisions, with vote margins": "SELECT * FROM audit_decisions ORDER BY created_at DESC LIMIT 20;",
     "which expert was chosen for each task, by day": "SELECT * FROM audit_choices_by_task ORDER BY day DESC, task;",
@@ -201,5 +232,5 @@ def audit(ctx: click.Context) -> None:
 
 
 def register(cli: click.Group) -> None:
-    for command in (route, predict, evaluate, audit):
+    for command in (route, predict, evaluate, benchmark, audit):
         cli.add_command(command)

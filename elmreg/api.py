@@ -75,12 +75,13 @@ class Registry:
 
     def worker(self, *, hooks=None, name: str | None = None, lease_seconds: float | None = None):
         """A worker that runs queued ``train`` jobs (``.run_once()``, ``.drain()``, ``.run_forever()``)."""
+        from elmreg.inference.benchmark import make_benchmark_handler
         from elmreg.trainers.pipeline import make_train_handler
         from elmreg.trainers.worker import DEFAULT_LEASE_SECONDS, Worker
 
         return Worker(
             self.context,
-            {"train": make_train_handler(hooks)},
+            {"train": make_train_handler(hooks), "benchmark": make_benchmark_handler()},
             name=name,
             lease_seconds=lease_seconds or DEFAULT_LEASE_SECONDS,
         )
@@ -219,6 +220,18 @@ class Registry:
         backbone = self.context.store.get_backbone(record.backbone_id).name
         evaluator = Evaluator(self.context, backbone, pool=self._pool(backbone))
         return evaluator.evaluate(record, route, split=split, limit=limit, q=q)
+
+    def benchmark(
+        self, *, since: dt.datetime | None = None, limit: int = 50, out_dir: str | Path | None = None
+    ):
+        """Evaluate experts added since the last run (or ``since``) on every registered task's validation split,
+        with RoE / oracle / base per task; stores the matrix and writes a Markdown report with a heatmap.
+        Returns ``inference.benchmark.BenchmarkReport``."""
+        from elmreg.inference.benchmark import run_benchmark
+
+        return run_benchmark(
+            self.context, since=since, limit=limit, out_dir=Path(out_dir) if out_dir else None
+        )
 
     # -- catalogue -----------------------------------------------------------------------------------------
     def status(self) -> CatalogueSummary:

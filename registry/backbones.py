@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from elmreg.registry.errors import ConfigurationError
+from elmreg.registry.errors import ConfigurationError, first_line
 from elmreg.registry.settings import DEFAULT_BACKBONE
 
 _log = logging.getLogger(__name__)
@@ -281,10 +281,9 @@ def _download(name: str, cache_dir: Path) -> Path:
             )
         )
     except Exception as exc:  # noqa: BLE001 - offline, unknown and gated repos all surface differently
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigurationError(
             f"backbone '{name}' is not a local folder and could not be fetched from the Hugging Face hub "
-            f"({first_line}); give a local path"
+            f"({first_line(exc)}); give a local path"
         ) from exc
 
 
@@ -318,7 +317,7 @@ def load_backbone(name_or_path: str, *, cache_dir: Path, device: str = "cpu", dt
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigurationError(
-            f"cannot load backbone '{name_or_path}' from {folder}: {str(exc).splitlines()[0]}"
+            f"cannot load backbone '{name_or_path}' from {folder}: {first_line(exc)}"
         ) from exc
     if tokenizer.pad_token_id is None:
         # Causal LMs often ship without a pad token; padded positions are masked out, so eos serves.
@@ -359,6 +358,6 @@ def backbone_family(name: str) -> str:
     except Exception as exc:  # noqa: BLE001 - offline, unknown and gated repos all surface differently
         raise ConfigurationError(
             f"backbone '{name}' is not a local model folder and its config could not be fetched from the "
-            f"Hugging Face hub ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); give a local path"
+            f"Hugging Face hub ({first_line(exc)}); give a local path"
         ) from exc
     return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"

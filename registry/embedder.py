@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from elmreg.registry.errors import ConfigurationError
+from elmreg.registry.errors import ConfigurationError, first_line
 from elmreg.registry.settings import DEFAULT_EMBEDDER
 
 _load_lock = threading.Lock()
@@ -42,7 +42,7 @@ class Embedder:
             self.model = SentenceTransformer(resolve_embedder_path(name), device=device)
         except (OSError, ValueError) as exc:
             raise ConfigurationError(
-                f"cannot load embedder '{name}': {str(exc).splitlines()[0]}; set ELMREG_EMBEDDER to a local "
+                f"cannot load embedder '{name}': {first_line(exc)}; set ELMREG_EMBEDDER to a local "
                 "sentence-transformers folder or a reachable hub id"
             ) from exc
         # sentence-transformers 6 renamed the accessor; 5.x only has the old name.

@@ -8,6 +8,12 @@ exit code 1. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class ElmregError(Exception):
     """Base class of all elmreg errors."""
 

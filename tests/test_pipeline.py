@@ -167,7 +167,8 @@ def test_two_worker_processes_train_every_job_exactly_once(lab):
         _, err = worker.communicate(timeout=300)
         assert worker.returncode == 0, err
     jobs = lab.jobs()
-    assert [j.status for j in jobs] == ["succeeded"] * 4 and all(j.attempts == 1 for j in jobs)
+    assert [j.status for j in jobs] == ["succeeded"] * 4, [j.last_error for j in jobs]
+    assert all(j.attempts == 1 for j in jobs)
     runs = lab.training_runs()
     assert sorted(r.task_id for r in runs) == sorted(t.id for t in lab.tasks())
     assert len({r.worker for r in runs}) >= 1

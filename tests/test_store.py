@@ -244,3 +244,26 @@ def test_summary_counts_tables(store, backbone):
     assert tuple(int(p) for p in summary.pgvector_version.split(".")[:2]) >= (0, 6)
     assert summary.row_counts["backbones"] >= 1
     assert set(summary.row_counts) >= {"tasks", "experts", "library_entries", "jobs", "routing_votes"}
+
+
+def test_concurrent_registration_of_one_embedder_and_backbone(store, unique):
+    """Two workers publishing their first experts at once both get the one embedder (and backbone) row."""
+    results, errors = [], []
+
+    def register():
+        try:
+            results.append(
+                (
+                    store.get_or_create_embedder(f"race-{unique}", 8).id,
+                    store.get_or_create_backbone(f"race-{unique}", "causal").id,
+                )
+            )
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=register) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(set(results)) == 1

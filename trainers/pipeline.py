@@ -22,7 +22,7 @@ from typing import Any
 from elmreg.registry.backbones import Backbone, load_backbone
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.embedder import load_embedder
-from elmreg.registry.errors import AlreadyExistsError, CatalogueError, TaskSpecError
+from elmreg.registry.errors import AlreadyExistsError, CatalogueError, TaskSpecError, first_line
 from elmreg.registry.library import SAMPLES_PER_EXPERT, embed_entries, register_embedder, sample_indices
 from elmreg.registry.prompts import PromptedExample, PromptTemplate, library_text, render_examples
 from elmreg.registry.sources import DatasetSpec, load_dataset_rows
@@ -258,7 +258,7 @@ def import_peft_adapter(
         model = trainer.attach(backbone, weights, config)
     except Exception as exc:  # noqa: BLE001 - peft raises assorted errors for shape and module mismatches
         raise TaskSpecError(
-            f"the adapter in {folder} does not fit backbone {backbone_record.name}: {str(exc).splitlines()[0]}"
+            f"the adapter in {folder} does not fit backbone {backbone_record.name}: {first_line(exc)}"
         ) from exc
     trainer.detach(backbone, model)
     examples = task_examples(context, task)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from elmreg.registry.context import RegistryContext
-from elmreg.registry.errors import ElmregError, UserError
+from elmreg.registry.errors import ElmregError, UserError, first_line
 from elmreg.registry.store.entities import Job
 
 _log = logging.getLogger(__name__)
@@ -114,9 +114,7 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - any failure is recorded on the job and retried
             # A user error (bad data) will not fix itself: no retries. Anything else may be transient.
             message = str(exc) if isinstance(exc, UserError) else traceback.format_exc()
-            _log.error(
-                "job %s (%s) failed: %s", job.id, job.kind, str(exc).splitlines()[0] if str(exc) else exc
-            )
+            _log.error("job %s (%s) failed: %s", job.id, job.kind, first_line(exc))
             return store.fail_job(
                 job.id,
                 self.name,

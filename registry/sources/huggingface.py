@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from elmreg.registry.errors import TaskSpecError
+from elmreg.registry.errors import TaskSpecError, first_line
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 _log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def load_local(path: Path, split: str, cache_dir: Path) -> list[dict[str, Any]]:
             builders.pop(), data_files={split: splits[split]}, split=split, cache_dir=str(cache_dir)
         )
     except Exception as exc:  # noqa: BLE001 - datasets raises many types for unreadable files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise TaskSpecError(f"cannot read {path} ({split}): {reason}") from exc
     return [dict(row) for row in dataset]
 
@@ -77,10 +77,10 @@ def load_hub(name: str, subset: str | None, split: str, cache_dir: Path) -> list
     try:
         dataset = datasets.load_dataset(name, subset, split=split, cache_dir=str(cache_dir))
     except ValueError as exc:
-        message = str(exc).splitlines()[0]
+        message = first_line(exc)
         raise TaskSpecError(f"dataset '{name}': {message}") from exc
     except Exception as exc:  # noqa: BLE001 - offline, missing and gated datasets all surface differently
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise TaskSpecError(
             f"dataset '{name}' is not a local file or folder and could not be loaded from the Hugging Face hub "
             f"({first}); give a path to json/jsonl/csv/parquet files, or 'bigbench:<task>'"

@@ -15,6 +15,7 @@ from elmreg.registry.errors import (
     NotFoundError,
     SchemaOutOfDateError,
     ServiceError,
+    first_line,
 )
 
 # SQLSTATE codes (PostgreSQL appendix A) that have a message a user can act on.
@@ -53,12 +54,10 @@ def translate_error(exc: Exception, url_hint: str = "") -> Exception:
     if isinstance(exc, ProgrammingError) and _sqlstate(exc) in (_UNDEFINED_TABLE, _UNDEFINED_COLUMN):
         return SchemaOutOfDateError("the catalogue schema is missing or out of date: run 'elmreg db upgrade'")
     if isinstance(exc, OperationalError):
-        first_line = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        return ServiceError(
-            f"cannot reach the catalogue database {url_hint}: {first_line}".replace("  ", " ")
-        )
+        reason = first_line(exc.orig if exc.orig else exc)
+        return ServiceError(f"cannot reach the catalogue database {url_hint}: {reason}".replace("  ", " "))
     if isinstance(exc, DBAPIError):
-        return CatalogueError(f"catalogue error: {str(exc.orig).strip().splitlines()[0]}")
+        return CatalogueError(f"catalogue error: {first_line(exc.orig)}")
     return exc
 
 

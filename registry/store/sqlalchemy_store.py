@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from pgvector.psycopg import register_vector
 from sqlalchemy import Engine, func, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from elmreg.registry.errors import CatalogueError, NotFoundError
@@ -191,13 +192,14 @@ class SqlAlchemyStore(RegistryStore):
         self, name: str, family: str, fingerprint: str | None = None, config: dict[str, Any] | None = None
     ) -> Backbone:
         with self.sessions() as session:
+            # ON CONFLICT: two workers registering the same backbone at once both get the one row.
+            session.execute(
+                pg_insert(BackboneRow)
+                .values(name=name, family=family, fingerprint=fingerprint, config=config or {})
+                .on_conflict_do_nothing(index_elements=[BackboneRow.name])
+            )
             row = session.scalar(select(BackboneRow).where(BackboneRow.name == name))
-            if row is None:
-                row = BackboneRow(name=name, family=family, fingerprint=fingerprint, config=config or {})
-                session.add(row)
-                session.flush()
-                session.refresh(row)
-            elif fingerprint and row.fingerprint is None:
+            if fingerprint and row.fingerprint is None:
                 row.fingerprint = fingerprint
             return _backbone(row)
 
@@ -207,17 +209,20 @@ class SqlAlchemyStore(RegistryStore):
 
     def get_or_create_embedder(self, name: str, dimension: int, normalized: bool = True) -> Embedder:
         with self.sessions() as session:
+            # ON CONFLICT: two workers publishing their first experts at once must not both create the embedder.
+            inserted = session.scalar(
+                pg_insert(EmbedderRow)
+                .values(name=name, dimension=dimension, normalized=normalized)
+                .on_conflict_do_nothing(index_elements=[EmbedderRow.name])
+                .returning(EmbedderRow.id)
+            )
             row = session.scalar(select(EmbedderRow).where(EmbedderRow.name == name))
-            if row is not None:
-                if row.dimension != dimension:
-                    raise CatalogueError(
-                        f"embedder '{name}' is registered with dimension {row.dimension}, not {dimension}"
-                    )
+            if row.dimension != dimension:
+                raise CatalogueError(
+                    f"embedder '{name}' is registered with dimension {row.dimension}, not {dimension}"
+                )
+            if inserted is None:
                 return _embedder(row)
-            row = EmbedderRow(name=name, dimension=dimension, normalized=normalized)
-            session.add(row)
-            session.flush()
-            session.refresh(row)
             # The column has no fixed dimension; a partial expression index per embedder is what lets
             # pgvector's HNSW serve "ORDER BY embedding::vector(d) <#> q" for that embedder's entries.
             session.execute(

@@ -1,0 +1,201 @@
+"""The nightly benchmark: new experts x a suite of tasks, RoE vs oracle vs base, and a Markdown report.
+
+Each run evaluates the experts that became ready since the previous run (or ``since``) on every task of the suite:
+by default the registered tasks (on their ``validation`` split) plus any held-out datasets named in the suite
+(e.g. BIG-bench tasks never used for training). It stores an expert x task score matrix in ``evaluations`` (tagged
+with the run), adds RoE / oracle / base per suite task, and writes ``report.md`` with a heatmap PNG.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+
+from elmreg.inference.evaluation import Evaluator
+from elmreg.registry.context import RegistryContext
+from elmreg.registry.errors import UserError
+from elmreg.registry.store.entities import Task
+
+
+@dataclass
+class BenchmarkReport:
+    run_id: int
+    experts: list[str]
+    tasks: list[str]
+    matrix: dict[str, dict[str, float]] = field(default_factory=dict)  # expert -> task -> score
+    routes: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> {roe, roe_expert, oracle, base}
+    report_path: Path | None = None
+
+
+def _last_run_start(context: RegistryContext) -> dt.datetime | None:
+    with context.engine.connect() as c:
+        return c.execute(
+            text("SELECT max(started_at) FROM benchmark_runs WHERE status = 'succeeded'")
+        ).scalar_one_or_none()
+
+
+def run_benchmark(
+    context: RegistryContext,
+    *,
+    since: dt.datetime | None = None,
+    limit: int = 50,
+    split: str = "validation",
+    out_dir: Path | None = None,
+) -> BenchmarkReport:
+    """Evaluate experts added since ``since`` (default: the last successful run) on the suite; write a report.
+
+    Raises:
+        UserError: No registered task to benchmark on.
+    """
+    store = context.store
+    since = since if since is not None else _last_run_start(context)
+    tasks = store.list_tasks()
+    if not tasks:
+        raise UserError("no registered task to benchmark on; add one with 'elmreg add-task'")
+    experts = [
+        e for e in store.list_experts(status="ready") if since is None or (e.ready_at and e.ready_at >= since)
+    ]
+    with context.engine.begin() as c:
+        run_id = c.execute(
+            text(
+                "INSERT INTO benchmark_runs (since, suite) VALUES (:since, CAST(:suite AS jsonb)) RETURNING id"
+            ),
+            {
+                "since": since,
+                "suite": json.dumps({"tasks": [t.name for t in tasks], "split": split, "limit": limit}),
+            },
+        ).scalar_one()
+    report = BenchmarkReport(run_id=run_id, experts=[e.name for e in experts], tasks=[t.name for t in tasks])
+    try:
+        evaluators: dict[int, Evaluator] = {}
+
+        def evaluator_for(task: Task) -> Evaluator:
+            if task.backbone_id not in evaluators:
+                evaluators[task.backbone_id] = Evaluator(context, store.get_backbone(task.backbone_id).name)
+            return evaluators[task.backbone_id]
+
+        for task in tasks:
+            evaluator = evaluator_for(task)
+            for expert in experts:
+                if expert.backbone_id != task.backbone_id:
+                    continue
+                result = evaluator.evaluate(
+                    task, f"expert:{expert.id}", split=split, limit=limit, record=False
+                )
+                _record(context, task, expert.id, "expert", result, run_id, split)
+                report.matrix.setdefault(expert.name, {})[task.name] = result.score
+            row: dict[str, Any] = {}
+            for route in ("roe", "oracle", "base"):
+                result = evaluator.evaluate(task, route, split=split, limit=limit, record=False)
+                expert_id = store.get_expert(result.expert).id if result.expert else None
+                _record(context, task, expert_id, route, result, run_id, split)
+                row[route] = result.score
+                if route == "roe":
+                    row["roe_expert"] = result.expert
+            report.routes[task.name] = row
+        report.report_path = write_report(context, report, out_dir)
+        _finish(context, run_id, "succeeded", report)
+    except BaseException:
+        _finish(context, run_id, "failed", report)
+        raise
+    return report
+
+
+def _record(context, task, expert_id, route, result, run_id, split) -> None:
+    context.store.record_evaluation(
+        task_id=task.id,
+        expert_id=expert_id,
+        route=route,
+        split=split,
+        metric=result.metric,
+        score=result.score,
+        n_examples=result.n_examples,
+        library_version=context.store.library_version(),
+        details=result.details,
+        benchmark_run_id=run_id,
+    )
+
+
+def _finish(context: RegistryContext, run_id: int, status: str, report: BenchmarkReport) -> None:
+    summary = {"experts": report.experts, "tasks": report.tasks, "routes": report.routes}
+    with context.engine.begin() as c:
+        c.execute(
+            text(
+                "UPDATE benchmark_runs SET status = :status, finished_at = now(), summary = CAST(:summary AS jsonb),"
+                " report_uri = :uri WHERE id = :id"
+            ),
+            {
+                "status": status,
+                "summary": json.dumps(summary),
+                "uri": str(report.report_path) if report.report_path else None,
+                "id": run_id,
+            },
+        )
+
+
+def write_report(context: RegistryContext, report: BenchmarkReport, out_dir: Path | None = None) -> Path:
+    """``report.md`` plus ``heatmap.png`` (expert x task scores) in ``out_dir`` (default: HOME/reports/run-N)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    out_dir = out_dir or context.settings.home / "reports" / f"benchmark-{report.run_id}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"# elmreg benchmark run {report.run_id}", ""]
+    if report.matrix:
+        experts = list(report.matrix)
+        tasks = report.tasks
+        values = [[report.matrix[e].get(t, float("nan")) for t in tasks] for e in experts]
+        figure, axis = plt.subplots(figsize=(1.2 + 0.9 * len(tasks), 1.0 + 0.5 * len(experts)))
+        image = axis.imshow(values, cmap="viridis", aspect="auto")
+        axis.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
+        axis.set_yticks(range(len(experts)), experts)
+        for i, row in enumerate(values):
+            for j, value in enumerate(row):
+                axis.text(j, i, f"{value:.0f}", ha="center", va="center", color="white", fontsize=8)
+        figure.colorbar(image, ax=axis, label="score")
+        axis.set_xlabel("task (validation split)")
+        axis.set_ylabel("expert")
+        axis.set_title("new experts x tasks")
+        figure.tight_layout()
+        figure.savefig(out_dir / "heatmap.png", dpi=120)
+        plt.close(figure)
+        lines += ["## New experts x tasks", "", "![expert x task scores](heatmap.png)", ""]
+        lines += ["| expert | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+        lines += [
+            f"| {e} | " + " | ".join(f"{report.matrix[e].get(t, float('nan')):.1f}" for t in tasks) + " |"
+            for e in experts
+        ]
+        lines.append("")
+    else:
+        lines += ["No expert was added since the previous run.", ""]
+    lines += [
+        "## RoE vs oracle vs base",
+        "",
+        "| task | RoE | RoE expert | oracle | base |",
+        "|---|---|---|---|---|",
+    ]
+    for task, row in report.routes.items():
+        lines.append(
+            f"| {task} | {row['roe']:.1f} | {row['roe_expert']} | {row['oracle']:.1f} | {row['base']:.1f} |"
+        )
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_benchmark_handler():
+    """The worker's handler for ``benchmark`` jobs (queued nightly by the scheduler)."""
+
+    def handle(job) -> None:
+        payload = job.job.payload
+        since = dt.datetime.fromisoformat(payload["since"]) if payload.get("since") else None
+        run_benchmark(job.registry, since=since, limit=int(payload.get("limit", 50)))
+
+    return handle
