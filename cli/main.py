@@ -34,9 +34,14 @@ def _print_json(value) -> None:
     type=click.Path(file_okay=False),
     help="elmreg home directory (default: $ELMREG_HOME or ~/.elmreg).",
 )
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    help="Torch device for training and inference (default: ELMREG_DEVICE, auto).",
+)
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 @click.pass_context
-def cli(ctx: click.Context, home: str | None, debug: bool) -> None:
+def cli(ctx: click.Context, home: str | None, device: str | None, debug: bool) -> None:
     """elmreg: a registry of expert language models, chosen per task by Retrieval-of-Experts in SQL.
 
     \b
@@ -45,7 +50,7 @@ def cli(ctx: click.Context, home: str | None, debug: bool) -> None:
       elmreg db upgrade       create or migrate the catalogue schema
       elmreg status           services, URLs, schema revision and catalogue counts
     """
-    settings = load_settings(home=home)
+    settings = load_settings(home=home, device=device)
     logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.WARNING))
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
