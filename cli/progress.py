@@ -1,11 +1,10 @@
-"""Rich progress bars for long work; silent with --quiet (cron) or when output is not a terminal log."""
+"""Rich progress bars for long work (on standard error); silent with --quiet, for cron."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import click
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -48,7 +47,3 @@ def training_progress(quiet: bool = False) -> Iterator[TrainingHooks]:
 
     with progress:
         yield TrainingHooks(on_step=on_step, on_stage=on_stage)
-
-
-def echo_err(message: str) -> None:
-    click.echo(message, err=True)
