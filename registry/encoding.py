@@ -91,6 +91,20 @@ def encode(
     )
 
 
+def unwrap_causal(model):
+    """The causal LM under a PEFT wrapper (adapters stay active: they live inside its modules)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def lm_head_logits(causal, hidden: torch.Tensor) -> torch.Tensor:
+    """LM-head logits (float32) for selected hidden states only, with the model's final soft-capping (Gemma)."""
+    logits = causal.get_output_embeddings()(hidden).float()
+    softcap = getattr(causal.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
 def target_token_loss(model, family: str, batch: EncodedBatch, *, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy over target tokens only.
 
@@ -111,7 +125,7 @@ def target_token_loss(model, family: str, batch: EncodedBatch, *, reduction: str
             return flat.sum(dim=1)
         return flat.sum() / (labels != IGNORE_INDEX).sum()
 
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal = unwrap_causal(model)
     hidden = causal.base_model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask
     ).last_hidden_state
@@ -119,10 +133,7 @@ def target_token_loss(model, family: str, batch: EncodedBatch, *, reduction: str
     next_labels = batch.labels[:, 1:]
     predicting = next_labels != IGNORE_INDEX
     rows, cols = predicting.nonzero(as_tuple=True)
-    logits = causal.get_output_embeddings()(hidden[:, :-1][rows, cols]).float()
-    softcap = getattr(causal.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
+    logits = lm_head_logits(causal, hidden[:, :-1][rows, cols])
     token_losses = torch.nn.functional.cross_entropy(logits, next_labels[rows, cols], reduction="none")
     if reduction == "none":
         per_example = torch.zeros(batch.labels.shape[0], dtype=token_losses.dtype, device=token_losses.device)

@@ -8,8 +8,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import lab_environ
+from fixtures.tiny_models import build_tiny_gemma3
 
 from elmreg.cli.main import cli
+from elmreg.inference import scoring
 from elmreg.inference.inputs import dataset_instances
 from elmreg.inference.pool import AdapterPool
 from elmreg.inference.scoring import choice_log_likelihoods
@@ -40,9 +42,21 @@ def _naive_log_likelihood(backbone, source: str, choice: str) -> float:
         return float(sum(log_probs[p, ids[0, p + 1]] for p in positions))
 
 
-@pytest.mark.parametrize("family", ["seq2seq", "causal"])
-def test_rank_classification_equals_naive_per_choice_scores(family, tiny_backbones, tmp_path):
-    backbone = load_backbone(tiny_backbones[family], cache_dir=tmp_path)
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory):
+    return str(build_tiny_gemma3(tmp_path_factory.mktemp("gemma3")))
+
+
+@pytest.mark.parametrize("shared_prompt", [False, True])
+@pytest.mark.parametrize("family", ["seq2seq", "causal", "gemma3"])
+def test_rank_classification_equals_naive_per_choice_scores(
+    family, shared_prompt, tiny_backbones, tiny_gemma3, tmp_path, monkeypatch
+):
+    # Both causal paths: all (prompt, choice) pairs in one batch, and the prompt once with a shared cache.
+    monkeypatch.setattr(scoring, "SHARED_PROMPT_MIN_TOKENS", 0 if shared_prompt else 10**9)
+    # gemma3: a sliding-window cache and logit soft-capping, the default backbone's architecture in miniature.
+    path = tiny_gemma3 if family == "gemma3" else tiny_backbones[family]
+    backbone = load_backbone(path, cache_dir=tmp_path)
     fast = choice_log_likelihoods(backbone.model, backbone, EXAMPLE)
     naive = [_naive_log_likelihood(backbone, EXAMPLE.input, c) for c in EXAMPLE.answer_choices]
     assert fast == pytest.approx(naive, abs=1e-4)
