@@ -32,6 +32,9 @@ class Registry:
         **overrides: Individual settings to override, e.g. ``home="/data/elmreg"``.
         """
         self.context = RegistryContext(settings or load_settings(**overrides))
+        # Loaded on first use and kept: an embedder and backbones take seconds to load.
+        self._router = None
+        self._pools: dict[str, Any] = {}
 
     @property
     def settings(self) -> Settings:
@@ -126,7 +129,7 @@ class Registry:
         """The RoE router (loads the embedder once; reuse it for many decisions)."""
         from elmreg.inference.router import Router
 
-        if getattr(self, "_router", None) is None:
+        if self._router is None:
             self._router = Router(self.context)
         return self._router
 
@@ -198,10 +201,9 @@ class Registry:
     def _pool(self, backbone: str, capacity: int = 4):
         from elmreg.inference.pool import AdapterPool
 
-        pools = self.__dict__.setdefault("_pools", {})
-        if backbone not in pools:
-            pools[backbone] = AdapterPool(self.context, backbone, capacity=capacity)
-        return pools[backbone]
+        if backbone not in self._pools:
+            self._pools[backbone] = AdapterPool(self.context, backbone, capacity=capacity)
+        return self._pools[backbone]
 
     def evaluate(
         self,

@@ -126,27 +126,17 @@ class Scheduler:
                 "misfire_grace_time": self.config.misfire_grace_seconds,
             },
         )
-        scheduler.add_job(
-            enqueue_untrained_tasks,
-            IntervalTrigger(seconds=self.config.new_task_interval_seconds),
-            args=[settings],
-            id="enqueue-untrained-tasks",
-            replace_existing=True,
-        )
-        scheduler.add_job(
-            ingest_manifests_job,
-            CronTrigger(hour=self.config.ingest_hour, minute=0),
-            args=[settings],
-            id="nightly-ingest",
-            replace_existing=True,
-        )
-        scheduler.add_job(
-            enqueue_benchmark,
-            CronTrigger(hour=self.config.benchmark_hour, minute=0),
-            args=[settings],
-            id="nightly-benchmark",
-            replace_existing=True,
-        )
+        schedules = {
+            "enqueue-untrained-tasks": (
+                enqueue_untrained_tasks,
+                IntervalTrigger(seconds=self.config.new_task_interval_seconds),
+            ),
+            "nightly-ingest": (ingest_manifests_job, CronTrigger(hour=self.config.ingest_hour, minute=0)),
+            "nightly-benchmark": (enqueue_benchmark, CronTrigger(hour=self.config.benchmark_hour, minute=0)),
+        }
+        for job_id, (function, trigger) in schedules.items():
+            # replace_existing: the stored copy may carry settings from an earlier start.
+            scheduler.add_job(function, trigger, args=[settings], id=job_id, replace_existing=True)
         scheduler.start()
         self._scheduler = scheduler
         return scheduler
