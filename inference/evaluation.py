@@ -72,6 +72,9 @@ class Evaluator:
         self.context = context
         self.pool = pool or AdapterPool(context, backbone_name)
         self._router: Router | None = None
+        # (task, split, limit, expert) -> score: a benchmark run asks for the same expert on the same examples
+        # for its matrix, the oracle and RoE; each is computed once per evaluator.
+        self._scores: dict[tuple[int, str, int | None, int | None], float] = {}
 
     @property
     def router(self) -> Router:
@@ -79,10 +82,19 @@ class Evaluator:
             self._router = Router(self.context)
         return self._router
 
-    def _score(self, task: Task, examples: Sequence[PromptedExample], expert: Expert | None) -> float:
-        with self.pool.use(expert) as model:
-            predictions = answer(model, self.pool.backbone, examples, task_type=task.task_type)
-        return metric_score(task.metric, predictions, [e.target for e in examples])
+    def _score(
+        self,
+        task: Task,
+        examples: Sequence[PromptedExample],
+        expert: Expert | None,
+        sample: tuple[str, int | None],
+    ) -> float:
+        key = (task.id, *sample, expert.id if expert else None)
+        if key not in self._scores:
+            with self.pool.use(expert) as model:
+                predictions = answer(model, self.pool.backbone, examples, task_type=task.task_type)
+            self._scores[key] = metric_score(task.metric, predictions, [e.target for e in examples])
+        return self._scores[key]
 
     def evaluate(
         self,
@@ -101,27 +113,28 @@ class Evaluator:
         """
         store = self.context.store
         examples = evaluation_examples(self.context, task, split=split, limit=limit)
+        sample = (split, limit)
         if not examples:
             raise UserError(f"task {task.name} has no examples in split '{split}'")
         details: dict = {}
         expert: Expert | None = None
         if route == "base":
-            score = self._score(task, examples, None)
+            score = self._score(task, examples, None, sample)
         elif route.startswith("expert:"):
             expert = store.get_expert(route.split(":", 1)[1])
-            score = self._score(task, examples, expert)
+            score = self._score(task, examples, expert, sample)
         elif route == "roe":
             decision = self.router.route(
                 examples, q=min(q, len(examples)), task_id=task.id, caller_label=f"eval:{task.name}"
             )
             expert = store.get_expert(decision.chosen_expert_id)
             details = {"decision_id": decision.decision_id, "votes": decision.tallies[0].votes}
-            score = self._score(task, examples, expert)
+            score = self._score(task, examples, expert, sample)
         elif route == "oracle":
             candidates = [e for e in store.list_experts(status="ready") if e.backbone_id == task.backbone_id]
             if not candidates:
                 raise UserError("the oracle needs at least one ready expert on the task's backbone")
-            scores = {e.id: self._score(task, examples, e) for e in candidates}
+            scores = {e.id: self._score(task, examples, e, sample) for e in candidates}
             best = max(candidates, key=lambda e: (scores[e.id], -e.id))
             expert, score = best, scores[best.id]
             details = {"scores": {e.name: round(scores[e.id], 3) for e in candidates}}
