@@ -16,10 +16,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The whole story on the embedded defaults (~15 min on 2 CPU cores the first time; a rerun reuses the experts).
 demo: install
-	$(BIN)/elmreg services up
-	$(BIN)/elmreg db upgrade
-	$(BIN)/elmreg status
+	$(BIN)/elmreg demo
 
 test: install
 	$(BIN)/pytest

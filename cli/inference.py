@@ -8,7 +8,9 @@ import click
 
 from elmreg.api import Registry
 from elmreg.cli.output import echo_json, echo_table
+from elmreg.cli.progress import evaluation_progress, is_quiet
 from elmreg.registry.prompts import PromptTemplate
+from elmreg.registry.report import FIGURES
 from elmreg.registry.sources import DatasetSpec
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -166,7 +168,11 @@ def evaluate(ctx: click.Context, task, routes, split, limit, q, as_json) -> None
     Example: elmreg eval --task strategyqa --route roe --route base --route oracle --limit 100
     """
     registry = _registry(ctx)
-    results = [registry.evaluate(task, route, split=split, limit=limit, q=q) for route in routes]
+    with evaluation_progress(is_quiet(ctx)) as progress:
+        results = [
+            registry.evaluate(task, route, split=split, limit=limit, q=q, progress=progress)
+            for route in routes
+        ]
     if as_json:
         return echo_json(results)
     echo_table(
@@ -193,7 +199,8 @@ def benchmark(ctx: click.Context, since, limit, out_dir) -> None:
 
     Example: elmreg benchmark --limit 40
     """
-    report = _registry(ctx).benchmark(since=since, limit=limit, out_dir=out_dir)
+    with evaluation_progress(is_quiet(ctx)) as progress:
+        report = _registry(ctx).benchmark(since=since, limit=limit, out_dir=out_dir, progress=progress)
     echo_table(
         ["task", "RoE", "RoE expert", "oracle", "base"],
         [
@@ -204,6 +211,29 @@ def benchmark(ctx: click.Context, since, limit, out_dir) -> None:
     click.echo(
         f"\nbenchmark run {report.run_id}: {len(report.experts)} new expert(s); report: {report.report_path}"
     )
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    help="HTML file to write (default HOME/reports/report.html).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def report(ctx: click.Context, out, as_json) -> None:
+    """Write a self-contained HTML report: library growth, the latest benchmark's expert x task heatmap with
+    RoE vs oracle vs base, routing decisions with vote margins, and training loss curves.
+
+    Example: elmreg report --out report.html
+    """
+    written = _registry(ctx).report(out)
+    if as_json:
+        return echo_json(written)
+    missing = [f for f in FIGURES if f not in written.figures]
+    click.echo(f"report: {written.path}")
+    if missing:
+        click.echo(f"(no data yet for: {', '.join(missing)})")
 
 
 AUDIT_QUERIES = {
@@ -232,5 +262,5 @@ def audit(ctx: click.Context) -> None:
 
 
 def register(cli: click.Group) -> None:
-    for command in (route, predict, evaluate, benchmark, audit):
+    for command in (route, predict, evaluate, benchmark, report, audit):
         cli.add_command(command)

@@ -8,7 +8,7 @@ import click
 
 from elmreg.api import Registry
 from elmreg.cli.output import echo_json, echo_table
-from elmreg.cli.progress import training_progress
+from elmreg.cli.progress import is_quiet, training_progress
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -107,7 +107,7 @@ def add_task_command(
         }.items()
         if v is not None
     }
-    with training_progress(quiet or not now) as hooks:
+    with training_progress(is_quiet(ctx, quiet) or not now) as hooks:
         task = _registry(ctx).add_task(
             dataset,
             now=now,
@@ -155,7 +155,7 @@ def worker(
 
     Example: elmreg worker --once
     """
-    with training_progress(quiet) as hooks:
+    with training_progress(is_quiet(ctx, quiet)) as hooks:
         runner = _registry(ctx).worker(hooks=hooks, name=name, lease_seconds=lease)
         if once:
             jobs = [job] if (job := runner.run_once()) else []

@@ -9,7 +9,7 @@ from dataclasses import asdict
 import click
 
 from elmreg.api import Registry
-from elmreg.cli import catalogue, inference, library
+from elmreg.cli import catalogue, demo, inference, library
 from elmreg.cli.errors import ElmregGroup
 from elmreg.registry.services import services_down, services_status, services_up
 from elmreg.registry.settings import load_settings, setting_docs
@@ -40,8 +40,11 @@ def _print_json(value) -> None:
     help="Torch device for training and inference (default: ELMREG_DEVICE, auto).",
 )
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.option(
+    "--quiet", "-q", is_flag=True, help="No progress bars or stage lines (for cron); results still print."
+)
 @click.pass_context
-def cli(ctx: click.Context, home: str | None, device: str | None, debug: bool) -> None:
+def cli(ctx: click.Context, home: str | None, device: str | None, debug: bool, quiet: bool) -> None:
     """elmreg: a registry of expert language models, chosen per task by Retrieval-of-Experts in SQL.
 
     \b
@@ -54,6 +57,7 @@ def cli(ctx: click.Context, home: str | None, device: str | None, debug: bool) -
     logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.WARNING))
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    ctx.obj["quiet"] = quiet
     ctx.obj["registry"] = Registry(settings)
     ctx.call_on_close(ctx.obj["registry"].close)
 
@@ -226,6 +230,7 @@ for command in (catalogue.tasks, catalogue.experts, catalogue.jobs, catalogue.gc
     cli.add_command(command)
 library.register(cli)
 inference.register(cli)
+cli.add_command(demo.demo)
 
 
 def main() -> None:

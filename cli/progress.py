@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import click
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -16,6 +17,11 @@ from rich.progress import (
 )
 
 from elmreg.trainers.pipeline import TrainingHooks
+
+
+def is_quiet(ctx: click.Context, local: bool = False) -> bool:
+    """Whether progress output is off: the command's own --quiet or the global ``elmreg --quiet``."""
+    return local or bool((ctx.find_root().obj or {}).get("quiet"))
 
 
 @contextmanager
@@ -47,3 +53,27 @@ def training_progress(quiet: bool = False) -> Iterator[TrainingHooks]:
 
     with progress:
         yield TrainingHooks(on_step=on_step, on_stage=on_stage)
+
+
+@contextmanager
+def evaluation_progress(quiet: bool = False) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A ``progress(description, done, total)`` callback drawing one bar per (task, expert) pass."""
+    if quiet:
+        yield None
+        return
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    )
+    bars: dict[str, int] = {}
+
+    def update(description: str, done: int, total: int) -> None:
+        if description not in bars:
+            bars[description] = progress.add_task(description, total=total)
+        progress.update(bars[description], completed=done, total=total)
+
+    with progress:
+        yield update

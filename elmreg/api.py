@@ -213,26 +213,56 @@ class Registry:
         split: str = "validation",
         limit: int | None = None,
         q: int = 32,
+        progress=None,
     ):
         """Evaluate a route (``roe``, ``oracle``, ``base`` or ``expert:<id>``) on a task's labelled split and
-        store the result in ``evaluations``. Returns ``inference.evaluation.EvaluationResult``."""
-        from elmreg.inference.evaluation import Evaluator
+        store the result in ``evaluations``. Returns ``inference.evaluation.EvaluationResult``.
 
+        Args:
+            progress: ``progress(description, done, total)`` while examples are answered.
+        """
         record = self.task(task)
         backbone = self.context.store.get_backbone(record.backbone_id).name
-        evaluator = Evaluator(self.context, backbone, pool=self._pool(backbone))
-        return evaluator.evaluate(record, route, split=split, limit=limit, q=q)
+        return self._evaluator(backbone, progress).evaluate(record, route, split=split, limit=limit, q=q)
+
+    def _evaluator(self, backbone: str, progress=None):
+        from elmreg.inference.evaluation import Evaluator
+
+        return Evaluator(self.context, backbone, pool=self._pool(backbone), progress=progress)
 
     def benchmark(
-        self, *, since: dt.datetime | None = None, limit: int = 50, out_dir: str | Path | None = None
+        self,
+        *,
+        since: dt.datetime | None = None,
+        limit: int = 50,
+        out_dir: str | Path | None = None,
+        progress=None,
     ):
         """Evaluate experts added since the last run (or ``since``) on every registered task's validation split,
         with RoE / oracle / base per task; stores the matrix and writes a Markdown report with a heatmap.
-        Returns ``inference.benchmark.BenchmarkReport``."""
+        Returns ``inference.benchmark.BenchmarkReport``.
+
+        Args:
+            progress: ``progress(description, done, total)`` while examples are answered.
+        """
         from elmreg.inference.benchmark import run_benchmark
 
         return run_benchmark(
-            self.context, since=since, limit=limit, out_dir=Path(out_dir) if out_dir else None
+            self.context,
+            since=since,
+            limit=limit,
+            out_dir=Path(out_dir) if out_dir else None,
+            make_evaluator=lambda backbone: self._evaluator(backbone, progress),
+        )
+
+    def report(self, out: str | Path | None = None):
+        """Write a self-contained HTML report (library growth, latest benchmark heatmap, routing decisions with
+        vote margins, training loss curves) to ``out`` (default: HOME/reports/report.html).
+        Returns ``registry.report.Report`` (its ``path`` and the figures it holds)."""
+        from elmreg.registry.report import write_report
+
+        return write_report(
+            self.context, Path(out) if out else self.settings.home / "reports" / "report.html"
         )
 
     # -- catalogue -----------------------------------------------------------------------------------------

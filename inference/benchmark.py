@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +48,13 @@ def run_benchmark(
     limit: int = 50,
     split: str = "validation",
     out_dir: Path | None = None,
+    make_evaluator: Callable[[str], Evaluator] | None = None,
 ) -> BenchmarkReport:
     """Evaluate experts added since ``since`` (default: the last successful run) on the suite; write a report.
+
+    Args:
+        make_evaluator: Builds the evaluator of a backbone (by name), e.g. to share a loaded backbone and its
+            adapter pool or to show progress; by default a new one with its own pool.
 
     Raises:
         UserError: No registered task to benchmark on.
@@ -76,7 +83,8 @@ def run_benchmark(
 
         def evaluator_for(task: Task) -> Evaluator:
             if task.backbone_id not in evaluators:
-                evaluators[task.backbone_id] = Evaluator(context, store.get_backbone(task.backbone_id).name)
+                name = store.get_backbone(task.backbone_id).name
+                evaluators[task.backbone_id] = (make_evaluator or partial(Evaluator, context))(name)
             return evaluators[task.backbone_id]
 
         for task in tasks:

@@ -6,7 +6,7 @@ instances of the evaluation data) and ``oracle`` (the best ready expert on this 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from elmreg.inference.pool import AdapterPool
@@ -17,6 +17,9 @@ from elmreg.registry.errors import UserError
 from elmreg.registry.prompts import PromptedExample, PromptTemplate, render_examples
 from elmreg.registry.sources import DatasetSpec, load_dataset_rows
 from elmreg.registry.store.entities import Expert, Task
+
+# progress(description, done, total): examples answered so far for one (task, expert) pass.
+EvaluationProgress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,19 @@ def evaluation_examples(
 class Evaluator:
     """Evaluates routes for tasks of one backbone, sharing one adapter pool and one router."""
 
-    def __init__(self, context: RegistryContext, backbone_name: str, *, pool: AdapterPool | None = None):
+    def __init__(
+        self,
+        context: RegistryContext,
+        backbone_name: str,
+        *,
+        pool: AdapterPool | None = None,
+        progress: EvaluationProgress | None = None,
+    ):
+        """Args:
+        progress: Called as ``progress(description, done, total)`` while examples are answered.
+        """
         self.context = context
+        self.progress = progress
         self.pool = pool or AdapterPool(context, backbone_name)
         self._router: Router | None = None
         # (task, split, limit, expert) -> score: a benchmark run asks for the same expert on the same examples
@@ -91,8 +105,19 @@ class Evaluator:
     ) -> float:
         key = (task.id, *sample, expert.id if expert else None)
         if key not in self._scores:
+            description = f"{task.name} with {expert.name if expert else 'the base backbone'}"
+            tick = None
+            if self.progress is not None:
+                progress = self.progress
+                progress(description, 0, len(examples))
+
+                def tick(done: int) -> None:
+                    progress(description, done, len(examples))
+
             with self.pool.use(expert) as model:
-                predictions = answer(model, self.pool.backbone, examples, task_type=task.task_type)
+                predictions = answer(
+                    model, self.pool.backbone, examples, task_type=task.task_type, progress=tick
+                )
             self._scores[key] = metric_score(task.metric, predictions, [e.target for e in examples])
         return self._scores[key]
 

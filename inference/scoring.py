@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -17,6 +17,9 @@ from elmreg.registry.encoding import (
 )
 from elmreg.registry.errors import UserError
 from elmreg.registry.prompts import PromptedExample
+
+# progress(done): the number of examples answered so far.
+Progress = Callable[[int], None]
 
 
 @torch.no_grad()
@@ -124,12 +127,16 @@ def _summed_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> list[float]
     return [float(v) for v in (picked * keep).sum(dim=1)]
 
 
-def rank_classify(model, backbone: Backbone, examples: Sequence[PromptedExample]) -> list[str]:
+def rank_classify(
+    model, backbone: Backbone, examples: Sequence[PromptedExample], *, progress: Progress | None = None
+) -> list[str]:
     """The most likely answer choice of each example."""
     answers = []
     for example in examples:
         scores = choice_log_likelihoods(model, backbone, example)
         answers.append(example.answer_choices[max(range(len(scores)), key=scores.__getitem__)])
+        if progress is not None:
+            progress(len(answers))
     return answers
 
 
@@ -141,6 +148,7 @@ def generate(
     *,
     max_new_tokens: int = 64,
     batch_size: int = 8,
+    progress: Progress | None = None,
 ) -> list[str]:
     """Greedy completions of each example's input."""
     tokenizer = backbone.tokenizer
@@ -161,14 +169,27 @@ def generate(
         if backbone.family == "causal":
             generated = generated[:, encoded["input_ids"].shape[1] :]
         outputs.extend(t.strip() for t in tokenizer.batch_decode(generated, skip_special_tokens=True))
+        if progress is not None:
+            progress(len(outputs))
     return outputs
 
 
 def answer(
-    model, backbone: Backbone, examples: Sequence[PromptedExample], *, task_type: str | None = None
+    model,
+    backbone: Backbone,
+    examples: Sequence[PromptedExample],
+    *,
+    task_type: str | None = None,
+    progress: Progress | None = None,
 ) -> list[str]:
-    """Rank classification where examples carry answer choices (or ``task_type`` says so), else generation."""
+    """Rank classification where examples carry answer choices (or ``task_type`` says so), else generation.
+
+    Args:
+        progress: Called with the number of examples answered so far (for progress bars).
+    """
     classify = task_type == "classification" or (
         task_type is None and all(e.answer_choices for e in examples)
     )
-    return rank_classify(model, backbone, examples) if classify else generate(model, backbone, examples)
+    if classify:
+        return rank_classify(model, backbone, examples, progress=progress)
+    return generate(model, backbone, examples, progress=progress)

@@ -304,8 +304,11 @@ def load_backbone(name_or_path: str, *, cache_dir: Path, device: str = "cpu", dt
     Raises:
         ConfigurationError: The backbone cannot be found or loaded, or ``device``/``dtype`` is invalid.
     """
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    # Its per-shard "Loading weights" bars would interleave with elmreg's own progress output (and --quiet).
+    transformers.utils.logging.disable_progress_bar()
     torch_dtype = _torch_dtype(dtype)
     folder = local_folder(name_or_path, cache_dir) or _download(name_or_path, cache_dir)
     device = resolve_device(device)

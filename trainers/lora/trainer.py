@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,10 @@ from elmreg.registry.backbones import Backbone
 from elmreg.registry.errors import ConfigurationError
 from elmreg.trainers.base import ExpertTrainer, TrainedExpert, TrainingConfig
 from elmreg.trainers.lora.config import LoraTrainingConfig
+
+# peft 0.21 reads transformers 5's deprecated ``is_gradient_checkpointing`` on every wrap: a warning users can
+# do nothing about, printed in the middle of progress bars.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 ADAPTER_NAME = "default"
 WEIGHTS_FILE = "adapter_model.safetensors"
