@@ -198,6 +198,40 @@ class Registry:
             for i, p in zip(instances, predictions, strict=True)
         ]
 
+    def predict_each(
+        self, instances, experts, *, capacity: int = 4, task_type: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Answer each instance with its own expert (id, name or None for the base backbone), all experts of one
+        backbone. LoRA experts share batches (PEFT mixed-adapter batches for generation), on one loaded backbone.
+
+        Returns:
+            One dict per instance, in input order: ``input``, ``prediction``, ``expert``.
+
+        Raises:
+            UserError: Counts differ, or the experts are on different backbones.
+        """
+        from elmreg.inference.mixed import answer_each
+
+        if len(instances) != len(experts):
+            raise UserError(
+                f"{len(instances)} instances but {len(experts)} experts; give one expert per instance"
+            )
+        records = [self.expert(e) if e is not None else None for e in experts]
+        backbone_ids = {r.backbone_id for r in records if r is not None}
+        if len(backbone_ids) > 1:
+            raise UserError("the experts of one call must share a backbone; split the instances by backbone")
+        backbone = (
+            self.context.store.get_backbone(backbone_ids.pop()).name
+            if backbone_ids
+            else self.settings.backbone
+        )
+        pool = self._pool(backbone, capacity)
+        predictions = answer_each(pool, instances, records, task_type=task_type)
+        return [
+            {"input": i.input, "prediction": p, "expert": r.name if r else None}
+            for i, p, r in zip(instances, predictions, records, strict=True)
+        ]
+
     def _pool(self, backbone: str, capacity: int = 4):
         from elmreg.inference.pool import AdapterPool
 

@@ -9,7 +9,7 @@ another expert is used. The backbone itself is loaded once per pool.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,9 @@ from elmreg.trainers import get_trainer
 from elmreg.trainers.lora import export_peft_folder
 
 # The expert kinds define how their weights go onto a backbone (trainers/<kind>); the pool only schedules them.
+
+# PEFT's adapter name for "no adapter" in a mixed batch.
+BASE_ADAPTER = "__base__"
 
 
 class AdapterPool:
@@ -105,6 +108,30 @@ class AdapterPool:
             model = get_trainer(expert.kind).attach(self.backbone, self._weights(expert), expert.config)
             self._exclusive = (expert, model)
         yield self._exclusive[1]
+
+    @contextmanager
+    def use_mixed(self, experts: Sequence[Expert]) -> Iterator[tuple[PeftModel, dict[int, str]]]:
+        """Several LoRA experts resident at once, for batches that mix them (PEFT's ``adapter_names``).
+
+        Yields the PEFT model and each expert's adapter name (``BASE_ADAPTER`` selects the plain backbone).
+
+        Raises:
+            UserError: An expert is not LoRA, or more distinct experts than the pool's capacity.
+        """
+        distinct = list({e.id: e for e in experts}.values())
+        if len(distinct) > self.capacity:
+            raise UserError(
+                f"{len(distinct)} experts in one mixed batch, but the adapter pool holds {self.capacity}; "
+                "split the batch or raise the capacity"
+            )
+        for expert in distinct:
+            if expert.kind != "lora":
+                raise UserError(
+                    f"expert {expert.name} is of kind {expert.kind}: only LoRA experts mix in a batch"
+                )
+        for expert in distinct:
+            self._lora_model(expert)  # loads it (verified) and marks it most recently used
+        yield self._peft, {e.id: self._lora[e.id] for e in distinct}
 
     @property
     def resident(self) -> list[int]:

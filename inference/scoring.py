@@ -149,8 +149,14 @@ def generate(
     max_new_tokens: int = 64,
     batch_size: int = 8,
     progress: Progress | None = None,
+    adapter_names: Sequence[str] | None = None,
 ) -> list[str]:
-    """Greedy completions of each example's input."""
+    """Greedy completions of each example's input.
+
+    Args:
+        adapter_names: One PEFT adapter name per example: a batch then mixes LoRA experts (PEFT runs each
+            adapter on its own rows), so examples for different experts share forward passes.
+    """
     tokenizer = backbone.tokenizer
     outputs: list[str] = []
     for start in range(0, len(examples), batch_size):
@@ -159,8 +165,14 @@ def generate(
             tokenizer.padding_side = "left"  # generation continues from the last real token
         encoded = tokenizer(inputs, return_tensors="pt", padding=True).to(backbone.device)
         tokenizer.padding_side = "right"
+        mixed = (
+            {}
+            if adapter_names is None
+            else {"adapter_names": list(adapter_names[start : start + batch_size])}
+        )
         generated = model.generate(
             **encoded,
+            **mixed,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,

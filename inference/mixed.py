@@ -1,0 +1,78 @@
+"""Answering instances that each name their own expert, with one loaded backbone.
+
+LoRA experts (and the plain backbone) share work: for generation, batches mix adapters through PEFT's
+``adapter_names`` (each row runs its own adapter in the same forward pass); rank classification scores one
+instance at a time anyway, so it switches the active adapter between instances, which costs no reload. Experts of
+the other kinds change the backbone itself and are answered group by group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from elmreg.inference.pool import BASE_ADAPTER, AdapterPool
+from elmreg.inference.scoring import generate, rank_classify
+from elmreg.registry.prompts import PromptedExample
+from elmreg.registry.store.entities import Expert
+
+
+def answer_each(
+    pool: AdapterPool,
+    examples: Sequence[PromptedExample],
+    experts: Sequence[Expert | None],
+    *,
+    task_type: str | None = None,
+) -> list[str]:
+    """The answer to ``examples[i]`` by ``experts[i]`` (None: the backbone alone), in input order."""
+    classify = task_type == "classification" or (
+        task_type is None and all(e.answer_choices for e in examples)
+    )
+    answers: list[str | None] = [None] * len(examples)
+    mixable = [i for i, e in enumerate(experts) if e is None or e.kind == "lora"]
+    for group in _lora_groups([experts[i] for i in mixable if experts[i] is not None], pool.capacity):
+        ids = {e.id for e in group}
+        rows = [i for i in mixable if experts[i] is None or experts[i].id in ids]
+        if not ids:
+            break
+        with pool.use_mixed(group) as (model, names):
+            adapters = [names[experts[i].id] if experts[i] else BASE_ADAPTER for i in rows]
+            if classify:
+                results = []
+                for row, adapter in zip(rows, adapters, strict=True):
+                    results += _classify_with(model, pool, examples[row], adapter)
+            else:
+                results = generate(model, pool.backbone, [examples[i] for i in rows], adapter_names=adapters)
+        for row, result in zip(rows, results, strict=True):
+            answers[row] = result
+        mixable = [i for i in mixable if answers[i] is None]
+    others: dict[int | None, list[int]] = {}
+    for i, expert in enumerate(experts):
+        if answers[i] is None:
+            others.setdefault(expert.id if expert else None, []).append(i)
+    for rows in others.values():
+        with pool.use(experts[rows[0]]) as model:
+            subset = [examples[i] for i in rows]
+            results = (
+                rank_classify(model, pool.backbone, subset)
+                if classify
+                else generate(model, pool.backbone, subset)
+            )
+        for row, result in zip(rows, results, strict=True):
+            answers[row] = result
+    return [a if a is not None else "" for a in answers]
+
+
+def _lora_groups(experts: Sequence[Expert], capacity: int) -> list[list[Expert]]:
+    """Distinct LoRA experts in groups that fit the pool at once (a first empty group answers base-only rows)."""
+    distinct = list({e.id: e for e in experts}.values())
+    if not distinct:
+        return [[]]
+    return [distinct[start : start + capacity] for start in range(0, len(distinct), capacity)]
+
+
+def _classify_with(model, pool: AdapterPool, example: PromptedExample, adapter: str) -> list[str]:
+    if adapter == BASE_ADAPTER:
+        with model.disable_adapter():
+            return rank_classify(model, pool.backbone, [example])
+    model.set_adapter(adapter)
+    return rank_classify(model, pool.backbone, [example])
