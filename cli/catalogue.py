@@ -132,10 +132,21 @@ def experts_show(ctx: click.Context, expert: str, as_json: bool) -> None:
 
     Example: elmreg experts show strategyqa
     """
-    record = _registry(ctx).expert(expert)
+    registry = _registry(ctx)
+    record = registry.expert(expert)
     if as_json:
         return echo_json(record)
     echo_record(record)
+    if record.parents:
+        click.echo(f"\nlineage: merged by {record.merge_method} from")
+        parents = [registry.expert(parent_id) for parent_id, _ in record.parents]
+        echo_table(
+            ["position", "parent", "id", "kind", "weight", "status"],
+            [
+                (i, p.name, p.id, p.kind, f"{w:g}", p.status)
+                for i, (p, (_, w)) in enumerate(zip(parents, record.parents, strict=True))
+            ],
+        )
 
 
 @experts.command("retire")

@@ -119,10 +119,18 @@ def route(
 @click.option("--route", type=click.Choice(["roe"]), help="Let Retrieval-of-Experts choose the expert.")
 @click.option("--q", "q", type=int, default=32, show_default=True, help="Instances RoE uses to choose.")
 @click.option(
+    "--compose",
+    type=int,
+    metavar="K",
+    help="Merge RoE's K most voted experts (cached) and answer with the merged expert.",
+)
+@click.option(
     "--out", type=click.Path(dir_okay=False), help="Write JSON lines here (default: standard output)."
 )
 @click.pass_context
-def predict(ctx: click.Context, input_file, dataset, split, limit, task, expert, route, q, out) -> None:
+def predict(
+    ctx: click.Context, input_file, dataset, split, limit, task, expert, route, q, compose, out
+) -> None:
     """Answer instances with an expert (or the base backbone when neither --expert nor --route is given).
 
     Instances with answer choices are rank-classified (highest log-likelihood), the others get greedy
@@ -132,12 +140,13 @@ def predict(ctx: click.Context, input_file, dataset, split, limit, task, expert,
     Examples:
       elmreg predict --input questions.jsonl --route roe --out answers.jsonl
       elmreg predict --dataset bigbench:strategyqa --limit 20 --expert strategyqa
+      elmreg predict --input mixed.jsonl --compose 2
     """
     import json
 
     registry = _registry(ctx)
     instances = load_instances(registry, input_file, dataset, split, task, limit)
-    rows = registry.predict(instances, expert=expert, route=route, task=task, q=q)
+    rows = registry.predict(instances, expert=expert, route=route, task=task, q=q, compose=compose)
     lines = "\n".join(json.dumps(r) for r in rows) + "\n"
     if out:
         Path(out).write_text(lines)

@@ -124,6 +124,72 @@ class Registry:
 
         return import_peft_adapter(self.context, Path(folder), self.task(task), name=name, hooks=hooks)
 
+    def merge(
+        self,
+        experts,
+        *,
+        weights=None,
+        method: str = "task_arithmetic",
+        density: float | None = None,
+        seed: int = 0,
+        name: str | None = None,
+        library: str = "union",
+        tune_on=(),
+        grid=None,
+        tune_limit: int | None = 32,
+        stage=None,
+    ):
+        """Merge ready experts of one kind and backbone into a new expert of kind ``merged``.
+
+        The merged weights are uploaded like any expert's; the catalogue records its lineage (``expert_parents``:
+        parents, positions, weights), ``merge_method`` and ``merge_params`` (parameters, a signature, the tuning
+        table), and publishes it with its own library entries at a new library version, in one transaction.
+        The same merge asked for twice returns the first one (``reused``).
+
+        Args:
+            experts: Two or more expert ids or names, all ``lora``, all ``ffn_adapter`` or all ``full`` (merged
+                experts count as their parents' kind).
+            weights: λ_i per expert (default 1/N each); θ = θ_pre + Σ λ_i τ_i for task arithmetic.
+            method: ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties`` or ``magnitude_prune``
+                (PEFT's ``merge_utils``); for LoRA also PEFT's ``linear``, ``cat`` and ``svd`` combinations.
+            density: Fraction kept by TIES / DARE / magnitude pruning (default 0.5).
+            seed: Seeds DARE's random pruning.
+            name: The new expert's name (default: the parents' names joined by '+').
+            library: ``union`` (the parents' library samples, re-used as stored) or ``none`` (RoE never picks it).
+            tune_on: Task names: choose the weights by grid search on their validation splits instead.
+            grid: Weight values tried per expert when tuning (default 0.25, 0.5, 0.75, 1).
+            tune_limit: Validation examples per task when tuning (seeded sample).
+            stage: Called with a line per step (the CLI prints them).
+
+        Returns:
+            ``trainers.merge.pipeline.MergeResult``: ``expert``, ``reused``, ``seconds``, ``tuning``.
+
+        Raises:
+            UserError: A merge that makes no sense (fewer than 2 experts, unknown or unready ones, different
+                backbones or kinds, mismatched shapes or ranks, wrong weight count); nothing is written.
+
+        Example::
+
+            merged = registry.merge(["colours", "moods"], weights=[0.5, 0.5]).expert
+            registry.evaluate("colours", f"expert:{merged.id}")
+        """
+        from elmreg.trainers.merge.pipeline import merge_experts
+
+        return merge_experts(
+            self.context,
+            list(experts),
+            weights=weights,
+            method=method,
+            density=density,
+            seed=seed,
+            name=name,
+            library=library,
+            tune_on=list(tune_on),
+            grid=grid,
+            tune_limit=tune_limit,
+            stage=stage,
+        )
+
     # -- using the library ----------------------------------------------------------------------------------
     def router(self):
         """The RoE router (loads the embedder once; reuse it for many decisions)."""
@@ -156,8 +222,13 @@ class Registry:
         task: int | str | None = None,
         q: int = 32,
         capacity: int = 4,
+        compose: int | None = None,
     ) -> list[dict[str, Any]]:
         """Answer instances with one expert: given (``expert``), chosen by RoE (``route="roe"``), or none (base).
+
+        With ``compose=K``, RoE's K most voted experts are merged (once; later calls reuse the merged expert)
+        and the merged expert answers: for instructions that combine several tasks' skills. The decision records
+        the composition in ``routing_decisions.details["compose"]``.
 
         Classification instances (with answer choices) are rank-classified; the others get greedy generations.
 
@@ -169,7 +240,19 @@ class Registry:
         if expert is not None and route is not None:
             raise UserError("give either an expert or a route, not both")
         chosen, decision_id = None, None
-        if route == "roe":
+        if compose is not None:
+            from elmreg.trainers.merge.compose import compose as compose_experts
+
+            if expert is not None or route not in (None, "roe"):
+                raise UserError("compose chooses its experts by RoE: give no expert and no other route")
+            decision = self.route(
+                instances, task=task, q=min(q, len(instances)), caller_label="predict:compose"
+            )
+            chosen, decision_id = (
+                compose_experts(self.context, decision, compose).expert,
+                decision.decision_id,
+            )
+        elif route == "roe":
             decision = self.route(instances, task=task, q=min(q, len(instances)), caller_label="predict")
             chosen, decision_id = self.expert(decision.chosen_expert_id), decision.decision_id
         elif route is not None:

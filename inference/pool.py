@@ -23,6 +23,7 @@ from elmreg.registry.errors import UserError
 from elmreg.registry.store.entities import Expert
 from elmreg.trainers import get_trainer
 from elmreg.trainers.lora import export_peft_folder
+from elmreg.trainers.merge import weights_kind
 
 # The expert kinds define how their weights go onto a backbone (trainers/<kind>); the pool only schedules them.
 
@@ -56,7 +57,7 @@ class AdapterPool:
     def _drop_exclusive(self) -> None:
         if self._exclusive is not None:
             expert, model = self._exclusive
-            get_trainer(expert.kind).detach(self.backbone, model)
+            get_trainer(weights_kind(expert)).detach(self.backbone, model)
             self._exclusive = None
 
     def _drop_lora(self) -> None:
@@ -89,7 +90,8 @@ class AdapterPool:
     @contextmanager
     def use(self, expert: Expert | None) -> Iterator[torch.nn.Module]:
         """The model to run for ``expert`` (None: the plain backbone)."""
-        if expert is not None and expert.kind == "lora":
+        # A merged expert is loaded as the kind its weights are in (its parents' kind).
+        if expert is not None and weights_kind(expert) == "lora":
             yield self._lora_model(expert)
             return
         if expert is None:
@@ -100,12 +102,14 @@ class AdapterPool:
                 return
             yield self.backbone.model
             return
-        if expert.kind not in ("ffn_adapter", "full"):
+        if weights_kind(expert) not in ("ffn_adapter", "full"):
             raise UserError(f"expert {expert.name} is of kind {expert.kind}, which cannot be loaded yet")
         if self._exclusive is None or self._exclusive[0].id != expert.id:
             self._drop_exclusive()
             self._drop_lora()
-            model = get_trainer(expert.kind).attach(self.backbone, self._weights(expert), expert.config)
+            model = get_trainer(weights_kind(expert)).attach(
+                self.backbone, self._weights(expert), expert.config
+            )
             self._exclusive = (expert, model)
         yield self._exclusive[1]
 

@@ -30,6 +30,7 @@ from elmreg.registry.store.entities import Expert, Task
 from elmreg.trainers import get_trainer
 from elmreg.trainers.base import ProgressCallback
 from elmreg.trainers.lora import export_peft_folder
+from elmreg.trainers.merge import weights_kind
 from elmreg.trainers.worker import JobContext
 
 _log = logging.getLogger(__name__)
@@ -283,7 +284,7 @@ def export_expert(context: RegistryContext, expert: Expert, out_dir: Path) -> Pa
         raise CatalogueError(f"expert {expert.name} has no weights yet (status {expert.status})")
     weights = context.artifact_cache.fetch(expert.artifact)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if expert.kind == "lora":
+    if weights_kind(expert) == "lora":  # merged LoRA experts are PEFT adapters too
         export_peft_folder(weights, expert.config, out_dir)
     else:
         shutil.copyfile(weights, out_dir / f"{expert.kind}.safetensors")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 from elmreg.registry.store.entities import (
@@ -150,6 +151,10 @@ class RegistryStore(ABC):
         """The ``(sample_index, text)`` of an expert's entries for one embedder, in sample order."""
 
     @abstractmethod
+    def library_entries(self, expert_id: int, embedder_id: int) -> list[LibraryEntry]:
+        """An expert's entries for one embedder, with their embeddings, in sample order (to copy them)."""
+
+    @abstractmethod
     def nearest_entries(
         self, embedder_id: int, query: Sequence[float], *, k: int = 1, library_version: int | None = None
     ) -> list[LibraryHit]:
@@ -209,6 +214,55 @@ class RegistryStore(ABC):
     @abstractmethod
     def list_evaluations(self, *, task_id: int | None = None) -> list[dict[str, Any]]:
         """Evaluation results, oldest first, as plain dicts."""
+
+    # -- merged experts ------------------------------------------------------------------------------------
+    @abstractmethod
+    def create_merged_expert(
+        self,
+        *,
+        name: str,
+        backbone_id: int,
+        config: dict[str, Any],
+        merge_method: str,
+        merge_params: dict[str, Any],
+        parents: Sequence[tuple[int, float]],
+        artifact: StoredArtifact,
+        embedder_id: int | None,
+        entries: Sequence[LibraryEntry],
+    ) -> Expert:
+        """Register a merged expert and make it routable, in one transaction: the expert (kind 'merged', its
+        verified artifact, method and parameters), its lineage in ``expert_parents``, its library entries and the
+        next library version. Call only after the upload was verified.
+
+        Args:
+            parents: ``(parent expert id, weight)`` in merge order.
+            embedder_id: The embedder of ``entries`` (None when there are none).
+            entries: The merged expert's library entries (may be empty: then RoE never picks it).
+
+        Raises:
+            AlreadyExistsError: The name is taken; nothing is written.
+            NotFoundError: A parent does not exist.
+            CatalogueError: A parent is not ready, or an entry has the wrong dimension.
+        """
+
+    @abstractmethod
+    def find_merged_expert(self, signature: str) -> Expert | None:
+        """The ready merged expert whose ``merge_params["signature"]`` is ``signature`` (same parents, weights,
+        method and parameters), or None."""
+
+    @abstractmethod
+    def exclusive(self, key: str) -> AbstractContextManager[None]:
+        """A context manager holding a lock named ``key`` across every process that uses this catalogue, so that
+        work which must not run twice at once (the same merge requested by two callers) runs once."""
+
+    @abstractmethod
+    def annotate_routing_decision(self, decision_id: int, details: dict[str, Any]) -> None:
+        """Add ``details`` (top-level keys) to a recorded routing decision's ``details``, e.g. that its experts
+        were composed into a merged one.
+
+        Raises:
+            NotFoundError: No such decision.
+        """
 
     # -- work queue ----------------------------------------------------------------------------------------
     @abstractmethod

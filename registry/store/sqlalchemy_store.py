@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -356,7 +358,16 @@ class SqlAlchemyStore(RegistryStore):
         if task_id is not None:
             query = query.where(ExpertRow.task_id == task_id)
         with self.sessions() as session:
-            return [_expert(r) for r in session.scalars(query)]
+            rows = session.scalars(query).all()
+            # Lineage of the merged ones in one query, so listed experts carry their parents like get_expert's.
+            parents: dict[int, list[ExpertParentRow]] = {}
+            merged = [r.id for r in rows if r.kind == "merged"]
+            if merged:
+                for link in session.scalars(
+                    select(ExpertParentRow).where(ExpertParentRow.expert_id.in_(merged))
+                ):
+                    parents.setdefault(link.expert_id, []).append(link)
+            return [_expert(r, parents.get(r.id, ())) for r in rows]
 
     def retire_expert(self, expert_id: int) -> Expert:
         with self.sessions() as session:
@@ -416,6 +427,15 @@ class SqlAlchemyStore(RegistryStore):
         )
         with self.sessions() as session:
             return [(r.sample_index, r.text) for r in session.execute(query)]
+
+    def library_entries(self, expert_id: int, embedder_id: int) -> list[LibraryEntry]:
+        query = (
+            select(LibraryEntryRow.sample_index, LibraryEntryRow.text, LibraryEntryRow.embedding)
+            .where(LibraryEntryRow.expert_id == expert_id, LibraryEntryRow.embedder_id == embedder_id)
+            .order_by(LibraryEntryRow.sample_index)
+        )
+        with self.sessions() as session:
+            return [LibraryEntry(r.sample_index, r.text, r.embedding) for r in session.execute(query)]
 
     def nearest_entries(
         self, embedder_id: int, query: Sequence[float], *, k: int = 1, library_version: int | None = None
@@ -533,6 +553,111 @@ class SqlAlchemyStore(RegistryStore):
                 {c.name: getattr(row, c.name) for c in EvaluationRow.__table__.columns}
                 for row in session.scalars(query)
             ]
+
+    # -- merged experts ------------------------------------------------------------------------------------
+    def create_merged_expert(
+        self,
+        *,
+        name: str,
+        backbone_id: int,
+        config: dict[str, Any],
+        merge_method: str,
+        merge_params: dict[str, Any],
+        parents: Sequence[tuple[int, float]],
+        artifact: StoredArtifact,
+        embedder_id: int | None,
+        entries: Sequence[LibraryEntry],
+    ) -> Expert:
+        parent_ids = [parent_id for parent_id, _ in parents]
+        with self.sessions() as session:
+            # FOR SHARE: a parent cannot be deleted or changed under a merge that is being recorded.
+            found = {
+                r.id: r
+                for r in session.scalars(
+                    select(ExpertRow).where(ExpertRow.id.in_(parent_ids)).with_for_update(read=True)
+                )
+            }
+            for parent_id in parent_ids:
+                if parent_id not in found:
+                    raise NotFoundError(f"no expert '{parent_id}' to merge")
+                if found[parent_id].status != "ready":
+                    raise CatalogueError(
+                        f"expert {found[parent_id].name} is {found[parent_id].status}; only ready experts are merged"
+                    )
+            version = self._next_version(session)
+            row = ExpertRow(
+                name=name,
+                backbone_id=backbone_id,
+                kind="merged",
+                task_id=None,
+                config=config,
+                status="ready",
+                artifact_uri=artifact.uri,
+                artifact_sha256=artifact.sha256,
+                artifact_size=artifact.size,
+                library_version=version,
+                merge_method=merge_method,
+                merge_params=merge_params,
+                ready_at=dt.datetime.now(dt.UTC),
+            )
+            session.add(row)
+            session.flush()
+            session.add(LibraryChangeRow(version=version, expert_id=row.id, change="added"))
+            lineage = [
+                ExpertParentRow(
+                    expert_id=row.id, parent_id=parent_id, position=position, weight=float(weight)
+                )
+                for position, (parent_id, weight) in enumerate(parents)
+            ]
+            session.add_all(lineage)
+            session.flush()
+            if entries:
+                if embedder_id is None:
+                    raise CatalogueError("library entries need the embedder they were made with")
+                self._copy_entries(session, row.id, embedder_id, entries)
+            session.refresh(row)
+            return _expert(row, lineage)
+
+    def find_merged_expert(self, signature: str) -> Expert | None:
+        with self.sessions() as session:
+            row = session.scalar(
+                select(ExpertRow)
+                .where(
+                    ExpertRow.kind == "merged",
+                    ExpertRow.status == "ready",
+                    ExpertRow.merge_params["signature"].astext == signature,
+                )
+                .order_by(ExpertRow.id)
+                .limit(1)
+            )
+            if row is None:
+                return None
+            parents = session.scalars(
+                select(ExpertParentRow).where(ExpertParentRow.expert_id == row.id)
+            ).all()
+            return _expert(row, parents)
+
+    @contextmanager
+    def exclusive(self, key: str) -> Iterator[None]:
+        # A session-level advisory lock on its own autocommit connection: held for the whole block (a merge
+        # takes seconds to minutes) without keeping a transaction open meanwhile.
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.execute(text("SELECT pg_advisory_lock(hashtextextended(:key, 0))"), {"key": key})
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(hashtextextended(:key, 0))"), {"key": key})
+
+    def annotate_routing_decision(self, decision_id: int, details: dict[str, Any]) -> None:
+        with self.sessions() as session:
+            updated = session.execute(
+                text(
+                    "UPDATE routing_decisions SET details = details || CAST(:details AS jsonb) WHERE id = :id"
+                ),
+                {"details": json.dumps(details), "id": decision_id},
+            )
+            if updated.rowcount != 1:
+                raise NotFoundError(f"no routing decision {decision_id}")
 
     # -- work queue ----------------------------------------------------------------------------------------
     def enqueue_job(

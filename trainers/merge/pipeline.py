@@ -1,0 +1,319 @@
+"""From ready experts to a ready merged expert: check, (tune,) merge, upload (verified), publish in one transaction.
+
+The order keeps the catalogue and the bucket honest. Everything that can be refused is refused before anything
+is written: fewer than two experts, unknown ids, experts that are not ready, different backbones or kinds,
+weights that do not match, methods that do not fit the kind, different shapes or ranks (read from the weight
+files' headers while merging into a local temporary file). Only then is the merged file uploaded (verified,
+content-addressed), and the catalogue records the expert, its lineage, its library entries and a new library
+version in one transaction. A crash in between leaves at most an unreferenced object that ``elmreg gc`` removes.
+
+The same merge (same parents, weights, method and parameters) is made once: its signature is stored in
+``merge_params`` and a lock on it serialises concurrent requests, so the second caller finds the first one's expert.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from elmreg.registry.context import RegistryContext
+from elmreg.registry.errors import NotFoundError
+from elmreg.registry.store.entities import Expert, LibraryEntry
+from elmreg.trainers.merge import MERGED_KIND, weights_kind
+from elmreg.trainers.merge.lora import check_lora_configs, merge_lora, peft_combination
+from elmreg.trainers.merge.methods import LORA_METHODS, MergeError, MergeSpec
+from elmreg.trainers.merge.task_vectors import merge_tensor_files, open_readers
+
+LIBRARY_MODES = ("union", "none")
+# The weights file of each kind, named as its trainer names it.
+WEIGHTS_FILES = {
+    "lora": "adapter_model.safetensors",
+    "full": "task_vector.safetensors",
+    "ffn_adapter": "ffn_adapter.safetensors",
+}
+_NAME_LENGTH = 300  # experts.name
+
+Stage = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """A merged expert, whether it already existed, and how the merge went.
+
+    Attributes:
+        expert: The ready merged expert.
+        reused: True when an identical merge was already in the catalogue (nothing new was written).
+        seconds: Wall time of the whole call.
+        merge_seconds: Time spent writing the merged weights (0 when reused).
+        tuning: The weight search's table and choice, with ``tune_on``.
+    """
+
+    expert: Expert
+    reused: bool
+    seconds: float
+    merge_seconds: float = 0.0
+    tuning: dict[str, Any] | None = None
+
+
+def resolve_parents(context: RegistryContext, keys: Sequence[int | str]) -> tuple[list[Expert], str]:
+    """The experts to merge and their common weights kind.
+
+    Raises:
+        MergeError: Fewer than two, the same one twice, not ready, different backbones or kinds.
+        NotFoundError: An unknown id or name.
+    """
+    if len(keys) < 2:
+        raise MergeError(f"merging needs at least 2 experts, got {len(keys)}")
+    parents = [context.store.get_expert(key) for key in keys]
+    if len({p.id for p in parents}) != len(parents):
+        raise MergeError(f"an expert is named twice in {', '.join(map(str, keys))}; give each one once")
+    for parent in parents:
+        if parent.status != "ready" or parent.artifact is None:
+            raise MergeError(f"expert {parent.name} is {parent.status}; only ready experts can be merged")
+    if len({p.backbone_id for p in parents}) > 1:
+        names = {context.store.get_backbone(p.backbone_id).name for p in parents}
+        raise MergeError(
+            f"the experts are on different backbones ({', '.join(sorted(names))}); merge experts of one"
+        )
+    kinds = [weights_kind(p) for p in parents]
+    if len(set(kinds)) > 1:
+        listed = ", ".join(f"{p.name}: {k}" for p, k in zip(parents, kinds, strict=True))
+        raise MergeError(
+            f"the experts are of different kinds ({listed}); only experts of one kind can be merged"
+        )
+    fingerprints = {p.config.get("backbone_fingerprint") for p in parents} - {None}
+    if len(fingerprints) > 1:
+        raise MergeError(
+            "the experts were trained on different versions of their backbone (fingerprints differ)"
+        )
+    return parents, kinds[0]
+
+
+def make_spec(
+    parents: Sequence[Expert],
+    base_kind: str,
+    *,
+    weights: Sequence[float] | None,
+    method: str,
+    density: float | None,
+    seed: int,
+) -> MergeSpec:
+    """The merge's parameters, checked against the parents (default weights: 1/N each, as in the paper).
+
+    Raises:
+        MergeError: A weight count that differs from the expert count, a method for another kind, or bad values.
+    """
+    if weights is None:
+        weights = [1.0 / len(parents)] * len(parents)
+    if len(weights) != len(parents):
+        raise MergeError(f"{len(weights)} weight(s) for {len(parents)} experts; give one weight per expert")
+    if method in LORA_METHODS and base_kind != "lora":
+        raise MergeError(f"method {method} merges LoRA factors; these are {base_kind} experts")
+    spec = MergeSpec(method=method, weights=tuple(weights), density=density, seed=seed)
+    if base_kind == "lora":
+        check_lora_configs(
+            [p.config.get("adapter_config") or {} for p in parents], [p.name for p in parents], method
+        )
+    elif base_kind == "ffn_adapter" and len({p.config.get("hidden_size") for p in parents}) > 1:
+        sizes = ", ".join(f"{p.name}: {p.config.get('hidden_size')}" for p in parents)
+        raise MergeError(f"ffn adapters of different hidden sizes cannot be merged ({sizes})")
+    return spec
+
+
+def merge_signature(parents: Sequence[Expert], base_kind: str, spec: MergeSpec) -> str:
+    """What identifies a merge: parents in order with their weights, the method and its parameters."""
+    key = {
+        "parents": [p.id for p in parents],
+        "base_kind": base_kind,
+        "method": spec.method,
+        # Rounded so that 1/3 computed twice, or parsed from "0.3333333333", is the same merge.
+        "params": {k: ([round(w, 9) for w in v] if k == "weights" else v) for k, v in spec.params().items()},
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def write_merged_weights(
+    context: RegistryContext, parents: Sequence[Expert], base_kind: str, spec: MergeSpec, out_dir: Path
+) -> tuple[Path, dict[str, Any]]:
+    """Merge the parents' weights (fetched and verified from the artifact store) into a file in ``out_dir``.
+
+    Returns:
+        The file, and the config its kind's trainer loads it with (``kind`` is the base kind).
+
+    Raises:
+        MergeError: Different tensor names, shapes or ranks.
+    """
+    paths = [context.artifact_cache.fetch(p.artifact) for p in parents]
+    out = out_dir / WEIGHTS_FILES[base_kind]
+    first = parents[0].config
+    config: dict[str, Any] = {"kind": base_kind}
+    with open_readers(paths, [p.name for p in parents]) as readers:
+        if base_kind == "lora":
+            config["adapter_config"] = merge_lora(
+                readers, [p.config["adapter_config"] for p in parents], spec, out
+            )
+        else:
+            merge_tensor_files(readers, spec, out)
+            if base_kind == "full":
+                config["format"] = first.get("format", "task_vector")
+            else:
+                config["hidden_size"] = first["hidden_size"]
+    for field in ("backbone", "backbone_fingerprint"):
+        if first.get(field) is not None:
+            config[field] = first[field]
+    return out, config
+
+
+def _default_name(
+    context: RegistryContext, parents: Sequence[Expert], spec: MergeSpec, signature: str
+) -> str:
+    name = "+".join(p.name for p in parents)
+    if spec.method != "task_arithmetic":
+        name += f"-{spec.method}"
+    if len({round(w, 9) for w in spec.weights}) > 1:
+        name += "-" + ",".join(f"{w:g}" for w in spec.weights)
+    name = name[: _NAME_LENGTH - 9]
+    try:
+        context.store.get_expert(name)
+    except NotFoundError:
+        return name
+    return f"{name}-{signature[:8]}"
+
+
+def _check_name_free(context: RegistryContext, name: str) -> None:
+    if len(name) > _NAME_LENGTH or not name.strip() or name.isdigit():
+        raise MergeError(f"expert name must be 1 to {_NAME_LENGTH} characters and not a number, got '{name}'")
+    try:
+        existing = context.store.get_expert(name)
+    except NotFoundError:
+        return
+    raise MergeError(f"an expert named '{name}' already exists (id {existing.id}); choose another --name")
+
+
+def _union_entries(
+    context: RegistryContext, parents: Sequence[Expert], embedder_id: int
+) -> list[LibraryEntry]:
+    """The parents' library entries (texts and vectors as stored, nothing re-embedded), renumbered."""
+    entries: list[LibraryEntry] = []
+    for parent in parents:
+        for entry in context.store.library_entries(parent.id, embedder_id):
+            entries.append(LibraryEntry(len(entries), entry.text, entry.embedding))
+    return entries
+
+
+def scratch_dir(context: RegistryContext) -> Path:
+    path = context.settings.cache_path / "tmp"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def merge_experts(
+    context: RegistryContext,
+    keys: Sequence[int | str],
+    *,
+    weights: Sequence[float] | None = None,
+    method: str = "task_arithmetic",
+    density: float | None = None,
+    seed: int = 0,
+    name: str | None = None,
+    library: str = "union",
+    tune_on: Sequence[str] = (),
+    grid: Sequence[float] | None = None,
+    tune_limit: int | None = 32,
+    tune_split: str = "validation",
+    stage: Stage | None = None,
+) -> MergeResult:
+    """Merge ready experts of one kind and backbone into a new ready expert of kind ``merged``.
+
+    See ``Registry.merge`` for the arguments. Returns the existing expert (``reused``) when the same merge was
+    made before.
+
+    Raises:
+        MergeError, NotFoundError: The merge makes no sense; nothing is written to the catalogue or the bucket.
+    """
+    started = time.perf_counter()
+    say = stage or (lambda message: None)
+    store = context.store
+    if library not in LIBRARY_MODES:
+        raise MergeError(f"library must be one of {', '.join(LIBRARY_MODES)}, got '{library}'")
+    parents, base_kind = resolve_parents(context, keys)
+    spec = make_spec(parents, base_kind, weights=weights, method=method, density=density, seed=seed)
+    if name is not None:
+        _check_name_free(context, name)
+    embedder_id = store.get_embedder(context.settings.embedder).id if library == "union" else None
+
+    tuning = None
+    if tune_on:
+        from elmreg.trainers.merge.tuning import tune_weights
+
+        tuning = tune_weights(
+            context,
+            parents,
+            base_kind,
+            spec,
+            [store.get_task(t) for t in tune_on],
+            grid=grid,
+            limit=tune_limit,
+            split=tune_split,
+            stage=say,
+        )
+        spec = replace(spec, weights=tuple(tuning["chosen"]))
+        say(f"chosen weights {tuning['chosen']} (mean score {tuning['chosen_score']:.2f})")
+
+    signature = merge_signature(parents, base_kind, spec)
+    with store.exclusive(f"elmreg-merge:{signature}"):
+        existing = store.find_merged_expert(signature)
+        if existing is not None:
+            say(f"the same merge exists already: expert {existing.name} (id {existing.id})")
+            return MergeResult(existing, True, time.perf_counter() - started, tuning=tuning)
+        with tempfile.TemporaryDirectory(prefix="merge-", dir=scratch_dir(context)) as scratch:
+            say(
+                f"merging {len(parents)} {base_kind} experts with {spec.method}, weights {list(spec.weights)}"
+            )
+            merge_started = time.perf_counter()
+            path, config = write_merged_weights(context, parents, base_kind, spec, Path(scratch))
+            merge_seconds = time.perf_counter() - merge_started
+            say("uploading the merged weights")
+            artifact = context.artifacts.put_file(path)
+        entries = _union_entries(context, parents, embedder_id) if embedder_id is not None else []
+        params: dict[str, Any] = {
+            **spec.params(),
+            "signature": signature,
+            "library": library,
+            "merge_seconds": round(merge_seconds, 3),
+        }
+        if base_kind == "lora":
+            params["peft_combination"] = peft_combination(spec.method)
+        if tuning is not None:
+            params["tuning"] = tuning
+        expert = store.create_merged_expert(
+            name=name or _default_name(context, parents, spec, signature),
+            backbone_id=parents[0].backbone_id,
+            config={**config, "base_kind": base_kind, "parents": [p.name for p in parents]},
+            merge_method=spec.method,
+            merge_params=params,
+            parents=[(p.id, w) for p, w in zip(parents, spec.weights, strict=True)],
+            artifact=artifact,
+            embedder_id=embedder_id,
+            entries=entries,
+        )
+    say(f"merged expert {expert.name} (id {expert.id}) is ready at library version {expert.library_version}")
+    return MergeResult(expert, False, time.perf_counter() - started, merge_seconds, tuning)
+
+
+__all__ = [
+    "LIBRARY_MODES",
+    "MERGED_KIND",
+    "MergeResult",
+    "make_spec",
+    "merge_experts",
+    "merge_signature",
+    "resolve_parents",
+    "write_merged_weights",
+]
