@@ -9,7 +9,7 @@ from dataclasses import asdict
 import click
 
 from elmreg.api import Registry
-from elmreg.cli import catalogue, demo, inference, library, merge
+from elmreg.cli import catalogue, demo, experiment, inference, library, merge
 from elmreg.cli.errors import ElmregGroup
 from elmreg.registry.services import services_down, services_status, services_up
 from elmreg.registry.settings import load_settings, setting_docs
@@ -232,6 +232,7 @@ library.register(cli)
 inference.register(cli)
 cli.add_command(demo.demo)
 cli.add_command(merge.merge)
+cli.add_command(experiment.experiment)
 
 
 def main() -> None:

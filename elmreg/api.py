@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from elmreg.registry.gc import DEFAULT_MIN_AGE, GcReport, collect_garbage
 from elmreg.registry.library import ReembedReport, reembed_library
 from elmreg.registry.settings import Settings, load_settings
 from elmreg.registry.store.entities import CatalogueSummary, Expert, Job, Task, TrainingRun
-from elmreg.registry.tasks import IngestReport, TaskRequest, add_task, ingest_manifests
+from elmreg.registry.tasks import IngestReport, TaskPlan, TaskRequest, add_task, ingest_manifests, plan_task
 
 
 class Registry:
@@ -341,6 +342,46 @@ class Registry:
         record = self.task(task)
         backbone = self.context.store.get_backbone(record.backbone_id).name
         return self._evaluator(backbone, progress).evaluate(record, route, split=split, limit=limit, q=q)
+
+    def plan_task(self, dataset: str, **options: Any) -> TaskPlan:
+        """Validate a task exactly as ``add_task`` would, writing nothing and queueing no training: for data
+        that must stay unseen (held-out evaluation tasks). ``plan.fields`` holds its name, templates, task type
+        and metric; ``examples(plan)`` renders its data."""
+        from elmreg.trainers.pipeline import validate_training_options
+
+        return plan_task(
+            self.context, TaskRequest(dataset=dataset, **options), validate_training=validate_training_options
+        )
+
+    def examples(
+        self,
+        task: int | str | TaskPlan,
+        *,
+        split: str = "validation",
+        limit: int | None = None,
+        seed: int = 0,
+    ) -> list:
+        """A task's labelled examples of ``split``, rendered with its template(s) as training and evaluation
+        see them (``registry.prompts.PromptedExample``: ``input``, ``target``, ``answer_choices``).
+
+        Args:
+            task: A registered task (id or name), or an unregistered one from :meth:`plan_task`.
+            limit: A seeded sample of this many rows (order kept); ``split=task.split``,
+                ``limit=task.max_examples`` and the training seed give exactly the expert's training examples.
+
+        Example::
+
+            queries = registry.examples("colours", limit=32)
+            registry.route(queries, task="colours")
+        """
+        from elmreg.registry.prompts import PromptTemplate, render_examples
+        from elmreg.registry.sources import DatasetSpec, load_dataset_rows
+
+        fields = task.fields if isinstance(task, TaskPlan) else dataclasses.asdict(self.task(task))
+        spec = DatasetSpec(fields["dataset"], fields["subset"], split)
+        loaded = load_dataset_rows(spec, cache_dir=self.settings.cache_path, max_rows=limit, seed=seed)
+        templates = [PromptTemplate.from_dict(t) for t in fields["templates"]]
+        return render_examples(loaded.rows, templates, seed=seed)
 
     def _evaluator(self, backbone: str, progress=None):
         from elmreg.inference.evaluation import Evaluator

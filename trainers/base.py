@@ -56,6 +56,13 @@ class TrainingConfig:
         default=0,
         metadata={"help": "Seeds initialisation, example order and dropout: same seed, same weights."},
     )
+    init_from: int | str | None = field(
+        default=None,
+        metadata={
+            "help": "Expert (id or name) whose weights start training instead of a fresh initialisation: "
+            "continual fine-tuning of an existing expert (same kind, backbone and shape; LoRA only)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -71,6 +78,12 @@ class TrainingConfig:
             )
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ConfigurationError("weight_decay and max_grad_norm must not be negative")
+        if self.init_from is not None and (
+            isinstance(self.init_from, bool)
+            or not isinstance(self.init_from, int | str)
+            or self.init_from == ""
+        ):
+            raise ConfigurationError(f"init_from must be an expert id or name, got {self.init_from!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainingConfig:
@@ -124,6 +137,8 @@ class ExpertTrainer(ABC):
 
     kind: ClassVar[str]
     config_class: ClassVar[type[TrainingConfig]] = TrainingConfig
+    # Whether ``init_from`` (training that starts from a saved expert's weights) is implemented for the kind.
+    supports_warm_start: ClassVar[bool] = False
 
     def make_config(self, values: dict[str, Any] | None = None) -> TrainingConfig:
         """This kind's config from JSON values (defaults for what is missing).
@@ -131,7 +146,10 @@ class ExpertTrainer(ABC):
         Raises:
             ConfigurationError: Unknown keys or invalid values.
         """
-        return self.config_class.from_dict(values or {})
+        config = self.config_class.from_dict(values or {})
+        if config.init_from is not None and not self.supports_warm_start:
+            raise ConfigurationError(f"{self.kind} experts cannot start from another expert (init_from)")
+        return config
 
     # -- what a kind implements ----------------------------------------------------------------------------
     @abstractmethod
@@ -157,6 +175,14 @@ class ExpertTrainer(ABC):
     @abstractmethod
     def detach(self, backbone: Backbone, model: torch.nn.Module) -> None:
         """Take the expert off again, leaving the backbone exactly as it was."""
+
+    def initialise(self, model: torch.nn.Module, weights_path: Path) -> None:
+        """Overwrite the freshly prepared trainable parameters with a saved expert's (``init_from``).
+
+        Raises:
+            ConfigurationError: The kind does not support it, or the weights do not fit the prepared model.
+        """
+        raise ConfigurationError(f"{self.kind} experts cannot start from another expert (init_from)")
 
     # -- loading saved experts -----------------------------------------------------------------------------
     def load_expert(self, backbone: Backbone, weights_path: Path, config: dict[str, Any]) -> torch.nn.Module:
@@ -211,6 +237,7 @@ class ExpertTrainer(ABC):
         seed: int | None = None,
         progress: ProgressCallback | None = None,
         should_stop: Callable[[], None] | None = None,
+        init_weights: Path | None = None,
     ) -> TrainedExpert:
         """Train an expert of this kind on ``examples``; the backbone is left as it was.
 
@@ -223,6 +250,8 @@ class ExpertTrainer(ABC):
             seed: Overrides ``config.seed``. The same seed, examples and config give identical weights.
             progress: Called after every step with (step, total_steps, loss).
             should_stop: Called between steps; raises to abort (the worker's lease check).
+            init_weights: A saved expert's weights file to start from (continual fine-tuning); the pipeline
+                resolves ``config.init_from`` to it.
 
         Returns:
             The weights file, the config to rebuild the expert, and the training metrics.
@@ -245,6 +274,8 @@ class ExpertTrainer(ABC):
         seed_everything(config.seed)
         model, parameters = self.prepare(backbone, config)
         try:
+            if init_weights is not None:
+                self.initialise(model, init_weights)
             metrics = self._loop(model, parameters, backbone, examples, config, progress, should_stop)
             out_dir.mkdir(parents=True, exist_ok=True)
             trained = self.save(model, backbone, config, out_dir)

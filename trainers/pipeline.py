@@ -22,7 +22,13 @@ from typing import Any
 from elmreg.registry.backbones import Backbone, load_backbone
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.embedder import load_embedder
-from elmreg.registry.errors import AlreadyExistsError, CatalogueError, TaskSpecError, first_line
+from elmreg.registry.errors import (
+    AlreadyExistsError,
+    CatalogueError,
+    NotFoundError,
+    TaskSpecError,
+    first_line,
+)
 from elmreg.registry.library import SAMPLES_PER_EXPERT, embed_entries, register_embedder, sample_indices
 from elmreg.registry.prompts import PromptedExample, PromptTemplate, library_text, render_examples
 from elmreg.registry.sources import DatasetSpec, load_dataset_rows
@@ -112,6 +118,8 @@ def train_task(
     hooks.stage(f"loading examples of {task.name} ({task.dataset}, K={task.max_examples})")
     examples = task_examples(context, task, seed=config.seed)
 
+    init_weights = _init_weights(context, task, config.init_from) if config.init_from is not None else None
+
     hooks.stage(f"loading backbone {backbone_record.name}")
     backbone = shared_backbone(context, backbone_record.name)
     if backbone_record.fingerprint is None:
@@ -135,7 +143,13 @@ def train_task(
                 f"training {task.expert_kind} expert on {len(examples)} examples, {config.epochs} epoch(s)"
             )
             trained = trainer.train(
-                backbone, examples, config, Path(scratch), progress=hooks.on_step, should_stop=check_lease
+                backbone,
+                examples,
+                config,
+                Path(scratch),
+                progress=hooks.on_step,
+                should_stop=check_lease,
+                init_weights=init_weights,
             )
             published = publish(
                 context,
@@ -156,6 +170,20 @@ def train_task(
     store.finish_training_run(run.id, status="succeeded", metrics=trained.metrics)
     hooks.stage(f"expert {published.name} is ready at library version {published.library_version}")
     return published
+
+
+def _init_weights(context: RegistryContext, task: Task, key: int | str) -> Path:
+    """The weights file of the expert a task's training starts from (``init_from``), checked to fit."""
+    try:
+        source = context.store.get_expert(key)
+    except NotFoundError as exc:
+        raise TaskSpecError(f"task {task.name}: init_from expert '{key}' does not exist") from exc
+    if source.artifact is None or source.kind != task.expert_kind or source.backbone_id != task.backbone_id:
+        raise TaskSpecError(
+            f"task {task.name}: init_from expert {source.name} must be a trained {task.expert_kind} expert "
+            "on the task's backbone"
+        )
+    return context.artifact_cache.fetch(source.artifact)
 
 
 def publish(

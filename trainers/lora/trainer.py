@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
 
 from elmreg.registry.backbones import Backbone
 from elmreg.registry.errors import ConfigurationError
@@ -38,6 +39,7 @@ class LoraTrainer(ExpertTrainer):
 
     kind = "lora"
     config_class = LoraTrainingConfig
+    supports_warm_start = True
 
     def prepare(
         self, backbone: Backbone, config: TrainingConfig
@@ -67,6 +69,23 @@ class LoraTrainer(ExpertTrainer):
         # The catalogue records the backbone; a local cache path here would not travel with the expert.
         adapter_config["base_model_name_or_path"] = backbone.name
         return TrainedExpert(weights, {"kind": self.kind, "adapter_config": adapter_config}, {})
+
+    def initialise(self, model: torch.nn.Module, weights_path: Path) -> None:
+        state = load_file(str(weights_path))
+        try:
+            result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
+        except RuntimeError as exc:  # size mismatches: another rank or other target modules
+            raise ConfigurationError(
+                f"the init_from expert's LoRA weights do not fit this task's LoRA config: {str(exc)[:300]}"
+            ) from exc
+        # A silently half-loaded adapter would train from a mix of old and fresh weights: refuse it.
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing or result.unexpected_keys:
+            raise ConfigurationError(
+                "the init_from expert's LoRA weights do not fit this task's LoRA config "
+                f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected tensors); "
+                "use the same rank and target_modules"
+            )
 
     def restore(self, model: torch.nn.Module, backbone: Backbone) -> None:
         # unload() swaps every LoRA layer back for the module it wrapped, without merging: the backbone's

@@ -1,0 +1,91 @@
+"""``elmreg experiment``: reproduce the seed paper's claims on this registry (presets in benchmarks/paper/)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from elmreg.api import Registry
+from elmreg.cli.output import echo_json, echo_table
+from elmreg.cli.progress import is_quiet, training_progress
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+def experiment() -> None:
+    """Experiments that check the seed paper's claims (routing accuracy, experts vs multitask, continual
+    learning, unseen tasks, retriever ablation) and write a Markdown + JSON results table.
+
+    \b
+    Example:
+      elmreg experiment list
+      elmreg experiment run cpu-small --out benchmarks/paper/results/cpu-small
+    """
+
+
+@experiment.command("list", context_settings=CONTEXT_SETTINGS)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_command(as_json: bool) -> None:
+    """List the presets (benchmarks/paper/*.yaml).
+
+    Example: elmreg experiment list
+    """
+    from elmreg.experiments.config import PRESET_DIR, list_presets
+
+    presets = list_presets()
+    if as_json:
+        echo_json(presets)
+        return
+    if not presets:
+        click.echo(f"no presets found in {PRESET_DIR}")
+        return
+    echo_table(
+        ["preset", "description"],
+        [[name, text.splitlines()[0] if text else ""] for name, text in presets.items()],
+    )
+
+
+@experiment.command("run", context_settings=CONTEXT_SETTINGS)
+@click.argument("preset")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for results.md and results.json (default: HOME/experiments/<preset>).",
+)
+@click.option("--eval-limit", type=int, help="Override the preset's validation examples per task.")
+@click.option("--q", type=int, help="Override the preset's Q (instances routed per task).")
+@click.option("--seed", type=int, help="Override the preset's seed.")
+@click.pass_context
+def run_command(
+    ctx: click.Context, preset: str, out: Path | None, eval_limit: int | None, q: int | None, seed: int | None
+) -> None:
+    """Run PRESET (a name from 'elmreg experiment list') or CONFIG.yaml through the public API.
+
+    Registers and trains the seen and new tasks (reusing those already registered with the same
+    specification), trains the multitask baseline, and writes results.md and results.json. Exits with code 1
+    if an old task's prediction changed after new experts joined the library.
+
+    \b
+    Example:
+      elmreg experiment run cpu-small --out benchmarks/paper/results/cpu-small
+      elmreg experiment run my-tasks.yaml --eval-limit 16
+    """
+    from elmreg.experiments.config import load_config
+    from elmreg.experiments.harness import run_experiment
+    from elmreg.registry.services import services_up
+    from elmreg.registry.store import schema
+
+    registry: Registry = ctx.find_root().obj["registry"]
+    config = load_config(preset, eval_limit=eval_limit, q=q, seed=seed)
+    services_up(registry.settings)
+    schema.upgrade(registry.context.engine)
+    quiet = is_quiet(ctx)
+    echo = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
+    with training_progress(quiet) as hooks:
+        result = run_experiment(registry, config, out_dir=out, echo=echo, hooks=hooks)
+    for path in result.files:
+        click.echo(f"wrote {path}")
+    if not result.passed:
+        raise click.ClickException(f"continual-learning check failed: {result.check.summary()}")

@@ -1,0 +1,726 @@
+"""The experiment harness: the seed paper's four claims, and its retriever ablation, on a registry.
+
+Everything goes through ``elmreg.Registry``: tasks are registered and trained with ``add_task``/``train``, the
+multitask (MT) baseline is an ordinary task over the union of the seen tasks' training examples (written as a
+local JSON-lines dataset) whose expert is retired at once, so it never takes part in routing but stays usable
+as ``expert=ID``; its continual fine-tuning starts each stage from the previous stage's weights
+(``training.init_from``). Predictions are made once per (task, expert) and scored with the task's metric.
+
+Sections (each a table in the report):
+
+1. ``routing``: per seen task, RoE on Q validation instances; does it pick an expert of the same dataset, and of
+   the same prompt (the paper's 280/296 and 185/296)?
+2. ``multitask``: per seen task, the base backbone, the MT adapter, RoE and the oracle (best seen expert).
+3. ``continual``: M new tasks join the library. The library's predictions on the old tasks, routed with the
+   library version pinned to before, must be exactly the same (the check); unpinned routing is reported too.
+   The MT adapter is fine-tuned on the new tasks in sequence, with and without rehearsal of old data.
+4. ``unseen``: held-out tasks (never registered): base, MT, the best single seen expert (chosen by its mean
+   score on the seen tasks), RoE and the oracle.
+5. ``ablation``: routing accuracy of exact in-process retrieval for the paper's text formats x embedders.
+
+Reruns are cheap: tasks already registered with the same specification, and their experts, are reused.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from elmreg.api import Registry
+from elmreg.experiments.config import ExperimentConfig, TaskSpec
+from elmreg.experiments.continual import PredictionCheck, compare_predictions
+from elmreg.inference.evaluation import metric_score
+from elmreg.registry.errors import CatalogueError, NotFoundError, UserError
+from elmreg.registry.library import SAMPLES_PER_EXPERT, sample_indices
+from elmreg.registry.prompts import PromptedExample
+from elmreg.registry.store.entities import Expert
+
+Echo = Callable[[str], None]
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class ExperimentResult:
+    """What a run produced: provenance, one dict per section, the continual check, timings."""
+
+    provenance: dict[str, Any]
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    check: PredictionCheck | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """False only when the continual-learning check ran and found a changed old prediction."""
+        return self.check is None or self.check.identical
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "provenance": self.provenance,
+            "sections": self.sections,
+            "checks": {
+                "continual_identical": None if self.check is None else self.check.identical,
+                "continual_detail": None if self.check is None else self.check.summary(),
+            },
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class _Eval:
+    """A task as the harness evaluates it: its name, metric and evaluation instances."""
+
+    name: str
+    metric: str
+    dataset: tuple[str, str | None]
+    templates: list[dict[str, Any]]
+    instances: list[PromptedExample]
+    registered: bool
+
+
+def git_commit(root: Path = REPO_ROOT) -> str:
+    """The elmreg checkout's commit, with ``+dirty`` when it has uncommitted changes ("unknown" outside git)."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit[:12] + ("+dirty" if dirty else "")
+
+
+class Harness:
+    """Runs one experiment configuration against a registry (see the module docstring)."""
+
+    def __init__(self, registry: Registry, config: ExperimentConfig, *, echo: Echo | None = None, hooks=None):
+        self.registry = registry
+        self.config = config
+        self.echo = echo or (lambda line: None)
+        self.hooks = hooks
+        self._predictions: dict[tuple[str, int | None], list[str]] = {}
+        self._evals: dict[str, _Eval] = {}
+        self.experts: dict[str, Expert] = {}  # seen and new task name -> its expert
+        self.mt: Expert | None = None
+        self.library_version: int | None = None  # the seen library, before the new tasks joined
+        self.fresh_continual = False
+
+    # -- tasks and experts -----------------------------------------------------------------------------------
+    def _ensure_tasks(self, specs: list[TaskSpec]) -> dict[str, Expert]:
+        """Register what is missing, train what is queued, and return each task's ready (or retired) expert."""
+        for spec in specs:
+            try:
+                task = self.registry.task(spec.name)
+            except NotFoundError:
+                self.registry.add_task(spec.dataset, name=spec.name, **spec.options)
+                self.echo(f"    {spec.name}: registered")
+                continue
+            _check_same_spec(task, spec)
+        if any(not self._expert_of(s.name) for s in specs):
+            started = time.perf_counter()
+            jobs = self.registry.train(hooks=self.hooks)
+            self.echo(f"    trained {len(jobs)} expert(s) in {time.perf_counter() - started:.0f} s")
+        experts = {}
+        for spec in specs:
+            expert = self._expert_of(spec.name)
+            if expert is None:
+                raise CatalogueError(
+                    f"task {spec.name} has no trained expert; see 'elmreg jobs' for the error"
+                )
+            experts[spec.name] = expert
+        return experts
+
+    def _expert_of(self, task: str) -> Expert | None:
+        try:
+            experts = self.registry.experts(task=task)
+        except NotFoundError:  # not registered (yet)
+            return None
+        usable = [e for e in experts if e.status in ("ready", "retired")]
+        return usable[0] if usable else None
+
+    def _derived_task(self, name: str, rows: list[dict[str, Any]], *, training: dict[str, Any]) -> Expert:
+        """A task trained on ``rows`` (already prompted examples) whose expert is retired at once: baselines
+        that must never be routed to."""
+        try:
+            self.registry.task(name)
+        except NotFoundError:
+            folder = self.registry.settings.home / "experiments" / "data"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{name.replace('/', '_')}.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            classification = all(r.get("choices") for r in rows)
+            self.registry.add_task(
+                str(path),
+                name=name,
+                prompt="{{input}} ||| {{target}}",
+                answer_choices="{{choices}}" if classification else None,
+                task_type="classification" if classification else "generative",
+                kind=self.config.shared.get("kind", "lora"),
+                backbone=self.config.backbone,
+                max_examples=len(rows),
+                training=training,
+            )
+            self.echo(f"    {name}: registered ({len(rows)} examples)")
+        found = self._expert_of(name)
+        if found is None:
+            self.registry.train(hooks=self.hooks)
+            found = self._expert_of(name)
+        if found is None:
+            raise CatalogueError(f"baseline {name} could not be trained; see 'elmreg jobs'")
+        if found.status == "ready":
+            found = self.registry.retire(found.id)
+        return found
+
+    def _training_rows(self, task: str) -> list[dict[str, Any]]:
+        """The task's training examples exactly as its expert saw them, as MT dataset rows."""
+        record = self.registry.task(task)
+        examples = self.registry.examples(
+            task,
+            split=record.split,
+            limit=record.max_examples,
+            seed=int(record.training_config.get("seed", 0)),
+        )
+        return [
+            {
+                "input": e.input,
+                "target": e.target,
+                "choices": "|||".join(e.answer_choices) if e.answer_choices else "",
+                "source": task,
+            }
+            for e in examples
+        ]
+
+    def _mt_training(self) -> dict[str, Any]:
+        # The MT adapter is of the same kind and size as an expert: the seen tasks' shared training options.
+        return dict(self.config.shared.get("training", {}))
+
+    # -- predictions ---------------------------------------------------------------------------------------
+    def _eval(self, spec: TaskSpec, registered: bool) -> _Eval:
+        if spec.name in self._evals:
+            return self._evals[spec.name]
+        limit, seed = self.config.eval_limit, self.config.seed
+        if registered:
+            task = self.registry.task(spec.name)
+            fields = {"metric": task.metric, "dataset": task.dataset, "subset": task.subset}
+            templates = task.templates
+            instances = self.registry.examples(spec.name, split=spec.eval_split, limit=limit, seed=seed)
+        else:
+            plan = self.registry.plan_task(spec.dataset, name=spec.name, **spec.options)
+            fields, templates = plan.fields, plan.fields["templates"]
+            instances = self.registry.examples(plan, split=spec.eval_split, limit=limit, seed=seed)
+        if not instances:
+            raise UserError(f"task {spec.name} has no validation examples to evaluate")
+        self._evals[spec.name] = _Eval(
+            spec.name,
+            fields["metric"],
+            (fields["dataset"], fields["subset"]),
+            templates,
+            instances,
+            registered,
+        )
+        return self._evals[spec.name]
+
+    def predictions(self, task: _Eval, expert: Expert | None, *, fresh: bool = False) -> list[str]:
+        """The predictions of ``expert`` (None: the base backbone) on the task's evaluation instances."""
+        key = (task.name, expert.id if expert else None)
+        if fresh or key not in self._predictions:
+            started = time.perf_counter()
+            answered = self.registry.predict(
+                task.instances,
+                expert=expert.id if expert else None,
+                task=None if expert else self.config.seen[0].name,  # the base backbone of the experiment
+            )
+            self._predictions[key] = [a["prediction"] for a in answered]
+            self.echo(
+                f"    {task.name} x {expert.name if expert else 'base'}: "
+                f"{len(task.instances)} answered in {time.perf_counter() - started:.1f} s"
+            )
+        return self._predictions[key]
+
+    def score(self, task: _Eval, expert: Expert | None) -> float:
+        predictions = self.predictions(task, expert)
+        return round(metric_score(task.metric, predictions, [e.target for e in task.instances]), 2)
+
+    def route(self, task: _Eval, *, library_version: int | None, label: str):
+        return self.registry.route(
+            task.instances,
+            task=task.name if task.registered else None,
+            q=min(self.config.q, len(task.instances)),
+            library_version=library_version,
+            caller_label=f"experiment:{self.config.name}:{label}",
+        )
+
+    def _same(self, task: _Eval, expert: Expert) -> tuple[bool, bool]:
+        """(same dataset, same prompt) of the expert's task and ``task``."""
+        if expert.task_id is None:
+            return False, False
+        other = self.registry.task(expert.task_id)
+        same_dataset = (other.dataset, other.subset) == task.dataset
+        same_prompt = same_dataset and [t.get("jinja") for t in other.templates] == [
+            t.get("jinja") for t in task.templates
+        ]
+        return same_dataset, same_prompt
+
+    # -- the run -------------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Train (or reuse) the seen experts and the MT adapter; fix the library version of the seen library."""
+        config = self.config
+        self.echo(f"Seen tasks ({len(config.seen)}): experts")
+        self.experts.update(self._ensure_tasks(list(config.seen)))
+        if {"multitask", "continual", "unseen"} & set(config.sections):
+            rows = [row for spec in config.seen for row in self._training_rows(spec.name)]
+            self.echo(f"Multitask baseline: one adapter on the union of {len(rows)} examples")
+            self.mt = self._derived_task(
+                f"{config.name}.mt-{config.fingerprint()}", rows, training=self._mt_training()
+            )
+        # Routing before the new tasks joined: the earliest library version at which they were all absent.
+        new_versions = [
+            e.library_version
+            for spec in config.new
+            if (e := self._expert_of(spec.name)) is not None and e.library_version is not None
+        ]
+        current = self.registry.status().library_version
+        self.library_version = min(new_versions) - 1 if new_versions else current
+        self.fresh_continual = not new_versions
+
+    def run_routing(self) -> dict[str, Any]:
+        rows = []
+        for spec in self.config.seen:
+            task = self._eval(spec, registered=True)
+            decision = self.route(task, library_version=self.library_version, label="routing")
+            chosen = self.registry.expert(decision.chosen_expert_id)
+            same_dataset, same_prompt = self._same(task, chosen)
+            rows.append(
+                {
+                    "task": spec.name,
+                    "q": decision.q,
+                    "chosen": chosen.name,
+                    "votes": decision.tallies[0].votes,
+                    "margin": decision.margin,
+                    "same_dataset": same_dataset,
+                    "same_prompt": same_prompt,
+                    "decision_id": decision.decision_id,
+                }
+            )
+        n = len(rows)
+        return {
+            "rows": rows,
+            "same_dataset": sum(r["same_dataset"] for r in rows),
+            "same_prompt": sum(r["same_prompt"] for r in rows),
+            "tasks": n,
+            "library_version": self.library_version,
+            "paper": {"same_dataset": "280/296", "same_prompt": "185/296"},
+        }
+
+    def _roe_expert(self, task: _Eval, label: str) -> Expert:
+        decision = self.route(task, library_version=self.library_version, label=label)
+        return self.registry.expert(decision.chosen_expert_id)
+
+    def seen_matrix(self) -> dict[str, dict[str, float]]:
+        """Score of every seen expert on every seen task (the oracle, and the best single expert's choice)."""
+        matrix: dict[str, dict[str, float]] = {}
+        for spec in self.config.seen:
+            task = self._eval(spec, registered=True)
+            matrix[spec.name] = {
+                name: self.score(task, self.experts[name]) for name in (s.name for s in self.config.seen)
+            }
+        return matrix
+
+    def run_multitask(self) -> dict[str, Any]:
+        matrix = self.seen_matrix()
+        rows = []
+        for spec in self.config.seen:
+            task = self._eval(spec, registered=True)
+            roe = self._roe_expert(task, "multitask")
+            # Ties go to the task's own expert: the oracle names the expert one would naturally pick.
+            oracle_name = max(matrix[spec.name], key=lambda n: (matrix[spec.name][n], n == spec.name))
+            rows.append(
+                {
+                    "task": spec.name,
+                    "metric": task.metric,
+                    "n": len(task.instances),
+                    "base": self.score(task, None),
+                    "mt": self.score(task, self.mt),
+                    "own_expert": matrix[spec.name][spec.name],
+                    "roe": self.score(task, roe),
+                    "roe_expert": roe.name,
+                    "oracle": matrix[spec.name][oracle_name],
+                    "oracle_expert": oracle_name,
+                }
+            )
+        return {
+            "rows": rows,
+            "mean": _means(rows, ("base", "mt", "own_expert", "roe", "oracle")),
+            "matrix": matrix,
+        }
+
+    def run_continual(self) -> tuple[dict[str, Any], PredictionCheck]:
+        config = self.config
+        old = [self._eval(spec, registered=True) for spec in config.seen]
+        # Before: the library's answers with routing pinned to the seen library (cached from section 2 if run).
+        before_experts = {t.name: self._roe_expert(t, "continual:before") for t in old}
+        before = {t.name: list(self.predictions(t, before_experts[t.name])) for t in old}
+        mt_before = {t.name: list(self.predictions(t, self.mt)) for t in old}
+
+        self.echo(f"Continual learning: {len(config.new)} new task(s) join the library")
+        self.experts.update(self._ensure_tasks(list(config.new)))
+        variants = self._continual_mt()
+
+        after_experts = {
+            t.name: self.registry.expert(
+                self.route(
+                    t, library_version=self.library_version, label="continual:after-pinned"
+                ).chosen_expert_id
+            )
+            for t in old
+        }
+        after = {t.name: self.predictions(t, after_experts[t.name], fresh=True) for t in old}
+        check = compare_predictions(before, after)
+        unpinned_experts = {
+            t.name: self.registry.expert(
+                self.route(t, library_version=None, label="continual:after-unpinned").chosen_expert_id
+            )
+            for t in old
+        }
+        unpinned = {
+            t.name: (
+                after[t.name]
+                if unpinned_experts[t.name].id == after_experts[t.name].id
+                else self.predictions(t, unpinned_experts[t.name])
+            )
+            for t in old
+        }
+        unpinned_check = compare_predictions(before, unpinned)
+
+        old_rows = []
+        for t in old:
+            targets = [e.target for e in t.instances]
+            row = {
+                "task": t.name,
+                "n": len(t.instances),
+                "library_before": round(metric_score(t.metric, before[t.name], targets), 2),
+                "library_after_pinned": round(metric_score(t.metric, after[t.name], targets), 2),
+                "changed_pinned": check.changed.get(t.name, 0),
+                "library_after_unpinned": round(metric_score(t.metric, unpinned[t.name], targets), 2),
+                "changed_unpinned": unpinned_check.changed.get(t.name, 0),
+                "unpinned_expert": unpinned_experts[t.name].name,
+                "mt_before": round(metric_score(t.metric, mt_before[t.name], targets), 2),
+            }
+            for label, expert in variants.items():
+                predictions = self.predictions(t, expert)
+                row[label] = round(metric_score(t.metric, predictions, targets), 2)
+                row[f"{label}_changed"] = sum(
+                    a != b for a, b in zip(mt_before[t.name], predictions, strict=True)
+                )
+            old_rows.append(row)
+        new_rows = []
+        for spec in config.new:
+            t = self._eval(spec, registered=True)
+            roe = self.registry.expert(
+                self.route(t, library_version=None, label="continual:new").chosen_expert_id
+            )
+            row = {
+                "task": spec.name,
+                "n": len(t.instances),
+                "own_expert": self.score(t, self.experts[spec.name]),
+                "roe": self.score(t, roe),
+                "roe_expert": roe.name,
+                "mt_before": self.score(t, self.mt),
+            }
+            row.update({label: self.score(t, expert) for label, expert in variants.items()})
+            new_rows.append(row)
+        columns = ("library_before", "library_after_pinned", "library_after_unpinned", "mt_before", *variants)
+        return (
+            {
+                "old": old_rows,
+                "old_mean": _means(old_rows, columns),
+                "new": new_rows,
+                "new_mean": _means(new_rows, ("own_expert", "roe", "mt_before", *variants)),
+                "pinned_library_version": self.library_version,
+                "library_version_after": self.registry.status().library_version,
+                "check": {
+                    "identical": check.identical,
+                    "compared": check.compared,
+                    "detail": check.summary(),
+                },
+                "unpinned": {"identical": unpinned_check.identical, "detail": unpinned_check.summary()},
+                "variants": {label: expert.name for label, expert in variants.items()},
+                "rehearsal": config.rehearsal,
+                "trained_in_this_run": self.fresh_continual,
+                # Kept so that anyone can re-check the claim from the JSON alone.
+                "predictions_before": before,
+                "predictions_after_pinned": after,
+            },
+            check,
+        )
+
+    def _continual_mt(self) -> dict[str, Expert]:
+        """The MT adapter fine-tuned on the new tasks one after another, without and with rehearsal."""
+        config = self.config
+        variants: dict[str, Expert] = {}
+        plans = [("mt_sequential", 0)] + (
+            [("mt_rehearsal", config.rehearsal)] if config.rehearsal > 0 else []
+        )
+        for label, rehearsal in plans:
+            previous = self.mt
+            seen_rows = [row for spec in config.seen for row in self._training_rows(spec.name)]
+            for stage, spec in enumerate(config.new, start=1):
+                rows = self._training_rows(spec.name)
+                if rehearsal:
+                    # CT0's rehearsal: a seeded sample of the data of every earlier stage, mixed in.
+                    rng = random.Random(config.seed + stage)
+                    rows = rows + rng.sample(seen_rows, min(rehearsal, len(seen_rows)))
+                suffix = "seq" if not rehearsal else f"rehearsal{rehearsal}-"
+                name = f"{config.name}.mt-{config.fingerprint()}.{suffix}{stage}"
+                self.echo(
+                    f"    {label} stage {stage}: {spec.name} ({len(rows)} examples) from {previous.name}"
+                )
+                previous = self._derived_task(
+                    name, rows, training={**self._mt_training(), "init_from": previous.name}
+                )
+                seen_rows = seen_rows + self._training_rows(spec.name)
+            variants[label] = previous
+        return variants
+
+    def best_single_expert(self) -> tuple[str, dict[str, float]]:
+        """The seen expert with the best mean score over the seen tasks (chosen without unseen data)."""
+        matrix = self.seen_matrix()
+        means = {
+            name: round(float(np.mean([matrix[t][name] for t in matrix])), 2)
+            for name in (s.name for s in self.config.seen)
+        }
+        return max(means, key=lambda n: (means[n], n)), means
+
+    def run_unseen(self) -> dict[str, Any]:
+        best, means = self.best_single_expert()
+        rows = []
+        for spec in self.config.unseen:
+            task = self._eval(spec, registered=False)
+            roe = self._roe_expert(task, "unseen")
+            scores = {
+                name: self.score(task, self.experts[name]) for name in (s.name for s in self.config.seen)
+            }
+            scores.setdefault(roe.name, self.score(task, roe))
+            oracle = max(scores, key=lambda n: scores[n])
+            rows.append(
+                {
+                    "task": spec.name,
+                    "metric": task.metric,
+                    "n": len(task.instances),
+                    "base": self.score(task, None),
+                    "mt": self.score(task, self.mt),
+                    "best_single": scores[best],
+                    "roe": scores[roe.name],
+                    "roe_expert": roe.name,
+                    "oracle": scores[oracle],
+                    "oracle_expert": oracle,
+                }
+            )
+        return {
+            "rows": rows,
+            "mean": _means(rows, ("base", "mt", "best_single", "roe", "oracle")),
+            "best_single_expert": best,
+            "seen_means": means,
+        }
+
+    def run_ablation(self) -> dict[str, Any]:
+        from elmreg.registry.embedder import load_embedder
+
+        config = self.config
+        library: list[tuple[str, PromptedExample]] = []
+        for spec in config.seen:
+            record = self.registry.task(spec.name)
+            seed = int(record.training_config.get("seed", 0))
+            examples = self.registry.examples(
+                spec.name, split=record.split, limit=record.max_examples, seed=seed
+            )
+            # The same S samples the expert's library entries were embedded from.
+            library += [
+                (spec.name, examples[i]) for i in sample_indices(len(examples), SAMPLES_PER_EXPERT, seed)
+            ]
+        tasks = [self._eval(spec, registered=True) for spec in config.seen]
+        queries = {t.name: _query_sample(t.instances, config.q) for t in tasks}
+        names = list(config.embedders) or [self.registry.settings.embedder]
+        rows = []
+        for embedder_name in names:
+            try:
+                embedder = load_embedder(embedder_name)
+            except UserError as exc:
+                rows.append({"embedder": embedder_name, "error": str(exc)})
+                continue
+            for text_format in config.formats:
+                started = time.perf_counter()
+                entries = embedder.embed([format_text(e, text_format) for _, e in library])
+                owners = [name for name, _ in library]
+                same_dataset = same_prompt = 0
+                for t in tasks:
+                    vectors = embedder.embed([format_text(e, text_format) for e in queries[t.name]])
+                    chosen = _vote(vectors @ entries.T, owners)
+                    same = self._same(t, self.experts[chosen])
+                    same_dataset += same[0]
+                    same_prompt += same[1]
+                rows.append(
+                    {
+                        "embedder": embedder_name,
+                        "format": text_format,
+                        "same_dataset": same_dataset,
+                        "same_prompt": same_prompt,
+                        "tasks": len(tasks),
+                        "seconds": round(time.perf_counter() - started, 1),
+                    }
+                )
+        return {"rows": rows, "library_size": len(library), "experts": len(config.seen)}
+
+
+def format_text(example: PromptedExample, text_format: str) -> str:
+    """The retrieval text of the paper's Table 10 variants; ``both`` is the library's own format."""
+    choices = " | ".join(example.answer_choices) if example.answer_choices else "None"
+    if text_format == "instance":
+        return f"Instance: {example.input}"
+    if text_format == "choices":
+        return f"Answer Choices: {choices}"
+    return f"Answer Choices: {choices}, Instance: {example.input}"
+
+
+def _query_sample(instances: list[PromptedExample], q: int) -> list[PromptedExample]:
+    # The router's own seeded choice of Q instances, so that the ablation's "both" row routes the same queries.
+    if q >= len(instances):
+        return list(instances)
+    chosen = sorted(np.random.default_rng(0).choice(len(instances), size=q, replace=False))
+    return [instances[i] for i in chosen]
+
+
+def _vote(similarities: np.ndarray, owners: list[str]) -> str:
+    """RoE's vote over exact nearest entries; ties to the higher summed similarity, as the SQL router does."""
+    votes: dict[str, list[float]] = {}
+    for row in similarities:
+        best = int(np.argmax(row))
+        votes.setdefault(owners[best], []).append(float(row[best]))
+    return max(votes, key=lambda name: (len(votes[name]), sum(votes[name])))
+
+
+def _means(rows: list[dict[str, Any]], columns) -> dict[str, float]:
+    return {
+        c: round(float(np.mean([r[c] for r in rows])), 2)
+        for c in columns
+        if rows and all(c in r for r in rows)
+    }
+
+
+def _check_same_spec(task, spec: TaskSpec) -> None:
+    """A registered task is reused only if it was registered with the same specification."""
+    options = spec.options
+    wanted = {
+        "dataset": spec.dataset,
+        "subset": options.get("subset"),
+        "expert_kind": options.get("kind", "lora"),
+        "training": {"seed": 0, **(options.get("training") or {})},
+    }
+    have = {
+        "dataset": task.dataset,
+        "subset": task.subset,
+        "expert_kind": task.expert_kind,
+        "training": {"seed": 0, **task.training_config},
+    }
+    if options.get("max_examples") is not None:
+        wanted["max_examples"], have["max_examples"] = options["max_examples"], task.max_examples
+    if wanted != have:
+        differing = sorted(k for k in wanted if wanted[k] != have[k])
+        raise UserError(
+            f"task {task.name} is registered with another specification ({', '.join(differing)} differ); "
+            "give the experiment's task another name, or use another registry home"
+        )
+
+
+def provenance(registry: Registry, config: ExperimentConfig) -> dict[str, Any]:
+    """What produced the numbers: preset, backbone, tasks, K, seed, elmreg commit, machine."""
+    import torch
+
+    from elmreg import __version__
+
+    settings = registry.settings
+    return {
+        "preset": config.name,
+        "config": config.source,
+        "description": config.description,
+        "backbone": config.backbone or settings.backbone,
+        "embedder": settings.embedder,
+        "kind": config.shared.get("kind", "lora"),
+        "K": config.shared.get("max_examples"),
+        "training": config.shared.get("training", {}),
+        "seed": config.seed,
+        "q": config.q,
+        "eval_limit": config.eval_limit,
+        "rehearsal": config.rehearsal,
+        "seen": [t.name for t in config.seen],
+        "new": [t.name for t in config.new],
+        "unseen": [t.name for t in config.unseen],
+        "elmreg_version": __version__,
+        "elmreg_commit": git_commit(),
+        "device": settings.device,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def run_experiment(
+    registry: Registry,
+    config: ExperimentConfig,
+    *,
+    out_dir: Path | None = None,
+    echo: Echo | None = None,
+    hooks=None,
+) -> ExperimentResult:
+    """Run every section of ``config`` and write ``results.json`` and ``results.md`` to ``out_dir``
+    (default: HOME/experiments/<name>/). A failed continual check is recorded, not raised: see ``passed``."""
+    from elmreg.experiments.report import write_results
+
+    echo = echo or (lambda line: None)
+    harness = Harness(registry, config, echo=echo, hooks=hooks)
+    result = ExperimentResult(provenance(registry, config))
+    started = time.perf_counter()
+
+    def timed(name: str, step: Callable[[], Any]) -> Any:
+        begin = time.perf_counter()
+        echo(f"[{name}]")
+        value = step()
+        result.seconds[name] = round(time.perf_counter() - begin, 1)
+        echo(f"    ({result.seconds[name]:.1f} s)")
+        return value
+
+    timed("prepare", harness.prepare)
+    result.provenance["library_version"] = harness.library_version
+    if "routing" in config.sections:
+        result.sections["routing"] = timed("routing", harness.run_routing)
+    if "multitask" in config.sections:
+        result.sections["multitask"] = timed("multitask", harness.run_multitask)
+    if "unseen" in config.sections and config.unseen:
+        # Before the continual section: the seen library is what unseen tasks are routed against either way
+        # (pinned version), and this way its numbers exist even if continual training fails.
+        result.sections["unseen"] = timed("unseen", harness.run_unseen)
+    if "continual" in config.sections and config.new:
+        section, check = timed("continual", harness.run_continual)
+        result.sections["continual"] = section
+        result.check = check
+    if "ablation" in config.sections:
+        result.sections["ablation"] = timed("ablation", harness.run_ablation)
+    result.seconds["total"] = round(time.perf_counter() - started, 1)
+    result.provenance["mt_expert"] = harness.mt.name if harness.mt else None
+    result.provenance["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    out = out_dir or registry.settings.home / "experiments" / config.name
+    result.files = write_results(result, Path(out))
+    return result

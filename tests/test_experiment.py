@@ -1,0 +1,186 @@
+"""The experiment harness end to end at tiny scale: tiny backbone, synthetic BIG-bench-like tasks, real services."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from conftest import lab_environ
+from safetensors.torch import load_file
+
+from elmreg.cli.main import cli
+from elmreg.experiments import compare_predictions, list_presets, load_config
+from elmreg.experiments.config import config_from_mapping
+from elmreg.experiments.harness import ExperimentResult, run_experiment
+from elmreg.experiments.report import SECTION_TITLES
+from elmreg.registry.errors import ConfigurationError, UserError
+
+FAST = {"epochs": 1, "learning_rate": 1e-3, "batch_size": 8}
+
+
+def tiny_config(**overrides):
+    return config_from_mapping(
+        {
+            "name": "tiny",
+            "max_examples": 24,
+            "training": FAST,
+            "q": 8,
+            "eval_limit": 8,
+            "rehearsal": 8,
+            "seen": ["bigbench:colours", "bigbench:moods"],
+            "new": ["bigbench:sizes/small_things"],
+            "unseen": ["bigbench:sizes/big_things", "bigbench:echo"],
+            **overrides,
+        },
+        source="test",
+    )
+
+
+def test_harness_runs_every_section_and_the_library_keeps_old_predictions(lab, tmp_path):
+    result = run_experiment(lab, tiny_config(), out_dir=tmp_path / "out")
+    assert set(result.sections) == {"routing", "multitask", "continual", "unseen", "ablation"}
+    assert result.passed and result.check.identical and result.check.compared > 0
+
+    routing = result.sections["routing"]
+    assert routing["tasks"] == 2 and {r["task"] for r in routing["rows"]} == {"colours", "moods"}
+    multitask = result.sections["multitask"]
+    for row in multitask["rows"]:
+        assert row["oracle"] >= row["own_expert"] and {"base", "mt", "roe"} <= set(row)
+    continual = result.sections["continual"]
+    assert set(continual["variants"]) == {"mt_sequential", "mt_rehearsal"}
+    assert (
+        continual["trained_in_this_run"]
+        and continual["library_version_after"] > continual["pinned_library_version"]
+    )
+    assert {r["task"] for r in continual["new"]} == {"sizes.small_things"}
+    unseen = result.sections["unseen"]
+    assert {r["task"] for r in unseen["rows"]} == {"sizes.big_things", "echo"}
+    assert unseen["best_single_expert"] in {"colours", "moods"}
+    formats = {(r["embedder"], r["format"]) for r in result.sections["ablation"]["rows"]}
+    assert {f for _, f in formats} == {"both", "instance", "choices"}
+
+    # Baselines are retired at once: they never take part in routing, and unseen tasks stay unregistered.
+    names = {t.name for t in lab.tasks()}
+    assert "sizes.big_things" not in names and "echo" not in names
+    ready = {e.name for e in lab.experts(status="ready")}
+    assert ready == {"colours", "moods", "sizes.small_things"}
+    mt = lab.expert(result.provenance["mt_expert"])
+    assert mt.status == "retired"
+    # Same total number of examples as the experts together (K=24 each).
+    assert mt.config["examples"] == 48
+
+    # The continual fine-tuning started from the MT adapter's weights.
+    sequential = lab.expert(continual["variants"]["mt_sequential"])
+    assert sequential.config["training"]["init_from"]
+
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["checks"]["continual_identical"] is True
+    provenance = data["provenance"]
+    assert provenance["preset"] == "tiny" and provenance["elmreg_commit"] and provenance["K"] == 24
+    assert provenance["seen"] == ["colours", "moods"] and provenance["backbone"] == lab.settings.backbone
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    for title in SECTION_TITLES.values():
+        assert title in markdown
+    assert "Check PASSED" in markdown and "_Produced by: preset `tiny`" in markdown
+
+    # The check catches a single changed old prediction.
+    before = continual["predictions_before"]
+    assert compare_predictions(before, continual["predictions_after_pinned"]).identical
+    altered = {task: list(p) for task, p in before.items()}
+    altered["colours"][0] = altered["colours"][0] + " (changed)"
+    check = compare_predictions(before, altered)
+    assert not check.identical and check.changed["colours"] == 1 and "colours: 1 changed" in check.summary()
+    assert not compare_predictions(before, {"colours": before["colours"]}).identical  # a task went missing
+    assert not ExperimentResult(provenance={}, check=check).passed
+
+    # A rerun reuses every task and expert: nothing new is trained, and the numbers are the same.
+    experts_before = len(lab.experts())
+    again = run_experiment(lab, tiny_config(sections=["routing", "continual"]), out_dir=tmp_path / "again")
+    assert len(lab.experts()) == experts_before
+    assert again.sections["continual"]["trained_in_this_run"] is False and again.passed
+    assert again.sections["routing"]["rows"] == [
+        {**r, "decision_id": a["decision_id"]}
+        for r, a in zip(routing["rows"], again.sections["routing"]["rows"], strict=True)
+    ]
+
+
+def test_a_registered_task_with_another_spec_is_not_reused(lab, tmp_path):
+    lab.add_task("bigbench:colours", max_examples=16, training=FAST)
+    lab.train()
+    with pytest.raises(UserError, match="another specification"):
+        run_experiment(lab, tiny_config(new=[], unseen=[], sections=["routing"]), out_dir=tmp_path)
+
+
+def test_init_from_starts_training_from_an_experts_weights(lab):
+    parent = lab.add_task("bigbench:colours", max_examples=16, training=FAST, now=True)
+    parent_expert = lab.experts(task=parent.name)[0]
+    # A learning rate this small leaves the weights where training started: at the parent's.
+    tiny_step = {**FAST, "learning_rate": 1e-9}
+    child = lab.add_task(
+        "bigbench:moods", max_examples=16, training={**tiny_step, "init_from": parent_expert.name}, now=True
+    )
+    fresh = lab.add_task("bigbench:moods", name="moods-fresh", max_examples=16, training=tiny_step, now=True)
+
+    def weights(task):
+        expert = lab.experts(task=task)[0]
+        return load_file(str(lab.context.artifact_cache.fetch(expert.artifact)))
+
+    start, warm, cold = weights(parent.name), weights(child.name), weights(fresh.name)
+    lora_b = [k for k in start if "lora_B" in k]
+    assert lora_b and all((warm[k] - start[k]).abs().max() < 1e-6 for k in start)
+    assert all(float(cold[k].abs().max()) < 1e-6 for k in lora_b)  # fresh LoRA B starts at zero
+
+    with pytest.raises(ConfigurationError, match="init_from"):
+        lab.add_task("bigbench:echo", kind="ffn_adapter", training={"init_from": parent_expert.name})
+    lab.add_task(
+        "bigbench:sizes", max_examples=8, training={**FAST, "rank": 4, "init_from": parent_expert.name}
+    )
+    failed = [j for j in lab.train() if j.status != "succeeded"]
+    assert failed and "do not fit" in failed[0].last_error
+
+
+def test_presets_and_cli(lab, tmp_path):
+    presets = list_presets()
+    assert {"cpu-small", "paper"} <= set(presets)
+    cpu_small = load_config("cpu-small")
+    demo = {
+        "strategyqa",
+        "sports_understanding",
+        "hyperbaton",
+        "navigate",
+        "date_understanding",
+        "logical_fallacy_detection",
+    }
+    assert demo <= {t.name for t in cpu_small.seen}
+    for spec in cpu_small.seen:
+        if spec.name in demo:
+            # The demo's options exactly, so that a registry that ran the demo reuses its experts.
+            assert spec.options["max_examples"] == 64
+            assert spec.options["training"] == {"epochs": 5, "max_source_length": 128}
+    with pytest.raises(UserError, match="neither a YAML file nor a preset"):
+        load_config("no-such-preset")
+
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["experiment", "list"], env=lab_environ(lab))
+    assert listed.exit_code == 0 and "cpu-small" in listed.output
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "name": "cli-tiny",
+                "max_examples": 16,
+                "training": FAST,
+                "q": 4,
+                "seen": ["bigbench:colours", "bigbench:moods"],
+                "sections": ["routing", "ablation"],
+            }
+        )
+    )
+    result = runner.invoke(
+        cli,
+        ["--quiet", "experiment", "run", str(config), "--eval-limit", "4", "--out", str(tmp_path / "r")],
+        env=lab_environ(lab),
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r" / "results.md").is_file() and "wrote" in result.output
