@@ -4,6 +4,7 @@ refusals that write nothing, weights tuned on validation data, and composition a
 from __future__ import annotations
 
 import json
+import sys
 import weakref
 
 import pytest
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 from conftest import lab_environ
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import merge_utils
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from sqlalchemy import text
 
@@ -48,6 +50,11 @@ def _bucket(lab) -> set[str]:
 
 def _cli(lab, *args):
     return CliRunner().invoke(cli, list(args), env=lab_environ(lab), catch_exceptions=False)
+
+
+def safe_metadata(path) -> dict:
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata()
 
 
 # -- the tensor merges -------------------------------------------------------------------------------------------
@@ -98,31 +105,60 @@ class CountingReader(TensorReader):
         self.previous = None
         self.reads = 0
 
-    def read(self, name):
+    def _handed_out(self, tensor):
         assert self.previous is None or self.previous() is None, f"{self.label}: two tensors alive at once"
-        tensor = super().read(name)
         self.previous = weakref.ref(tensor)
         self.reads += 1
         return tensor
 
+    def read(self, name):
+        return self._handed_out(super().read(name))
 
-def test_streaming_merge_holds_one_tensor_per_parent(tmp_path):
+    def read_rows(self, name, start, stop):
+        return self._handed_out(super().read_rows(name, start, stop))
+
+
+@pytest.mark.parametrize("block_elements", [2**24, 32])
+def test_streaming_merge_holds_one_tensor_per_parent(block_elements, tmp_path):
     generator = torch.Generator().manual_seed(1)
-    names = [f"layers.{i}.weight" for i in range(6)]
-    parents = [{n: torch.randn(16, 8, generator=generator) for n in names} for _ in range(3)]
+    names = [f"layers.{i}.weight" for i in range(6)] + ["norm.weight"]
+    parents = [
+        {n: torch.randn(16, 8, generator=generator) if n != "norm.weight" else torch.randn(8) for n in names}
+        for _ in range(3)
+    ]
     paths = []
     for i, tensors in enumerate(parents):
         paths.append(tmp_path / f"tv{i}.safetensors")
         save_file(tensors, str(paths[-1]), metadata={"format": "elmreg-task-vector"})
-    spec = MergeSpec("task_arithmetic", (0.2, 0.3, 0.5))
-    with open_readers(paths, ["a", "b", "c"]) as plain:
-        readers = [CountingReader(r.handle, r.label) for r in plain]
-        merge_tensor_files(readers, spec, tmp_path / "merged.safetensors")
-    assert [r.reads for r in readers] == [len(names)] * 3
-    merged = load_file(str(tmp_path / "merged.safetensors"))
-    for name in names:
-        expected = merge_utils.task_arithmetic([p[name] for p in parents], torch.tensor(spec.weights))
-        assert torch.equal(merged[name], expected)
+    for method in ("task_arithmetic", "dare_linear", "ties"):
+        spec = MergeSpec(method, (0.2, 0.3, 0.5), None if method == "task_arithmetic" else 0.5, seed=5)
+        out = tmp_path / f"{method}.safetensors"
+        with open_readers(paths, ["a", "b", "c"]) as plain:
+            readers = [CountingReader(r.handle, r.label) for r in plain]
+            merge_tensor_files(readers, spec, out, block_elements=block_elements)
+        # 32 elements per block: 16x8 tensors are read as 4 blocks of 4 rows (TIES needs whole tensors).
+        blocks = 4 if block_elements == 32 and method != "ties" else 1
+        assert [r.reads for r in readers] == [6 * blocks + 1] * 3, method
+        merged = load_file(str(out))
+        assert safe_metadata(out) == {"format": "elmreg-task-vector"}
+        for name in names:
+            rows = len(parents[0][name])
+            blocked = blocks > 1 and parents[0][name].dim() > 1
+            step = rows // blocks if blocked else rows
+            expected = torch.cat(
+                [
+                    merge_tensors(
+                        [p[name][s : s + step] for p in parents],
+                        spec,
+                        f"{name}[{s}:{s + step}]" if blocked else name,
+                    )
+                    for s in range(0, rows, step)
+                ]
+            )
+            assert torch.equal(merged[name], expected), (method, name)
+            if method == "task_arithmetic":  # blocks or not, exactly PEFT's function on whole tensors
+                whole = merge_utils.task_arithmetic([p[name] for p in parents], torch.tensor(spec.weights))
+                assert torch.equal(merged[name], whole)
 
 
 # -- LoRA: the same as PEFT's add_weighted_adapter -----------------------------------------------------------------
@@ -363,3 +399,30 @@ def test_compose_merges_the_two_most_voted_experts_and_records_it(lab, tmp_path)
             {"id": answers[0]["decision_id"]},
         ).scalar_one()
     assert again["reused"] is True and again["merged_expert_id"] == merged.id
+
+
+def test_merge_table_benchmark_compares_merged_with_parents(lab):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_table.py"
+    spec = importlib.util.spec_from_file_location("merge_table", path)
+    merge_table = importlib.util.module_from_spec(spec)
+    sys.modules["merge_table"] = merge_table  # dataclasses look their module up there
+    spec.loader.exec_module(merge_table)
+
+    _train(lab, "lora", "colours", "moods")
+    merged = lab.merge(["colours", "moods"]).expert
+    rows = merge_table.merge_table(lab, limit=8)
+    assert [(r.merged, r.task, r.own) for r in rows] == [
+        (merged.name, "colours", "colours"),
+        (merged.name, "moods", "moods"),
+    ]
+    assert all(set(r.scores) == {merged.name, "colours", "moods"} for r in rows)
+    table = merge_table.format_table(rows)
+    assert "colours+moods" in table and "Δ" in table
+    with lab.context.engine.connect() as c:
+        stored = c.execute(
+            text("SELECT count(*) FROM evaluations WHERE expert_id = :m"), {"m": merged.id}
+        ).scalar_one()
+    assert stored == 2

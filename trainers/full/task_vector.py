@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -29,10 +29,14 @@ _DTYPES = {
 def write_streaming(
     path: Path,
     entries: Sequence[tuple[str, torch.Size, torch.dtype]],
-    produce: Callable[[str], torch.Tensor],
+    produce: Callable[[str], torch.Tensor | Iterable[torch.Tensor]],
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write a safetensors file whose tensors are produced one at a time, in ``entries`` order."""
+    """Write a safetensors file whose tensors are produced one at a time, in ``entries`` order.
+
+    ``produce(name)`` returns the whole tensor, or an iterable of consecutive slices along its first dimension
+    (so that not even one large tensor, such as an embedding, has to be in memory whole).
+    """
     header: dict[str, object] = {"__metadata__": metadata or {}}
     offset = 0
     for name, shape, dtype in entries:
@@ -49,10 +53,17 @@ def write_streaming(
         out.write(struct.pack("<Q", len(encoded)))
         out.write(encoded)
         for name, shape, dtype in entries:
-            tensor = produce(name).detach().to("cpu", dtype).contiguous()
-            if tensor.shape != torch.Size(shape):
-                raise ValueError(f"{name}: produced shape {tuple(tensor.shape)}, declared {tuple(shape)}")
-            out.write(tensor.view(torch.uint8).numpy().tobytes())
+            produced = produce(name)
+            whole = isinstance(produced, torch.Tensor)
+            rows = 0
+            for part in [produced] if whole else produced:
+                part = part.detach().to("cpu", dtype).contiguous()
+                if (whole and part.shape != torch.Size(shape)) or (not whole and part.shape[1:] != shape[1:]):
+                    raise ValueError(f"{name}: produced shape {tuple(part.shape)}, declared {tuple(shape)}")
+                rows += part.shape[0] if part.dim() else 1
+                out.write(memoryview(part.view(torch.uint8).numpy()))  # no bytes copy of the tensor
+            if not whole and rows != (shape[0] if len(shape) else 1):
+                raise ValueError(f"{name}: produced {rows} rows, declared {tuple(shape)}")
 
 
 @contextmanager

@@ -29,6 +29,9 @@ ALL_METHODS = METHODS + LORA_METHODS
 NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 RANDOM_METHODS = ("dare_linear", "dare_ties")
 DEFAULT_DENSITY = 0.5
+# Large task-vector tensors are merged in blocks of rows of at most this many elements (64 MB in float32); DARE
+# seeds each block's mask separately, so the block size is part of what a DARE merge computes (see params()).
+BLOCK_ELEMENTS = 2**24
 
 
 class MergeError(UserError):
@@ -83,6 +86,7 @@ class MergeSpec:
             params["majority_sign_method"] = self.majority_sign_method
         if self.method in RANDOM_METHODS:
             params["seed"] = self.seed
+            params["block_elements"] = BLOCK_ELEMENTS
         return params
 
 
