@@ -52,6 +52,9 @@ class ExperimentConfig:
     backbone: str | None = None
     q: int = 32
     eval_limit: int | None = 32
+    # Validation examples per cell of the seen experts x seen tasks matrix (it picks the seen-side oracle and the
+    # best single expert); smaller than eval_limit where the N x N matrix would dominate the run's time.
+    matrix_limit: int | None = 32
     seed: int = 0
     rehearsal: int = 64
     sections: tuple[str, ...] = SECTIONS
@@ -115,6 +118,7 @@ _TOP_KEYS = {
     "seed",
     "q",
     "eval_limit",
+    "matrix_limit",
     "rehearsal",
     "sections",
     "seen",
@@ -189,6 +193,9 @@ def config_from_mapping(
         unseen=unseen,
         q=q,
         eval_limit=int(eval_limit) if eval_limit is not None else None,
+        matrix_limit=int(document["matrix_limit"])
+        if document.get("matrix_limit")
+        else (int(eval_limit) if eval_limit is not None else None),
         seed=int(document.get("seed", 0)),
         rehearsal=int(document.get("rehearsal", 64)),
         sections=tuple(s for s in SECTIONS if s in sections),

@@ -85,6 +85,7 @@ class _Eval:
     templates: list[dict[str, Any]]
     instances: list[PromptedExample]
     registered: bool
+    limit: int | None
 
 
 def git_commit(root: Path = REPO_ROOT) -> str:
@@ -112,8 +113,8 @@ class Harness:
         self.config = config
         self.echo = echo or (lambda line: None)
         self.hooks = hooks
-        self._predictions: dict[tuple[str, int | None], list[str]] = {}
-        self._evals: dict[str, _Eval] = {}
+        self._predictions: dict[tuple[str, int | None, int | None], list[str]] = {}
+        self._evals: dict[tuple[str, int | None], _Eval] = {}
         self.experts: dict[str, Expert] = {}  # seen and new task name -> its expert
         self.mt: Expert | None = None
         self.library_version: int | None = None  # the seen library, before the new tasks joined
@@ -209,10 +210,11 @@ class Harness:
         return dict(self.config.shared.get("training", {}))
 
     # -- predictions ---------------------------------------------------------------------------------------
-    def _eval(self, spec: TaskSpec, registered: bool) -> _Eval:
-        if spec.name in self._evals:
-            return self._evals[spec.name]
-        limit, seed = self.config.eval_limit, self.config.seed
+    def _eval(self, spec: TaskSpec, registered: bool, limit: int | None = -1) -> _Eval:
+        limit = self.config.eval_limit if limit == -1 else limit
+        if (spec.name, limit) in self._evals:
+            return self._evals[(spec.name, limit)]
+        seed = self.config.seed
         if registered:
             task = self.registry.task(spec.name)
             fields = {"metric": task.metric, "dataset": task.dataset, "subset": task.subset}
@@ -224,19 +226,20 @@ class Harness:
             instances = self.registry.examples(plan, split=spec.eval_split, limit=limit, seed=seed)
         if not instances:
             raise UserError(f"task {spec.name} has no validation examples to evaluate")
-        self._evals[spec.name] = _Eval(
+        self._evals[(spec.name, limit)] = _Eval(
             spec.name,
             fields["metric"],
             (fields["dataset"], fields["subset"]),
             templates,
             instances,
             registered,
+            limit,
         )
-        return self._evals[spec.name]
+        return self._evals[(spec.name, limit)]
 
     def predictions(self, task: _Eval, expert: Expert | None, *, fresh: bool = False) -> list[str]:
         """The predictions of ``expert`` (None: the base backbone) on the task's evaluation instances."""
-        key = (task.name, expert.id if expert else None)
+        key = (task.name, task.limit, expert.id if expert else None)
         if fresh or key not in self._predictions:
             started = time.perf_counter()
             answered = self.registry.predict(
@@ -261,6 +264,9 @@ class Harness:
             task=task.name if task.registered else None,
             q=min(self.config.q, len(task.instances)),
             library_version=library_version,
+            # Only experts of the experiment's kind: merged experts (kind 'merged') answer compositions, not
+            # tasks, and would blur "same dataset" (they have no task of their own).
+            kinds=[self.config.shared.get("kind", "lora")],
             caller_label=f"experiment:{self.config.name}:{label}",
         )
 
@@ -334,7 +340,7 @@ class Harness:
         """Score of every seen expert on every seen task (the oracle, and the best single expert's choice)."""
         matrix: dict[str, dict[str, float]] = {}
         for spec in self.config.seen:
-            task = self._eval(spec, registered=True)
+            task = self._eval(spec, registered=True, limit=self.config.matrix_limit)
             matrix[spec.name] = {
                 name: self.score(task, self.experts[name]) for name in (s.name for s in self.config.seen)
             }
@@ -346,8 +352,12 @@ class Harness:
         for spec in self.config.seen:
             task = self._eval(spec, registered=True)
             roe = self._roe_expert(task, "multitask")
-            # Ties go to the task's own expert: the oracle names the expert one would naturally pick.
-            oracle_name = max(matrix[spec.name], key=lambda n: (matrix[spec.name][n], n == spec.name))
+            # The matrix (on matrix_limit examples) proposes the best expert; the oracle is the best of it, the
+            # task's own expert and RoE's choice on the same examples as the other columns (ties: own expert).
+            proposed = max(matrix[spec.name], key=lambda n: (matrix[spec.name][n], n == spec.name))
+            candidates = {n: self.experts[n] for n in (spec.name, proposed)} | {roe.name: roe}
+            scores = {n: self.score(task, e) for n, e in candidates.items()}
+            oracle_name = max(scores, key=lambda n: (scores[n], n == spec.name))
             rows.append(
                 {
                     "task": spec.name,
@@ -355,10 +365,10 @@ class Harness:
                     "n": len(task.instances),
                     "base": self.score(task, None),
                     "mt": self.score(task, self.mt),
-                    "own_expert": matrix[spec.name][spec.name],
+                    "own_expert": scores[spec.name],
                     "roe": self.score(task, roe),
                     "roe_expert": roe.name,
-                    "oracle": matrix[spec.name][oracle_name],
+                    "oracle": scores[oracle_name],
                     "oracle_expert": oracle_name,
                 }
             )
@@ -665,6 +675,7 @@ def provenance(registry: Registry, config: ExperimentConfig) -> dict[str, Any]:
         "seed": config.seed,
         "q": config.q,
         "eval_limit": config.eval_limit,
+        "matrix_limit": config.matrix_limit,
         "rehearsal": config.rehearsal,
         "seen": [t.name for t in config.seen],
         "new": [t.name for t in config.new],

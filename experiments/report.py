@@ -43,7 +43,8 @@ def _footer(p: dict[str, Any]) -> str:
     # Every table says what produced it, so a copied table keeps its context.
     return (
         f"_Produced by: preset `{p['preset']}`, backbone `{p['backbone']}`, {p['kind']} K={p['K']}, "
-        f"seed {p['seed']}, Q={p['q']}, eval limit {p['eval_limit']}, elmreg {p['elmreg_commit']}._"
+        f"seed {p['seed']}, Q={p['q']}, eval limit {p['eval_limit']} (matrix {p.get('matrix_limit')}), "
+        f"elmreg {p['elmreg_commit']}._"
     )
 
 
@@ -65,7 +66,10 @@ def markdown(data: dict[str, Any]) -> str:
                 ["backbone", f"`{p['backbone']}`"],
                 ["embedder", f"`{p['embedder']}`"],
                 ["experts", f"{p['kind']}, K={p['K']}, training {json.dumps(p['training'], sort_keys=True)}"],
-                ["seed / Q / eval limit", f"{p['seed']} / {p['q']} / {p['eval_limit']}"],
+                [
+                    "seed / Q / eval limit / matrix limit",
+                    f"{p['seed']} / {p['q']} / {p['eval_limit']} / {p.get('matrix_limit')}",
+                ],
                 ["seen tasks", ", ".join(p["seen"])],
                 ["new tasks (continual)", ", ".join(p["new"]) or "-"],
                 ["unseen tasks", ", ".join(p["unseen"]) or "-"],
@@ -79,7 +83,9 @@ def markdown(data: dict[str, Any]) -> str:
         ),
         "",
         "Scores are the task's metric (accuracy in % for multiple-choice tasks) on a seeded sample of its "
-        "validation split. `oracle` is the best of the seen experts on that task (an upper bound for RoE).",
+        "validation split. Seen tasks: `oracle` is the best of the task's own expert, RoE's choice and the best "
+        "expert of the seen experts x seen tasks matrix (scored on `matrix limit` examples per cell). Unseen "
+        "tasks: `oracle` is the best seen expert on the task's evaluation examples.",
     ]
     if "routing" in s:
         r = s["routing"]

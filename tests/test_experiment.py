@@ -27,6 +27,7 @@ def tiny_config(**overrides):
             "training": FAST,
             "q": 8,
             "eval_limit": 8,
+            "matrix_limit": 4,
             "rehearsal": 8,
             "seen": ["bigbench:colours", "bigbench:moods"],
             "new": ["bigbench:sizes/small_things"],
