@@ -65,17 +65,17 @@ def merge_table(
 
 
 def format_table(rows: Sequence[MergeRow]) -> str:
-    header = (
-        f"{'merged expert':<28} {'task':<20} {'metric':<9} {'own expert':>11} {'merged':>8} {'Δ':>7}  others"
-    )
+    width = max([len("merged expert"), *(len(r.merged) for r in rows)])
+    task_width = max([len("task"), *(len(r.task) for r in rows)])
+    header = f"{'merged expert':<{width}} {'task':<{task_width}} {'metric':<9} {'own expert':>10} {'merged':>7} {'Δ':>6}  others"
     lines = [header, "-" * len(header)]
     for row in rows:
         others = ", ".join(
             f"{name} {score:.1f}" for name, score in row.scores.items() if name not in (row.merged, row.own)
         )
         lines.append(
-            f"{row.merged[:28]:<28} {row.task[:20]:<20} {row.metric:<9} {row.scores[row.own]:>11.1f} "
-            f"{row.scores[row.merged]:>8.1f} {row.delta:>+7.1f}  {others}"
+            f"{row.merged:<{width}} {row.task:<{task_width}} {row.metric:<9} {row.scores[row.own]:>10.1f} "
+            f"{row.scores[row.merged]:>7.1f} {row.delta:>+6.1f}  {others}"
         )
     return "\n".join(lines)
 
