@@ -9,6 +9,7 @@ import click
 from elmreg.api import Registry
 from elmreg.cli.output import echo_json, echo_table
 from elmreg.cli.progress import evaluation_progress, is_quiet
+from elmreg.registry.audit import AUDIT_QUERIES, AUDIT_VIEWS
 from elmreg.registry.prompts import PromptTemplate
 from elmreg.registry.report import FIGURES
 from elmreg.registry.sources import DatasetSpec
@@ -245,29 +246,57 @@ def report(ctx: click.Context, out, as_json) -> None:
         click.echo(f"(no data yet for: {', '.join(missing)})")
 
 
-AUDIT_QUERIES = {
-    "latest decisions, with vote margins": "SELECT * FROM audit_decisions ORDER BY created_at DESC LIMIT 20;",
-    "which expert was chosen for each task, by day": "SELECT * FROM audit_choices_by_task ORDER BY day DESC, task;",
-    "experts never chosen": "SELECT * FROM audit_experts_never_chosen;",
-    "the votes of one decision, with the samples they matched": "SELECT * FROM audit_votes WHERE decision_id = 1 ORDER BY query_index, rank;",
-    "close calls (margin of at most 2 votes)": "SELECT decision_id, task, chosen_expert, runner_up_expert, vote_margin FROM audit_decisions WHERE vote_margin <= 2;",
-}
-
-
 @click.command(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--view",
+    type=click.Choice(list(AUDIT_VIEWS)),
+    help="Print this view's rows (newest first) instead of the SQL.",
+)
+@click.option("--task", help="With --view: only rows of this task.")
+@click.option("--decision", "decision_id", type=int, help="With --view decisions|votes: only this decision.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="With --view: rows.")
+@click.option("--json", "as_json", is_flag=True, help="With --view: print JSON.")
 @click.pass_context
-def audit(ctx: click.Context) -> None:
-    """Print ready-to-run SQL over the audit views, and how to connect (psql) and grant read-only access.
+def audit(ctx: click.Context, view, task, decision_id, limit, as_json) -> None:
+    """Print ready-to-run SQL over the audit views, and how to connect (psql) and grant read-only access; or,
+    with --view, the rows of one view.
 
-    Example: elmreg audit
+    \b
+    Examples:
+      elmreg audit
+      elmreg audit --view decisions --limit 5
+      elmreg audit --view votes --decision 3 --json
     """
     from elmreg.registry.services import services_status
 
-    url = services_status(_registry(ctx).settings)[0].url.replace("postgresql+psycopg://", "postgresql://", 1)
-    click.echo(f"-- connect:  psql '{url}'")
-    click.echo("-- read-only access for a person:  GRANT elmreg_auditor TO alice;\n")
-    for title, sql in AUDIT_QUERIES.items():
-        click.echo(f"-- {title}\n{sql}\n")
+    if view is None:
+        if task or decision_id is not None or as_json:
+            raise click.UsageError("--task, --decision and --json go with --view")
+        url = services_status(_registry(ctx).settings)[0].url.replace(
+            "postgresql+psycopg://", "postgresql://", 1
+        )
+        click.echo(f"-- connect:  psql '{url}'")
+        click.echo("-- read-only access for a person:  GRANT elmreg_auditor TO alice;\n")
+        for title, sql in AUDIT_QUERIES.items():
+            click.echo(f"-- {title}\n{sql}\n")
+        return
+    filters = {"task": task} if task else {}
+    if decision_id is not None:
+        filters["decision_id"] = decision_id
+    rows = _registry(ctx).audit(view, limit=limit, **filters)
+    if as_json:
+        return echo_json(rows)
+    # Sample texts are long; a table shows their start, --json the whole text.
+    shown = [{k: _short(v) for k, v in row.items()} for row in rows]
+    echo_table(list(rows[0]) if rows else [], [list(r.values()) for r in shown], empty="(no rows)")
+
+
+def _short(value, width: int = 60):
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    text = str(value) if value is not None else ""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def register(cli: click.Group) -> None:

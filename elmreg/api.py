@@ -343,6 +343,27 @@ class Registry:
         backbone = self.context.store.get_backbone(record.backbone_id).name
         return self._evaluator(backbone, progress).evaluate(record, route, split=split, limit=limit, q=q)
 
+    def audit(self, view: str = "decisions", *, limit: int = 20, **filters: Any) -> list[dict[str, Any]]:
+        """Rows of an audit view, newest first: what ``elmreg audit``'s SQL shows, as dicts.
+
+        Args:
+            view: ``decisions`` (one row per routing decision, with vote margin and runner-up), ``choices``
+                (expert chosen per task per day), ``never_chosen`` (ready experts no decision picked) or
+                ``votes`` (every vote with the library sample it matched).
+            limit: At most this many rows.
+            **filters: Column equalities, e.g. ``task="strategyqa"`` or ``decision_id=7``.
+
+        Example::
+
+            registry.audit("votes", decision_id=decision.decision_id, limit=32)
+        """
+        from elmreg.registry.audit import audit_view
+
+        name, order_by = audit_view(view)
+        if limit < 1:
+            raise UserError(f"limit must be at least 1, got {limit}")
+        return self.context.store.audit_rows(name, order_by=order_by, filters=filters, limit=limit)
+
     def plan_task(self, dataset: str, **options: Any) -> TaskPlan:
         """Validate a task exactly as ``add_task`` would, writing nothing and queueing no training: for data
         that must stay unseen (held-out evaluation tasks). ``plan.fields`` holds its name, templates, task type

@@ -51,6 +51,21 @@ def test_route_picks_the_expert_of_the_task_and_votes_add_up(library, task):
         and audit.winner_votes + audit.runner_up_votes <= 16
     )
     assert audit.vote_margin == decision.margin
+    # The same rows through the Python API.
+    [row] = library.audit("decisions", decision_id=decision.decision_id)
+    assert (row["chosen_expert"], row["vote_margin"]) == (task, decision.margin)
+    votes = library.audit("votes", decision_id=decision.decision_id, limit=100)
+    assert len(votes) == 16 and {v["query_index"] for v in votes} == set(range(16))
+    assert library.audit("decisions", task=task, limit=1)[0]["decision_id"] == decision.decision_id
+
+
+def test_audit_api_refuses_unknown_views_and_columns(library):
+    from elmreg.registry.errors import UserError
+
+    with pytest.raises(UserError, match="unknown audit view 'nope'; choose one of decisions"):
+        library.audit("nope")
+    with pytest.raises(UserError, match="has no column colour"):
+        library.audit("decisions", colour="red")
 
 
 def test_sql_vote_equals_exact_search(library):
@@ -134,3 +149,14 @@ def test_route_cli_bad_inputs_and_output(library, tmp_path):
     decision = json.loads(result.output)
     assert decision["chosen_expert_name"] == "moods" and len(decision["votes"]) == 3
     assert "audit_decisions" in runner.invoke(cli, ["audit"], env=env).output
+
+    # The decision just made, through `elmreg audit --view`.
+    shown = runner.invoke(
+        cli, ["audit", "--view", "votes", "--decision", str(decision["decision_id"]), "--json"], env=env
+    )
+    assert shown.exit_code == 0, shown.output
+    assert sorted(v["query_index"] for v in json.loads(shown.output)) == [0, 1, 2]
+    table = runner.invoke(cli, ["audit", "--view", "decisions", "--limit", "1"], env=env)
+    assert table.exit_code == 0 and table.output.splitlines()[1].startswith(str(decision["decision_id"]))
+    refused = runner.invoke(cli, ["audit", "--json"], env=env)
+    assert refused.exit_code == 2 and "go with --view" in refused.output

