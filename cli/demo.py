@@ -1,9 +1,10 @@
 """``elmreg demo`` (what ``make demo`` runs): the seed paper's idea, end to end, on the embedded defaults.
 
 Stages: services and schema, register BIG-bench tasks, train their experts, route a seen and an unseen task in
-SQL, evaluate RoE against the base backbone, benchmark the experts, print audit SQL, write the HTML report.
-Every stage is resumable: tasks already registered are not registered again and trained experts are reused,
-so a second run costs only routing, evaluation and the report.
+SQL, evaluate RoE against the base backbone, benchmark the experts, merge two experts and score the merge next to
+its parents, print audit SQL, write the HTML report. Every stage is resumable: tasks already registered are not
+registered again, trained experts and the merged expert are reused, so a second run costs only routing,
+evaluation and the report.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ class DemoOutcome:
     seen_choice: str | None = None
     unseen_choice: str | None = None
     scores: dict[str, float] = field(default_factory=dict)  # route -> score on the seen task
+    merged: str | None = None
+    # (task, expert name) -> score, for the merged expert and its parents on the parents' tasks
+    merge_scores: dict[tuple[str, str], float] = field(default_factory=dict)
     report: Path | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -82,7 +86,7 @@ def run_demo(registry: Registry, plan: DemoPlan, *, quiet: bool = False) -> Demo
     from elmreg.registry.tasks import TaskRequest, default_task_name
 
     outcome = DemoOutcome()
-    stages = _Stages(total=8)
+    stages = _Stages(total=9 if len(plan.tasks) >= 2 else 8)
     settings = registry.settings
 
     with stages.stage("Services and catalogue schema"):
@@ -167,6 +171,9 @@ def run_demo(registry: Registry, plan: DemoPlan, *, quiet: bool = False) -> Demo
             ],
         )
 
+    if len(names) >= 2:
+        _merge_stage(registry, plan, names[:2], stages, outcome, quiet)
+
     with stages.stage("Audit the decisions with plain SQL"):
         from elmreg.registry.services import services_status
 
@@ -183,6 +190,37 @@ def run_demo(registry: Registry, plan: DemoPlan, *, quiet: bool = False) -> Demo
     total = sum(stages.seconds.values())
     click.secho(f"\nDone in {total / 60:.1f} min. Report: {outcome.report}", bold=True)
     return outcome
+
+
+def _merge_stage(registry, plan: DemoPlan, parents: list[str], stages: _Stages, outcome: DemoOutcome, quiet):
+    """Merge the first two experts by task arithmetic (λ = 1/2 each) and score it next to them on their tasks."""
+    with stages.stage(f"Merge {' + '.join(parents)} (task arithmetic) and score it on both tasks"):
+        # library="none": the merge is compared here, not offered to RoE, so routing in a rerun stays the same.
+        merged = registry.merge(parents, library="none")
+        outcome.merged = merged.expert.name
+        click.echo(
+            f"    {merged.expert.name}: expert {merged.expert.id}, "
+            + ("reused" if merged.reused else f"merged in {merged.merge_seconds:.1f} s")
+        )
+        with evaluation_progress(quiet) as progress:
+            for task in parents:
+                for expert in (registry.expert(task), merged.expert):
+                    result = registry.evaluate(
+                        task, f"expert:{expert.id}", limit=plan.benchmark_limit, progress=progress
+                    )
+                    outcome.merge_scores[(task, expert.name)] = result.score
+        echo_table(
+            ["task", "own expert", "merged"],
+            [
+                (
+                    task,
+                    f"{outcome.merge_scores[(task, task)]:.1f}",
+                    f"{outcome.merge_scores[(task, merged.expert.name)]:.1f}",
+                )
+                for task in parents
+            ],
+        )
+        click.echo(f"    lineage: SELECT * FROM expert_parents WHERE expert_id = {merged.expert.id};")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -208,7 +246,8 @@ def run_demo(registry: Registry, plan: DemoPlan, *, quiet: bool = False) -> Demo
 @click.pass_context
 def demo(ctx, tasks, unseen, max_examples, epochs, backbone, eval_limit, benchmark_limit, report) -> None:
     """Show the whole idea on this machine: register BIG-bench tasks, train one expert each, route in SQL,
-    evaluate RoE against the base backbone, benchmark, audit, report. Resumable: a second run reuses experts.
+    evaluate RoE against the base backbone, benchmark, merge two experts, audit, report. Resumable: a second run
+    reuses the experts.
 
     About 15 minutes on 2 CPU cores the first time (plus one-time downloads); `make demo` runs it.
 

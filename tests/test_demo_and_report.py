@@ -76,8 +76,8 @@ def test_demo_runs_every_stage_and_a_second_run_reuses_the_experts(lab, tmp_path
     ]
     first = CliRunner().invoke(cli, ["--quiet", *args], env=env, catch_exceptions=False)
     assert first.exit_code == 0, first.output
-    for stage in range(1, 9):
-        assert f"[{stage}/8]" in first.output
+    for stage in range(1, 10):
+        assert f"[{stage}/9]" in first.output
     # Routing is decided by the library samples, not by how well the tiny experts learnt.
     assert "bigbench:colours (seen) -> colours" in first.output
     assert "bigbench:sizes/small_things (not in the library) ->" in first.output
@@ -93,7 +93,15 @@ def test_demo_runs_every_stage_and_a_second_run_reuses_the_experts(lab, tmp_path
         stored = c.execute(
             text("SELECT route FROM evaluations WHERE benchmark_run_id IS NULL ORDER BY id")
         ).scalars()
-        assert [route for route in stored] == ["roe", "base"]
+        assert [route for route in stored] == ["roe", "base"] + ["expert"] * 4
+        lineage = c.execute(
+            text(
+                "SELECT p.name, ep.weight FROM expert_parents ep JOIN experts p ON p.id = ep.parent_id "
+                "JOIN experts m ON m.id = ep.expert_id WHERE m.kind = 'merged' ORDER BY ep.position"
+            )
+        ).all()
+    assert [tuple(row) for row in lineage] == [("colours", 0.5), ("moods", 0.5)]
+    assert "merged in" in first.output
     # The tiny tasks have fewer than 32 validation instances: Q is what was there.
     assert [d.caller_label for d in decisions] == [
         "demo:bigbench:colours",
@@ -104,6 +112,7 @@ def test_demo_runs_every_stage_and_a_second_run_reuses_the_experts(lab, tmp_path
     second = CliRunner().invoke(cli, ["--quiet", *args], env=env, catch_exceptions=False)
     assert second.exit_code == 0, second.output
     assert "colours: already registered" in second.output and "0 trained now, 2 reused" in second.output
+    assert "reused" in second.output.split("Merge colours + moods")[1].splitlines()[1]
     assert [e.id for e in lab.experts()] == experts_before
 
 
