@@ -1,8 +1,8 @@
 """``elmreg demo`` (what ``make demo`` runs): the seed paper's idea, end to end, on the embedded defaults.
 
 Stages: services and schema, register BIG-bench tasks, train their experts, route a seen and an unseen task in
-SQL, evaluate RoE against the base backbone, benchmark the experts, merge two experts and score the merge next to
-its parents, print audit SQL, write the HTML report. Every stage is resumable: tasks already registered are not
+SQL, evaluate RoE against the base backbone, merge two experts and score the merge next to its parents, benchmark
+every new expert (the merge included) on every task, print audit SQL, write the HTML report. Every stage is resumable: tasks already registered are not
 registered again, trained experts and the merged expert are reused, so a second run costs only routing,
 evaluation and the report.
 """
@@ -160,19 +160,24 @@ def run_demo(registry: Registry, plan: DemoPlan, *, quiet: bool = False) -> Demo
             f"  (stored in the evaluations table)"
         )
 
+    if len(names) >= 2:
+        _merge_stage(registry, plan, names[:2], stages, outcome, quiet)
+
     with stages.stage(f"Benchmark new experts on every task ({plan.benchmark_limit} examples each)"):
         with evaluation_progress(quiet) as progress:
             bench = registry.benchmark(limit=plan.benchmark_limit, progress=progress)
-        echo_table(
-            ["task", "RoE", "RoE expert", "oracle", "base"],
-            [
-                (t, f"{r['roe']:.1f}", r["roe_expert"], f"{r['oracle']:.1f}", f"{r['base']:.1f}")
-                for t, r in bench.routes.items()
-            ],
-        )
-
-    if len(names) >= 2:
-        _merge_stage(registry, plan, names[:2], stages, outcome, quiet)
+        if bench.run_id is None:
+            click.echo(
+                f"    no expert became ready since the last benchmark ({_since(bench)}): nothing to do"
+            )
+        else:
+            echo_table(
+                ["task", "RoE", "RoE expert", "oracle", "base"],
+                [
+                    (t, f"{r['roe']:.1f}", r["roe_expert"], f"{r['oracle']:.1f}", f"{r['base']:.1f}")
+                    for t, r in bench.routes.items()
+                ],
+            )
 
     with stages.stage("Audit the decisions with plain SQL"):
         from elmreg.registry.services import services_status
@@ -190,6 +195,10 @@ def run_demo(registry: Registry, plan: DemoPlan, *, quiet: bool = False) -> Demo
     total = sum(stages.seconds.values())
     click.secho(f"\nDone in {total / 60:.1f} min. Report: {outcome.report}", bold=True)
     return outcome
+
+
+def _since(bench) -> str:
+    return f"{bench.since:%Y-%m-%d %H:%M}" if bench.since else "ever"
 
 
 def _merge_stage(registry, plan: DemoPlan, parents: list[str], stages: _Stages, outcome: DemoOutcome, quiet):
@@ -246,7 +255,7 @@ def _merge_stage(registry, plan: DemoPlan, parents: list[str], stages: _Stages, 
 @click.pass_context
 def demo(ctx, tasks, unseen, max_examples, epochs, backbone, eval_limit, benchmark_limit, report) -> None:
     """Show the whole idea on this machine: register BIG-bench tasks, train one expert each, route in SQL,
-    evaluate RoE against the base backbone, benchmark, merge two experts, audit, report. Resumable: a second run
+    evaluate RoE against the base backbone, merge two experts, benchmark, audit, report. Resumable: a second run
     reuses the experts.
 
     About 15 minutes on 2 CPU cores the first time (plus one-time downloads); `make demo` runs it.

@@ -211,6 +211,14 @@ def benchmark(ctx: click.Context, since, limit, out_dir) -> None:
     """
     with evaluation_progress(is_quiet(ctx)) as progress:
         report = _registry(ctx).benchmark(since=since, limit=limit, out_dir=out_dir, progress=progress)
+    if report.run_id is None:
+        click.echo(
+            f"no expert became ready since {report.since:%Y-%m-%d %H:%M}: nothing to benchmark "
+            "(--since DATE benchmarks the experts added since then)"
+            if report.since
+            else "no ready expert to benchmark: train one first (elmreg worker --once)"
+        )
+        return
     echo_table(
         ["task", "RoE", "RoE expert", "oracle", "base"],
         [
@@ -218,8 +226,10 @@ def benchmark(ctx: click.Context, since, limit, out_dir) -> None:
             for t, r in report.routes.items()
         ],
     )
+    reused = f", {report.reused_scores} oracle score(s) from earlier runs" if report.reused_scores else ""
     click.echo(
-        f"\nbenchmark run {report.run_id}: {len(report.experts)} new expert(s); report: {report.report_path}"
+        f"\nbenchmark run {report.run_id}: {len(report.experts)} new expert(s){reused}; "
+        f"report: {report.report_path}"
     )
 
 

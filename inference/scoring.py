@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from elmreg.registry.backbones import Backbone
 from elmreg.registry.encoding import (
@@ -17,6 +19,13 @@ from elmreg.registry.encoding import (
 )
 from elmreg.registry.errors import UserError
 from elmreg.registry.prompts import PromptedExample
+
+# transformers 5.x renamed the key-value cache from ``past_key_values`` to ``cache`` (the old name still works but
+# warns); use whichever name the installed version has.
+_CACHE = next(
+    (f.name for f in dataclasses.fields(BaseModelOutputWithPast) if f.name in ("cache", "past_key_values")),
+    "past_key_values",
+)
 
 # progress(done): the number of examples answered so far.
 Progress = Callable[[int], None]
@@ -93,7 +102,7 @@ def _causal_scores(
     # Hidden states, not logits: the LM head (262k columns on gemma-3) runs only where a choice token is predicted.
     prompt = causal.base_model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
     first = torch.log_softmax(lm_head_logits(causal, prompt.last_hidden_state[0, -1]), dim=-1)
-    cache = prompt.past_key_values
+    cache = getattr(prompt, _CACHE)
     cache.batch_repeat_interleave(n)
     width = max(len(c) for c in continuations)
     pad = backbone.tokenizer.pad_token_id
@@ -105,7 +114,7 @@ def _causal_scores(
     scores = [float(first[c[0]]) for c in continuations]
     if width > 1:
         hidden = causal.base_model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache
+            input_ids=ids, attention_mask=mask, position_ids=positions, **{_CACHE: cache}
         ).last_hidden_state
         # Token t of a continuation is predicted at its position t-1 (t >= 1); token 0 by the prompt's last position.
         targets = torch.tensor(

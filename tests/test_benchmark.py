@@ -37,9 +37,30 @@ def test_benchmark_run_stores_matrix_and_writes_report(lab, tmp_path):
     assert run.status == "succeeded" and run.report_uri == str(report.report_path)
     assert [tuple(r) for r in stored] == [("base", 2), ("expert", 4), ("oracle", 2), ("roe", 2)]
 
-    # The next run only looks at experts added since this one: none.
-    again = lab.benchmark(limit=4, out_dir=tmp_path / "again")
-    assert again.matrix == {} and "No expert was added" in again.report_path.read_text()
+    # The next run only looks at experts added since this one: none, so nothing is evaluated or recorded.
+    again = lab.benchmark(limit=8, out_dir=tmp_path / "again")
+    assert again.run_id is None and again.matrix == {} and not (tmp_path / "again").exists()
+
+    # A new expert: its row is evaluated; the oracle reuses the old experts' scores on the old tasks (same split
+    # and sample size) and evaluates them only on the new task.
+    lab.add_task("bigbench:sizes", max_examples=32, training=FAST)
+    lab.train()
+    third = lab.benchmark(limit=8, out_dir=tmp_path / "third")
+    assert list(third.matrix) == ["sizes"] and third.reused_scores == 4
+    with lab.context.engine.connect() as c:
+        oracles = c.execute(
+            text(
+                "SELECT t.name, ev.score, ev.details FROM evaluations ev JOIN tasks t ON t.id = ev.task_id"
+                " WHERE ev.benchmark_run_id = :id AND ev.route = 'oracle'"
+            ),
+            {"id": third.run_id},
+        ).all()
+    for task, score, details in oracles:
+        assert score == max(details["scores"].values())
+        reused = {"colours", "moods"} if task in ("colours", "moods") else set()
+        assert set(details["reused"]) == reused, task
+        if task in reused:
+            assert {e: details["scores"][e] for e in reused} == {e: report.matrix[e][task] for e in reused}
 
 
 def test_scheduler_job_is_run_by_a_worker(lab):

@@ -113,6 +113,7 @@ def test_demo_runs_every_stage_and_a_second_run_reuses_the_experts(lab, tmp_path
     assert second.exit_code == 0, second.output
     assert "colours: already registered" in second.output and "0 trained now, 2 reused" in second.output
     assert "reused" in second.output.split("Merge colours + moods")[1].splitlines()[1]
+    assert "no expert became ready since the last benchmark" in second.output
     assert [e.id for e in lab.experts()] == experts_before
 
 
