@@ -96,7 +96,10 @@ def _library_growth(context: RegistryContext) -> tuple[str | None, str]:
 def _benchmark_heatmap(context: RegistryContext) -> tuple[str | None, str]:
     run = _rows(
         context,
-        "SELECT id, started_at FROM benchmark_runs WHERE status = 'succeeded' ORDER BY id DESC LIMIT 1",
+        # The latest finished run that scored experts (a run can have found none of them on the suite's backbones).
+        "SELECT r.id, r.started_at FROM benchmark_runs r WHERE r.status = 'succeeded' AND EXISTS"
+        " (SELECT 1 FROM evaluations ev WHERE ev.benchmark_run_id = r.id AND ev.route = 'expert')"
+        " ORDER BY r.id DESC LIMIT 1",
     )
     if not run:
         return (
