@@ -2,9 +2,9 @@
 
 Stages: services and schema, register BIG-bench tasks, train their experts, route a seen and an unseen task in
 SQL, evaluate RoE against the base backbone, merge two experts and score the merge next to its parents, benchmark
-every new expert (the merge included) on every task, print audit SQL, write the HTML report. Every stage is resumable: tasks already registered are not
-registered again, trained experts and the merged expert are reused, so a second run costs only routing,
-evaluation and the report.
+every new expert (the merge included) on every task, print audit SQL, write the HTML report. Every stage is
+resumable: tasks already registered are not registered again, trained experts and the merged expert are reused,
+and the benchmark skips a library with nothing new, so a second run costs routing, evaluation and the report.
 """
 
 from __future__ import annotations

@@ -201,8 +201,8 @@ def truncated_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     """Factors (B', A') with B'·A' the best rank-``rank`` approximation of ``delta`` (what PEFT's SVD gives).
 
     Through the eigenvectors of the smaller Gram matrix, in float64: the projection onto the top ``rank`` of
-    them is the truncated SVD, deterministic, and 2-5x faster on a CPU than ``torch.linalg.svd`` of the whole
-    update, which TIES/DARE merges of LoRA experts otherwise spend most of their time in.
+    them is the truncated SVD, deterministic, and 2-5x faster per module on a CPU than ``torch.linalg.svd`` of
+    the whole update (a TIES merge of two gemma-3-270m experts: 16 s instead of 20 s; PEFT's pruning is the rest).
     """
     work = delta.double()
     if work.shape[0] <= work.shape[1]:
