@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from elmreg.inference.evaluation import EvaluationResult, Evaluator, evaluation_examples
+from elmreg.inference.evaluation import Evaluator
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.errors import UserError
 from elmreg.registry.store.entities import Task
@@ -121,11 +121,13 @@ def run_benchmark(
                 row[route] = result.score
                 if route == "roe":
                     row["roe_expert"] = result.expert
-            oracle, reused = _oracle(context, evaluator, task, ready, split, limit)
+            reused = _remember_earlier_scores(context, evaluator, task, ready, split, limit)
+            oracle = evaluator.evaluate(task, "oracle", split=split, limit=limit, record=False)
+            oracle.details["reused"] = sorted(e.name for e in reused)
             _record(context, task, store.get_expert(oracle.expert).id, "oracle", oracle, run_id, split)
             row["oracle"] = oracle.score
             report.routes[task.name] = row
-            report.reused_scores += reused
+            report.reused_scores += len(reused)
         report.report_path = write_report(context, report, out_dir)
         _finish(context, run_id, "succeeded", report)
     except BaseException:
@@ -134,20 +136,12 @@ def run_benchmark(
     return report
 
 
-def _oracle(
-    context: RegistryContext,
-    evaluator: Evaluator,
-    task: Task,
-    ready: list,
-    split: str,
-    limit: int,
-) -> tuple[EvaluationResult, int]:
-    """The best ready expert on ``task`` and how many of the scores it compared came from earlier runs."""
-    candidates = [e for e in ready if e.backbone_id == task.backbone_id]
-    if not candidates:
-        raise UserError("the oracle needs at least one ready expert on the task's backbone")
+def _remember_earlier_scores(
+    context: RegistryContext, evaluator: Evaluator, task: Task, ready: list, split: str, limit: int
+) -> list:
+    """Give the evaluator each ready expert's latest score on ``task`` from a finished run with the same split and
+    sample size, so that the oracle compares them without answering again; returns those experts."""
     with context.engine.connect() as c:
-        # The latest score of each expert on this task from a finished run with the same split and sample size.
         stored = dict(
             c.execute(
                 text(
@@ -160,32 +154,10 @@ def _oracle(
                 {"task": task.id, "split": split, "limit": limit},
             ).all()
         )
-    scores: dict[int, float] = {}
-    n_examples = None
-    for expert in candidates:
-        if expert.id in stored:
-            scores[expert.id] = stored[expert.id]
-            continue
-        # New experts of this run were scored a moment ago: the evaluator answers from its cache.
-        result = evaluator.evaluate(task, f"expert:{expert.id}", split=split, limit=limit, record=False)
-        scores[expert.id], n_examples = result.score, result.n_examples
-    best = max(candidates, key=lambda e: (scores[e.id], -e.id))
-    if n_examples is None:
-        n_examples = len(evaluation_examples(context, task, split=split, limit=limit))
-    result = EvaluationResult(
-        task=task.name,
-        route="oracle",
-        expert=best.name,
-        metric=task.metric,
-        score=round(scores[best.id], 4),
-        n_examples=n_examples,
-        evaluation_id=None,
-        details={
-            "scores": {e.name: round(scores[e.id], 3) for e in candidates},
-            "reused": sorted(e.name for e in candidates if e.id in stored),
-        },
-    )
-    return result, sum(1 for e in candidates if e.id in stored)
+    reused = [e for e in ready if e.id in stored and e.backbone_id == task.backbone_id]
+    for expert in reused:
+        evaluator.remember(task, expert, stored[expert.id], split=split, limit=limit)
+    return reused
 
 
 def _record(context, task, expert_id, route, result, run_id, split) -> None:

@@ -90,6 +90,11 @@ class Evaluator:
         # for its matrix, the oracle and RoE; each is computed once per evaluator.
         self._scores: dict[tuple[int, str, int | None, int | None], float] = {}
 
+    def remember(self, task: Task, expert: Expert, score: float, *, split: str, limit: int | None) -> None:
+        """Take ``expert``'s score on this sample of ``task`` as measured earlier, instead of answering again
+        (an expert's weights and a seeded sample never change)."""
+        self._scores[(task.id, split, limit, expert.id)] = score
+
     @property
     def router(self) -> Router:
         if self._router is None:
