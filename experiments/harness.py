@@ -359,23 +359,31 @@ class Harness:
             scores = {n: self.score(task, e) for n, e in candidates.items()}
             oracle_name = max(scores, key=lambda n: (scores[n], n == spec.name))
             rows.append(
-                {
-                    "task": spec.name,
-                    "metric": task.metric,
-                    "n": len(task.instances),
-                    "base": self.score(task, None),
-                    "mt": self.score(task, self.mt),
-                    "own_expert": scores[spec.name],
-                    "roe": self.score(task, roe),
-                    "roe_expert": roe.name,
-                    "oracle": scores[oracle_name],
-                    "oracle_expert": oracle_name,
-                }
+                self._comparison_row(
+                    spec.name,
+                    task,
+                    own_expert=scores[spec.name],
+                    roe=self.score(task, roe),
+                    roe_expert=roe.name,
+                    oracle=scores[oracle_name],
+                    oracle_expert=oracle_name,
+                )
             )
         return {
             "rows": rows,
             "mean": _means(rows, ("base", "mt", "own_expert", "roe", "oracle")),
             "matrix": matrix,
+        }
+
+    def _comparison_row(self, name: str, task: _Eval, **columns: Any) -> dict[str, Any]:
+        """A row of the multitask and unseen tables: the task, its base and MT scores, then ``columns``."""
+        return {
+            "task": name,
+            "metric": task.metric,
+            "n": len(task.instances),
+            "base": self.score(task, None),
+            "mt": self.score(task, self.mt),
+            **columns,
         }
 
     def run_continual(self) -> tuple[dict[str, Any], PredictionCheck]:
@@ -527,18 +535,15 @@ class Harness:
             scores.setdefault(roe.name, self.score(task, roe))
             oracle = max(scores, key=lambda n: scores[n])
             rows.append(
-                {
-                    "task": spec.name,
-                    "metric": task.metric,
-                    "n": len(task.instances),
-                    "base": self.score(task, None),
-                    "mt": self.score(task, self.mt),
-                    "best_single": scores[best],
-                    "roe": scores[roe.name],
-                    "roe_expert": roe.name,
-                    "oracle": scores[oracle],
-                    "oracle_expert": oracle,
-                }
+                self._comparison_row(
+                    spec.name,
+                    task,
+                    best_single=scores[best],
+                    roe=scores[roe.name],
+                    roe_expert=roe.name,
+                    oracle=scores[oracle],
+                    oracle_expert=oracle,
+                )
             )
         return {
             "rows": rows,

@@ -39,6 +39,26 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _comparison_table(section: dict[str, Any], own: str, own_title: str) -> str:
+    """Per task: base, MT, the section's own column, RoE and the oracle with their experts; then the means."""
+    rows = [
+        [
+            x["task"],
+            x["n"],
+            x["base"],
+            x["mt"],
+            x[own],
+            f"{x['roe']:.1f} ({x['roe_expert']})",
+            f"{x['oracle']:.1f} ({x['oracle_expert']})",
+        ]
+        for x in section["rows"]
+    ]
+    mean = section["mean"]
+    if rows:
+        rows.append(["**mean**", "", mean["base"], mean["mt"], mean[own], mean["roe"], mean["oracle"]])
+    return _table(["task", "n", "base", "MT", own_title, "RoE (expert)", "oracle (expert)"], rows)
+
+
 def _footer(p: dict[str, Any]) -> str:
     # Every table says what produced it, so a copied table keeps its context.
     return (
@@ -117,22 +137,6 @@ def markdown(data: dict[str, Any]) -> str:
         ]
     if "multitask" in s:
         m = s["multitask"]
-        rows = [
-            [
-                x["task"],
-                x["n"],
-                x["base"],
-                x["mt"],
-                x["own_expert"],
-                f"{x['roe']:.1f} ({x['roe_expert']})",
-                f"{x['oracle']:.1f} ({x['oracle_expert']})",
-            ]
-            for x in m["rows"]
-        ]
-        mean = m["mean"]
-        rows.append(
-            ["**mean**", "", mean["base"], mean["mt"], mean["own_expert"], mean["roe"], mean["oracle"]]
-        )
         out += [
             "",
             f"## {SECTION_TITLES['multitask']}",
@@ -140,7 +144,7 @@ def markdown(data: dict[str, Any]) -> str:
             "MT: one adapter of the same kind and size trained on the union of the seen tasks' training examples "
             "(the same total number); its expert is retired, so it is never routed to.",
             "",
-            _table(["task", "n", "base", "MT", "own expert", "RoE (expert)", "oracle (expert)"], rows),
+            _comparison_table(m, "own_expert", "own expert"),
             "",
             _footer(p),
         ]
@@ -223,23 +227,6 @@ def markdown(data: dict[str, Any]) -> str:
         ]
     if "unseen" in s:
         u = s["unseen"]
-        rows = [
-            [
-                x["task"],
-                x["n"],
-                x["base"],
-                x["mt"],
-                x["best_single"],
-                f"{x['roe']:.1f} ({x['roe_expert']})",
-                f"{x['oracle']:.1f} ({x['oracle_expert']})",
-            ]
-            for x in u["rows"]
-        ]
-        mean = u["mean"]
-        if rows:
-            rows.append(
-                ["**mean**", "", mean["base"], mean["mt"], mean["best_single"], mean["roe"], mean["oracle"]]
-            )
         out += [
             "",
             f"## {SECTION_TITLES['unseen']}",
@@ -247,7 +234,7 @@ def markdown(data: dict[str, Any]) -> str:
             f"Best single expert, chosen by its mean score on the seen tasks: `{u['best_single_expert']}`. "
             "RoE routes at the seen library's version.",
             "",
-            _table(["task", "n", "base", "MT", "best single", "RoE (expert)", "oracle (expert)"], rows),
+            _comparison_table(u, "best_single", "best single"),
             "",
             _footer(p),
         ]
