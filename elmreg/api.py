@@ -395,14 +395,18 @@ class Registry:
             queries = registry.examples("colours", limit=32)
             registry.route(queries, task="colours")
         """
-        from elmreg.registry.prompts import PromptTemplate, render_examples
-        from elmreg.registry.sources import DatasetSpec, load_dataset_rows
+        from elmreg.inference.evaluation import render_dataset
 
         fields = task.fields if isinstance(task, TaskPlan) else dataclasses.asdict(self.task(task))
-        spec = DatasetSpec(fields["dataset"], fields["subset"], split)
-        loaded = load_dataset_rows(spec, cache_dir=self.settings.cache_path, max_rows=limit, seed=seed)
-        templates = [PromptTemplate.from_dict(t) for t in fields["templates"]]
-        return render_examples(loaded.rows, templates, seed=seed)
+        return render_dataset(
+            self.settings.cache_path,
+            fields["dataset"],
+            fields["subset"],
+            fields["templates"],
+            split=split,
+            limit=limit,
+            seed=seed,
+        )
 
     def _evaluator(self, backbone: str, progress=None):
         from elmreg.inference.evaluation import Evaluator

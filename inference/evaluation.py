@@ -63,9 +63,25 @@ def evaluation_examples(
     seed: int = 0,
 ) -> list[PromptedExample]:
     """The task's labelled examples of ``split`` (a seeded sample of ``limit``), rendered like training data."""
-    spec = DatasetSpec(task.dataset, task.subset, split)
-    loaded = load_dataset_rows(spec, cache_dir=context.settings.cache_path, max_rows=limit, seed=seed)
-    return render_examples(loaded.rows, [PromptTemplate.from_dict(t) for t in task.templates], seed=seed)
+    return render_dataset(
+        context.settings.cache_path,
+        task.dataset,
+        task.subset,
+        task.templates,
+        split=split,
+        limit=limit,
+        seed=seed,
+    )
+
+
+def render_dataset(
+    cache_dir, dataset: str, subset: str | None, templates, *, split: str, limit: int | None, seed: int
+) -> list[PromptedExample]:
+    """Rows of a dataset split (a seeded sample of ``limit``) rendered with templates (dicts as stored on tasks)."""
+    loaded = load_dataset_rows(
+        DatasetSpec(dataset, subset, split), cache_dir=cache_dir, max_rows=limit, seed=seed
+    )
+    return render_examples(loaded.rows, [PromptTemplate.from_dict(t) for t in templates], seed=seed)
 
 
 class Evaluator:
