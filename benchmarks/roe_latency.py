@@ -22,12 +22,10 @@ from collections import Counter
 import numpy as np
 from sqlalchemy import text
 
-from elmreg.inference.router import _route_sql, vector_array_literal
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.settings import load_settings
 from elmreg.registry.store import schema
 from elmreg.registry.store.entities import LibraryEntry, StoredArtifact
-from elmreg.registry.store.models import hnsw_index_name
 
 DIM, PER_EXPERT, NOISE = 384, 100, 1.0
 HEADER = f"{'entries':>8} {'method':<28} {'ms':>8} {'top-1 agree':>12} {'vote agrees':>12}"
@@ -48,32 +46,24 @@ def synthetic_library(size: int, rng: np.random.Generator) -> tuple[np.ndarray, 
 
 
 def fill(context: RegistryContext, owners: np.ndarray, vectors: np.ndarray) -> tuple[int, dict[int, int]]:
-    store = context.store
-    backbone = store.get_or_create_backbone("bench-backbone", "causal")
-    embedder = store.get_or_create_embedder(f"bench-{DIM}", DIM)
-    with context.engine.begin() as c:  # bulk load, then build the index once (as after a large import)
-        c.execute(text(f"DROP INDEX IF EXISTS {hnsw_index_name(embedder.id)}"))
+    backbone = context.catalogue.get_or_create_backbone("bench-backbone", "causal")
+    embedder = context.catalogue.get_or_create_embedder(f"bench-{DIM}", DIM)
     expert_ids = {}
-    for expert in range(int(owners.max()) + 1):
-        record = store.create_expert(name=f"bench-{expert}", backbone_id=backbone.id, kind="lora")
-        rows = np.flatnonzero(owners == expert)
-        store.publish_expert(
-            record.id,
-            artifact=StoredArtifact(f"s3://bench/{expert}", "0" * 64, 1),
-            embedder_id=embedder.id,
-            entries=[LibraryEntry(i, f"sample {i}", vectors[r]) for i, r in enumerate(rows)],
-        )
-        expert_ids[record.id] = expert
-    started = time.perf_counter()
-    with context.engine.begin() as c:
-        c.execute(text("SET maintenance_work_mem = '1GB'"))
-        c.execute(
-            text(
-                f"CREATE INDEX {hnsw_index_name(embedder.id)} ON library_entries "
-                f"USING hnsw ((embedding::vector({DIM})) vector_ip_ops) WHERE embedder_id = {embedder.id}"
+    # Bulk load, then build the index once (as after a large import).
+    with context.library.index_built_after(embedder.id):
+        for expert in range(int(owners.max()) + 1):
+            record = context.catalogue.create_expert(
+                name=f"bench-{expert}", backbone_id=backbone.id, kind="lora"
             )
-        )
-        c.execute(text("ANALYZE library_entries"))
+            rows = np.flatnonzero(owners == expert)
+            context.catalogue.publish_expert(
+                record.id,
+                artifact=StoredArtifact(f"s3://bench/{expert}", "0" * 64, 1),
+                embedder_id=embedder.id,
+                entries=[LibraryEntry(i, f"sample {i}", vectors[r]) for i, r in enumerate(rows)],
+            )
+            expert_ids[record.id] = expert
+        started = time.perf_counter()
     print(f"  HNSW build: {time.perf_counter() - started:.1f} s")
     return embedder.id, expert_ids
 
@@ -102,31 +92,22 @@ def bench_size(context: RegistryContext, size: int, rng: np.random.Generator, ar
 
     exact_ms, exact_hits = timed(lambda: np.argmax(vectors @ queries.T, axis=0), args.repeats)
     exact_vote = vote([int(owners[h]) for h in exact_hits])
+    exact_scores = np.einsum("qd,qd->q", vectors[exact_hits], queries)
     print(HEADER)
     print(f"{size:>8} {'numpy exact (in process)':<28} {exact_ms:>8.2f} {'100.0%':>12} {'yes':>12}")
 
-    version = context.store.library_version()
-    sql = text(_route_sql(DIM, embedder_id, False, False))
-    entry_owner = {}
-    with context.engine.connect() as c:
-        for row in c.execute(text("SELECT id, expert_id FROM library_entries")):
-            entry_owner[row.id] = expert_ids[row.expert_id]
-        entry_row = {}
-        for row in c.execute(text("SELECT id, expert_id, sample_index FROM library_entries")):
-            entry_row[row.id] = int(np.flatnonzero(owners == expert_ids[row.expert_id])[row.sample_index])
+    version = context.library.library_version()
     for ef in (int(e) for e in args.ef_search.split(",")):
-        with context.engine.connect() as c:
-            c.execute(text(f"SET hnsw.ef_search = {ef}"))
 
-            def run_sql(c=c, ef=ef):
-                # Formatting the query vectors is part of the SQL path's cost (numpy and FAISS take arrays).
-                params = {"library_version": version, "candidates": ef, "top_k": 1}
-                return c.execute(sql, {**params, "queries": vector_array_literal(queries)}).all()
+        def run_sql(ef=ef):
+            # The store's own statement; formatting the query vectors is part of its cost (numpy and FAISS
+            # take arrays).
+            return context.library.vote(embedder_id, queries, library_version=version, ef_search=ef)
 
-            ms, rows = timed(run_sql, args.repeats)
-        votes = sorted((r for r in rows if r.row_kind == "vote"), key=lambda r: r.query_index)
-        agree = np.mean([entry_row[r.entry_id] == h for r, h in zip(votes, exact_hits, strict=True)])
-        same_vote = vote([entry_owner[r.entry_id] for r in votes]) == exact_vote
+        ms, (votes, _) = timed(run_sql, args.repeats)
+        # A vote found the exact nearest entry when its score is the exact best inner product.
+        agree = np.mean([abs(v.score - s) < 1e-4 for v, s in zip(votes, exact_scores, strict=True)])
+        same_vote = vote([expert_ids[v.expert_id] for v in votes]) == exact_vote
         print(f"{size:>8} {f'elmreg SQL, ef_search={ef}':<28} {ms:>8.2f} {agree:>11.1%} {str(same_vote):>12}")
         if faiss is not None:
             if ef == int(args.ef_search.split(",")[0]):

@@ -80,9 +80,8 @@ class _Stages:
 
 def run_demo(registry: Registry, plan: DemoPlan, *, quiet: bool = False) -> DemoOutcome:
     """Run the demo's stages against ``registry``; returns what a test (or a curious user) wants to check."""
-    from elmreg.inference.inputs import dataset_instances
+    from elmreg.registry.examples import render_split
     from elmreg.registry.services import services_up
-    from elmreg.registry.store import schema
     from elmreg.registry.tasks import TaskRequest, default_task_name
 
     outcome = DemoOutcome()
@@ -92,8 +91,8 @@ def run_demo(registry: Registry, plan: DemoPlan, *, quiet: bool = False) -> Demo
     with stages.stage("Services and catalogue schema"):
         for service in services_up(settings):
             click.echo(f"    {service.name:<9} {service.url}")
-        schema.upgrade(registry.context.engine)
-        click.echo(f"    schema at revision {schema.current_revision(registry.context.engine)}")
+        registry.context.upgrade_schema()
+        click.echo(f"    schema at revision {registry.context.schema_revision()}")
 
     names = [default_task_name(TaskRequest(dataset=d)) for d in plan.tasks]
     with stages.stage(f"Register {len(plan.tasks)} tasks (one expert each, K={plan.max_examples})"):
@@ -129,8 +128,8 @@ def run_demo(registry: Registry, plan: DemoPlan, *, quiet: bool = False) -> Demo
     with stages.stage(f"Route Q={plan.q} instances in SQL: a seen task, then an unseen one"):
         routed = [(seen, seen_name)] + ([(plan.unseen, None)] if plan.unseen else [])
         for dataset, task in routed:
-            instances = dataset_instances(
-                DatasetSpec(dataset, split="validation"), settings.cache_path, limit=plan.q
+            instances = render_split(
+                DatasetSpec(dataset, split="validation"), None, cache_dir=settings.cache_path, limit=plan.q
             )
             # A held-out split smaller than Q routes on what there is.
             q = min(plan.q, len(instances))

@@ -75,12 +75,11 @@ def run_command(
     from elmreg.experiments.config import load_config
     from elmreg.experiments.harness import run_experiment
     from elmreg.registry.services import services_up
-    from elmreg.registry.store import schema
 
     registry: Registry = ctx.find_root().obj["registry"]
     config = load_config(preset, eval_limit=eval_limit, q=q, seed=seed)
     services_up(registry.settings)
-    schema.upgrade(registry.context.engine)
+    registry.context.upgrade_schema()
     quiet = is_quiet(ctx)
     echo = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
     with training_progress(quiet) as hooks:

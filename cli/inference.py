@@ -30,12 +30,15 @@ def load_instances(
     limit: int | None,
 ):
     """Instances from --input (JSON lines) or --dataset (a split rendered with its default template)."""
-    from elmreg.inference.inputs import dataset_instances, read_jsonl, to_instances
+    from elmreg.inference.inputs import read_jsonl, to_instances
+    from elmreg.registry.examples import render_split
 
     if bool(input_file) == bool(dataset):
         raise click.UsageError("give exactly one of --input FILE or --dataset NAME")
     if dataset:
-        return dataset_instances(DatasetSpec(dataset, split=split), registry.settings.cache_path, limit=limit)
+        return render_split(
+            DatasetSpec(dataset, split=split), None, cache_dir=registry.settings.cache_path, limit=limit
+        )
     templates = [PromptTemplate.from_dict(t) for t in registry.task(task).templates] if task else None
     return to_instances(read_jsonl(Path(input_file)), templates)
 

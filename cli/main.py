@@ -14,7 +14,6 @@ from elmreg.cli.errors import ElmregGroup
 from elmreg.registry.services import services_down, services_status, services_up
 from elmreg.registry.settings import load_settings, setting_docs
 from elmreg.registry.store import schema
-from elmreg.registry.store.sqlalchemy_store import SqlAlchemyStore
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -128,10 +127,10 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
 
     Example: elmreg db upgrade
     """
-    engine = _registry(ctx).context.engine
-    before = schema.current_revision(engine)
-    schema.upgrade(engine, revision)
-    after = schema.current_revision(engine)
+    context = _registry(ctx).context
+    before = context.schema_revision()
+    context.upgrade_schema(revision)
+    after = context.schema_revision()
     click.echo(f"catalogue schema: {before or 'empty'} -> {after}")
 
 
@@ -148,9 +147,9 @@ def db_downgrade(ctx: click.Context, revision: str, yes: bool) -> None:
     """
     if not yes:
         raise click.UsageError("downgrading can drop data: add --yes to confirm")
-    engine = _registry(ctx).context.engine
-    schema.downgrade(engine, revision)
-    after = schema.current_revision(engine)
+    context = _registry(ctx).context
+    context.downgrade_schema(revision)
+    after = context.schema_revision()
     click.echo(f"catalogue schema: {after or 'empty'}")
 
 
@@ -161,7 +160,7 @@ def db_current(ctx: click.Context) -> None:
 
     Example: elmreg db current
     """
-    current = schema.current_revision(_registry(ctx).context.engine)
+    current = _registry(ctx).context.schema_revision()
     head = schema.head_revision()
     note = "up to date" if current == head else "run 'elmreg db upgrade'"
     click.echo(f"{current or 'empty'} (head {head}: {note})")
@@ -180,7 +179,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     endpoints = registry.context.endpoints
     rows = services_status(registry.settings)
     # Not registry.status(): that refuses an unmigrated catalogue, and status must describe one.
-    summary = SqlAlchemyStore(registry.context.engine).summary()
+    summary = registry.context.summary()
     if as_json:
         _print_json(
             {

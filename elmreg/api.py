@@ -9,9 +9,11 @@ from typing import Any
 
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.errors import CatalogueError, UserError
+from elmreg.registry.examples import render_split
 from elmreg.registry.gc import DEFAULT_MIN_AGE, GcReport, collect_garbage
 from elmreg.registry.library import ReembedReport, reembed_library
 from elmreg.registry.settings import Settings, load_settings
+from elmreg.registry.sources import DatasetSpec
 from elmreg.registry.store.entities import CatalogueSummary, Expert, Job, Task, TrainingRun
 from elmreg.registry.tasks import IngestReport, TaskPlan, TaskRequest, add_task, ingest_manifests, plan_task
 
@@ -108,7 +110,10 @@ class Registry:
         from elmreg.registry.embedder import load_embedder
 
         return reembed_library(
-            self.context.store, load_embedder(embedder), source_embedder=source or self.settings.embedder
+            self.context.catalogue,
+            self.context.library,
+            load_embedder(embedder),
+            source_embedder=source or self.settings.embedder,
         )
 
     def export_expert(self, key: int | str, out_dir: str | Path) -> Path:
@@ -261,10 +266,10 @@ class Registry:
         elif expert is not None:
             chosen = self.expert(expert)
         backbone = (
-            self.context.store.get_backbone(chosen.backbone_id).name
+            self.context.catalogue.get_backbone(chosen.backbone_id).name
             if chosen
             else (
-                self.context.store.get_backbone(self.task(task).backbone_id).name
+                self.context.catalogue.get_backbone(self.task(task).backbone_id).name
                 if task
                 else self.settings.backbone
             )
@@ -305,7 +310,7 @@ class Registry:
         if len(backbone_ids) > 1:
             raise UserError("the experts of one call must share a backbone; split the instances by backbone")
         backbone = (
-            self.context.store.get_backbone(backbone_ids.pop()).name
+            self.context.catalogue.get_backbone(backbone_ids.pop()).name
             if backbone_ids
             else self.settings.backbone
         )
@@ -340,7 +345,7 @@ class Registry:
             progress: ``progress(description, done, total)`` while examples are answered.
         """
         record = self.task(task)
-        backbone = self.context.store.get_backbone(record.backbone_id).name
+        backbone = self.context.catalogue.get_backbone(record.backbone_id).name
         return self._evaluator(backbone, progress).evaluate(record, route, split=split, limit=limit, q=q)
 
     def audit(self, view: str = "decisions", *, limit: int = 20, **filters: Any) -> list[dict[str, Any]]:
@@ -362,7 +367,7 @@ class Registry:
         name, order_by = audit_view(view)
         if limit < 1:
             raise UserError(f"limit must be at least 1, got {limit}")
-        return self.context.store.audit_rows(name, order_by=order_by, filters=filters, limit=limit)
+        return self.context.audit.audit_rows(name, order_by=order_by, filters=filters, limit=limit)
 
     def plan_task(self, dataset: str, **options: Any) -> TaskPlan:
         """Validate a task exactly as ``add_task`` would, writing nothing and queueing no training: for data
@@ -395,15 +400,11 @@ class Registry:
             queries = registry.examples("colours", limit=32)
             registry.route(queries, task="colours")
         """
-        from elmreg.inference.evaluation import render_dataset
-
         fields = task.fields if isinstance(task, TaskPlan) else dataclasses.asdict(self.task(task))
-        return render_dataset(
-            self.settings.cache_path,
-            fields["dataset"],
-            fields["subset"],
+        return render_split(
+            DatasetSpec(fields["dataset"], fields["subset"], split),
             fields["templates"],
-            split=split,
+            cache_dir=self.settings.cache_path,
             limit=limit,
             seed=seed,
         )
@@ -451,37 +452,37 @@ class Registry:
     # -- catalogue -----------------------------------------------------------------------------------------
     def status(self) -> CatalogueSummary:
         """Schema revision, library version and row counts."""
-        return self.context.store.summary()
+        return self.context.audit.summary()
 
     def tasks(self) -> list[Task]:
         """Every registered task, oldest first."""
-        return self.context.store.list_tasks()
+        return self.context.catalogue.list_tasks()
 
     def task(self, key: int | str) -> Task:
         """A task by id or name. Raises NotFoundError."""
-        return self.context.store.get_task(key)
+        return self.context.catalogue.get_task(key)
 
     def experts(self, *, status: str | None = None, task: int | str | None = None) -> list[Expert]:
         """Experts, oldest first, optionally only those of one status or task."""
         task_id = self.task(task).id if task is not None else None
-        return self.context.store.list_experts(status=status, task_id=task_id)
+        return self.context.catalogue.list_experts(status=status, task_id=task_id)
 
     def expert(self, key: int | str) -> Expert:
         """An expert by id or name. Raises NotFoundError."""
-        return self.context.store.get_expert(key)
+        return self.context.catalogue.get_expert(key)
 
     def retire(self, key: int | str) -> Expert:
         """Take an expert out of routing; it stays in the catalogue and S3 with its audit history."""
-        return self.context.store.retire_expert(self.expert(key).id)
+        return self.context.catalogue.retire_expert(self.expert(key).id)
 
     def training_runs(self, task: int | str | None = None) -> list[TrainingRun]:
         """Training runs, oldest first."""
-        return self.context.store.list_training_runs(task_id=self.task(task).id if task is not None else None)
+        return self.context.jobs.list_training_runs(task_id=self.task(task).id if task is not None else None)
 
     def jobs(self, *, status: str | None = None) -> list[Job]:
         """Queued, running and finished jobs, oldest first."""
-        return self.context.store.list_jobs(status=status)
+        return self.context.jobs.list_jobs(status=status)
 
     def gc(self, *, delete: bool = False, min_age: dt.timedelta = DEFAULT_MIN_AGE) -> GcReport:
         """Report (and with ``delete``, remove) bucket objects that no expert references."""
-        return collect_garbage(self.context.store, self.context.artifacts, delete=delete, min_age=min_age)
+        return collect_garbage(self.context.catalogue, self.context.artifacts, delete=delete, min_age=min_age)

@@ -39,9 +39,10 @@ from elmreg.api import Registry
 from elmreg.experiments.config import ExperimentConfig, TaskSpec
 from elmreg.experiments.continual import PredictionCheck, compare_predictions
 from elmreg.inference.evaluation import metric_score
+from elmreg.inference.router import exact_vote, sample_queries
 from elmreg.registry.errors import CatalogueError, NotFoundError, UserError
 from elmreg.registry.library import SAMPLES_PER_EXPERT, sample_indices
-from elmreg.registry.prompts import PromptedExample
+from elmreg.registry.prompts import PromptedExample, library_text
 from elmreg.registry.store.entities import Expert
 
 Echo = Callable[[str], None]
@@ -568,7 +569,8 @@ class Harness:
                 (spec.name, examples[i]) for i in sample_indices(len(examples), SAMPLES_PER_EXPERT, seed)
             ]
         tasks = [self._eval(spec, registered=True) for spec in config.seen]
-        queries = {t.name: _query_sample(t.instances, config.q) for t in tasks}
+        # The router's own seeded choice of Q instances, so that the "both" row routes the same queries.
+        queries = {t.name: sample_queries(t.instances, min(config.q, len(t.instances))) for t in tasks}
         names = list(config.embedders) or [self.registry.settings.embedder]
         rows = []
         for embedder_name in names:
@@ -579,12 +581,12 @@ class Harness:
                 continue
             for text_format in config.formats:
                 started = time.perf_counter()
-                entries = embedder.embed([format_text(e, text_format) for _, e in library])
-                owners = [name for name, _ in library]
+                entries = embedder.embed([library_text(e, text_format) for _, e in library])
+                owners = [(self.experts[name].id, name) for name, _ in library]
                 same_dataset = same_prompt = 0
                 for t in tasks:
-                    vectors = embedder.embed([format_text(e, text_format) for e in queries[t.name]])
-                    chosen = _vote(vectors @ entries.T, owners)
+                    vectors = embedder.embed([library_text(e, text_format) for e in queries[t.name]])
+                    chosen = exact_vote(vectors @ entries.T, owners)[0].expert_name
                     same = self._same(t, self.experts[chosen])
                     same_dataset += same[0]
                     same_prompt += same[1]
@@ -599,33 +601,6 @@ class Harness:
                     }
                 )
         return {"rows": rows, "library_size": len(library), "experts": len(config.seen)}
-
-
-def format_text(example: PromptedExample, text_format: str) -> str:
-    """The retrieval text of the paper's Table 10 variants; ``both`` is the library's own format."""
-    choices = " | ".join(example.answer_choices) if example.answer_choices else "None"
-    if text_format == "instance":
-        return f"Instance: {example.input}"
-    if text_format == "choices":
-        return f"Answer Choices: {choices}"
-    return f"Answer Choices: {choices}, Instance: {example.input}"
-
-
-def _query_sample(instances: list[PromptedExample], q: int) -> list[PromptedExample]:
-    # The router's own seeded choice of Q instances, so that the ablation's "both" row routes the same queries.
-    if q >= len(instances):
-        return list(instances)
-    chosen = sorted(np.random.default_rng(0).choice(len(instances), size=q, replace=False))
-    return [instances[i] for i in chosen]
-
-
-def _vote(similarities: np.ndarray, owners: list[str]) -> str:
-    """RoE's vote over exact nearest entries; ties to the higher summed similarity, as the SQL router does."""
-    votes: dict[str, list[float]] = {}
-    for row in similarities:
-        best = int(np.argmax(row))
-        votes.setdefault(owners[best], []).append(float(row[best]))
-    return max(votes, key=lambda name: (len(votes[name]), sum(votes[name])))
 
 
 def _means(rows: list[dict[str, Any]], columns) -> dict[str, float]:

@@ -9,14 +9,11 @@ with the run), adds RoE / oracle / base per suite task, and writes ``report.md``
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
-
-from sqlalchemy import text
 
 from elmreg.inference.evaluation import Evaluator
 from elmreg.registry.context import RegistryContext
@@ -42,13 +39,6 @@ class BenchmarkReport:
     report_path: Path | None = None
 
 
-def _last_run_start(context: RegistryContext) -> dt.datetime | None:
-    with context.engine.connect() as c:
-        return c.execute(
-            text("SELECT max(started_at) FROM benchmark_runs WHERE status = 'succeeded'")
-        ).scalar_one_or_none()
-
-
 def run_benchmark(
     context: RegistryContext,
     *,
@@ -72,25 +62,17 @@ def run_benchmark(
     Raises:
         UserError: No registered task to benchmark on.
     """
-    store = context.store
-    since = since if since is not None else _last_run_start(context)
-    tasks = store.list_tasks()
+    since = since if since is not None else context.evaluations.last_benchmark_start()
+    tasks = context.catalogue.list_tasks()
     if not tasks:
         raise UserError("no registered task to benchmark on; add one with 'elmreg add-task'")
-    ready = store.list_experts(status="ready")
+    ready = context.catalogue.list_experts(status="ready")
     experts = [e for e in ready if since is None or (e.ready_at and e.ready_at >= since)]
     if not experts:
         return BenchmarkReport(run_id=None, experts=[], tasks=[t.name for t in tasks], since=since)
-    with context.engine.begin() as c:
-        run_id = c.execute(
-            text(
-                "INSERT INTO benchmark_runs (since, suite) VALUES (:since, CAST(:suite AS jsonb)) RETURNING id"
-            ),
-            {
-                "since": since,
-                "suite": json.dumps({"tasks": [t.name for t in tasks], "split": split, "limit": limit}),
-            },
-        ).scalar_one()
+    run_id = context.evaluations.start_benchmark_run(
+        since=since, suite={"tasks": [t.name for t in tasks], "split": split, "limit": limit}
+    ).id
     report = BenchmarkReport(
         run_id=run_id, experts=[e.name for e in experts], tasks=[t.name for t in tasks], since=since
     )
@@ -99,7 +81,7 @@ def run_benchmark(
 
         def evaluator_for(task: Task) -> Evaluator:
             if task.backbone_id not in evaluators:
-                name = store.get_backbone(task.backbone_id).name
+                name = context.catalogue.get_backbone(task.backbone_id).name
                 evaluators[task.backbone_id] = (make_evaluator or partial(Evaluator, context))(name)
             return evaluators[task.backbone_id]
 
@@ -116,7 +98,7 @@ def run_benchmark(
             row: dict[str, Any] = {}
             for route in ("roe", "base"):
                 result = evaluator.evaluate(task, route, split=split, limit=limit, record=False)
-                expert_id = store.get_expert(result.expert).id if result.expert else None
+                expert_id = context.catalogue.get_expert(result.expert).id if result.expert else None
                 _record(context, task, expert_id, route, result, run_id, split)
                 row[route] = result.score
                 if route == "roe":
@@ -124,7 +106,9 @@ def run_benchmark(
             reused = _remember_earlier_scores(context, evaluator, task, ready, split, limit)
             oracle = evaluator.evaluate(task, "oracle", split=split, limit=limit, record=False)
             oracle.details["reused"] = sorted(e.name for e in reused)
-            _record(context, task, store.get_expert(oracle.expert).id, "oracle", oracle, run_id, split)
+            _record(
+                context, task, context.catalogue.get_expert(oracle.expert).id, "oracle", oracle, run_id, split
+            )
             row["oracle"] = oracle.score
             report.routes[task.name] = row
             report.reused_scores += len(reused)
@@ -141,19 +125,7 @@ def _remember_earlier_scores(
 ) -> list:
     """Give the evaluator each ready expert's latest score on ``task`` from a finished run with the same split and
     sample size, so that the oracle compares them without answering again; returns those experts."""
-    with context.engine.connect() as c:
-        stored = dict(
-            c.execute(
-                text(
-                    "SELECT DISTINCT ON (ev.expert_id) ev.expert_id, ev.score FROM evaluations ev"
-                    " JOIN benchmark_runs r ON r.id = ev.benchmark_run_id"
-                    " WHERE r.status = 'succeeded' AND ev.route = 'expert' AND ev.task_id = :task"
-                    " AND ev.split = :split AND (r.suite ->> 'limit')::int = :limit"
-                    " ORDER BY ev.expert_id, ev.id DESC"
-                ),
-                {"task": task.id, "split": split, "limit": limit},
-            ).all()
-        )
+    stored = context.evaluations.benchmark_expert_scores(task.id, split=split, limit=limit)
     reused = [e for e in ready if e.id in stored and e.backbone_id == task.backbone_id]
     for expert in reused:
         evaluator.remember(task, expert, stored[expert.id], split=split, limit=limit)
@@ -161,7 +133,7 @@ def _remember_earlier_scores(
 
 
 def _record(context, task, expert_id, route, result, run_id, split) -> None:
-    context.store.record_evaluation(
+    context.evaluations.record_evaluation(
         task_id=task.id,
         expert_id=expert_id,
         route=route,
@@ -169,7 +141,7 @@ def _record(context, task, expert_id, route, result, run_id, split) -> None:
         metric=result.metric,
         score=result.score,
         n_examples=result.n_examples,
-        library_version=context.store.library_version(),
+        library_version=context.library.library_version(),
         details=result.details,
         benchmark_run_id=run_id,
     )
@@ -177,19 +149,12 @@ def _record(context, task, expert_id, route, result, run_id, split) -> None:
 
 def _finish(context: RegistryContext, run_id: int, status: str, report: BenchmarkReport) -> None:
     summary = {"experts": report.experts, "tasks": report.tasks, "routes": report.routes}
-    with context.engine.begin() as c:
-        c.execute(
-            text(
-                "UPDATE benchmark_runs SET status = :status, finished_at = now(), summary = CAST(:summary AS jsonb),"
-                " report_uri = :uri WHERE id = :id"
-            ),
-            {
-                "status": status,
-                "summary": json.dumps(summary),
-                "uri": str(report.report_path) if report.report_path else None,
-                "id": run_id,
-            },
-        )
+    context.evaluations.finish_benchmark_run(
+        run_id,
+        status=status,
+        summary=summary,
+        report_uri=str(report.report_path) if report.report_path else None,
+    )
 
 
 def write_report(context: RegistryContext, report: BenchmarkReport, out_dir: Path | None = None) -> Path:

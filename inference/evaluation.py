@@ -14,8 +14,8 @@ from elmreg.inference.router import Router
 from elmreg.inference.scoring import answer
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.errors import UserError
-from elmreg.registry.prompts import PromptedExample, PromptTemplate, render_examples
-from elmreg.registry.sources import DatasetSpec, load_dataset_rows
+from elmreg.registry.examples import task_examples
+from elmreg.registry.prompts import PromptedExample
 from elmreg.registry.store.entities import Expert, Task
 
 # progress(description, done, total): examples answered so far for one (task, expert) pass.
@@ -52,36 +52,6 @@ def metric_score(metric: str, predictions: Sequence[str], targets: Sequence[str]
 
         return float(sacrebleu.corpus_bleu(list(predictions), [list(targets)]).score)
     raise UserError(f"unknown metric '{metric}'")
-
-
-def evaluation_examples(
-    context: RegistryContext,
-    task: Task,
-    *,
-    split: str = "validation",
-    limit: int | None = None,
-    seed: int = 0,
-) -> list[PromptedExample]:
-    """The task's labelled examples of ``split`` (a seeded sample of ``limit``), rendered like training data."""
-    return render_dataset(
-        context.settings.cache_path,
-        task.dataset,
-        task.subset,
-        task.templates,
-        split=split,
-        limit=limit,
-        seed=seed,
-    )
-
-
-def render_dataset(
-    cache_dir, dataset: str, subset: str | None, templates, *, split: str, limit: int | None, seed: int
-) -> list[PromptedExample]:
-    """Rows of a dataset split (a seeded sample of ``limit``) rendered with templates (dicts as stored on tasks)."""
-    loaded = load_dataset_rows(
-        DatasetSpec(dataset, subset, split), cache_dir=cache_dir, max_rows=limit, seed=seed
-    )
-    return render_examples(loaded.rows, [PromptTemplate.from_dict(t) for t in templates], seed=seed)
 
 
 class Evaluator:
@@ -157,8 +127,7 @@ class Evaluator:
         Raises:
             UserError: Unknown route or expert, or no examples.
         """
-        store = self.context.store
-        examples = evaluation_examples(self.context, task, split=split, limit=limit)
+        examples = task_examples(task, cache_dir=self.context.settings.cache_path, split=split, limit=limit)
         sample = (split, limit)
         if not examples:
             raise UserError(f"task {task.name} has no examples in split '{split}'")
@@ -167,17 +136,21 @@ class Evaluator:
         if route == "base":
             score = self._score(task, examples, None, sample)
         elif route.startswith("expert:"):
-            expert = store.get_expert(route.split(":", 1)[1])
+            expert = self.context.catalogue.get_expert(route.split(":", 1)[1])
             score = self._score(task, examples, expert, sample)
         elif route == "roe":
             decision = self.router.route(
                 examples, q=min(q, len(examples)), task_id=task.id, caller_label=f"eval:{task.name}"
             )
-            expert = store.get_expert(decision.chosen_expert_id)
+            expert = self.context.catalogue.get_expert(decision.chosen_expert_id)
             details = {"decision_id": decision.decision_id, "votes": decision.tallies[0].votes}
             score = self._score(task, examples, expert, sample)
         elif route == "oracle":
-            candidates = [e for e in store.list_experts(status="ready") if e.backbone_id == task.backbone_id]
+            candidates = [
+                e
+                for e in self.context.catalogue.list_experts(status="ready")
+                if e.backbone_id == task.backbone_id
+            ]
             if not candidates:
                 raise UserError("the oracle needs at least one ready expert on the task's backbone")
             scores = {e.id: self._score(task, examples, e, sample) for e in candidates}
@@ -188,7 +161,7 @@ class Evaluator:
             raise UserError(f"unknown route '{route}'; use roe, oracle, base or expert:<id or name>")
         evaluation_id = None
         if record:
-            evaluation_id = store.record_evaluation(
+            evaluation_id = self.context.evaluations.record_evaluation(
                 task_id=task.id,
                 expert_id=expert.id if expert else None,
                 route=route.split(":", 1)[0],
@@ -196,7 +169,7 @@ class Evaluator:
                 metric=task.metric,
                 score=score,
                 n_examples=len(examples),
-                library_version=store.library_version(),
+                library_version=self.context.library.library_version(),
                 details=details,
             )
         return EvaluationResult(

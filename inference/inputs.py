@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from elmreg.registry.errors import UserError
-from elmreg.registry.prompts import PromptedExample, PromptTemplate, render_examples
-from elmreg.registry.sources import DatasetSpec, default_template, load_dataset_rows
+from elmreg.registry.prompts import PromptedExample, PromptTemplate
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -64,11 +63,3 @@ def to_instances(
             )
         )
     return instances
-
-
-def dataset_instances(
-    spec: DatasetSpec, cache_dir: Path, *, limit: int | None = None, seed: int = 0
-) -> list[PromptedExample]:
-    """Instances of a dataset split rendered with its default template (BIG-bench), targets included."""
-    loaded = load_dataset_rows(spec, cache_dir=cache_dir, max_rows=limit, seed=seed)
-    return render_examples(loaded.rows, [default_template(spec, loaded.rows)], seed=seed)

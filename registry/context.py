@@ -1,23 +1,39 @@
-"""Wires settings to the running parts: endpoints, catalogue store and artifact store, each opened on first use."""
+"""Wires settings to the running parts: endpoints, the catalogue's stores and the artifact store, each opened on
+first use."""
 
 from __future__ import annotations
 
 from functools import cached_property
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError
 
 from elmreg.registry.artifacts import ArtifactCache, ArtifactRepository, open_artifact_repository
 from elmreg.registry.errors import SchemaOutOfDateError
 from elmreg.registry.services import Endpoints, resolve_endpoints
 from elmreg.registry.settings import Settings, load_settings
 from elmreg.registry.store import schema
-from elmreg.registry.store.session import create_catalogue_engine, translate_error
-from elmreg.registry.store.sqlalchemy_store import SqlAlchemyStore
+from elmreg.registry.store.audit import AuditStore
+from elmreg.registry.store.catalogue import CatalogueStore
+from elmreg.registry.store.entities import CatalogueSummary
+from elmreg.registry.store.evaluations import EvaluationStore
+from elmreg.registry.store.jobs import JobStore
+from elmreg.registry.store.library import LibraryStore
+from elmreg.registry.store.session import ManagedSessions, create_catalogue_engine
+from elmreg.registry.store.sql import (
+    SqlAuditStore,
+    SqlCatalogueStore,
+    SqlEvaluationStore,
+    SqlJobStore,
+    SqlLibraryStore,
+)
 
 
 class RegistryContext:
-    """The parts one elmreg process talks to. Nothing is started or connected until it is used."""
+    """The parts one elmreg process talks to. Nothing is started or connected until it is used.
+
+    The catalogue is reached through one store per responsibility (``catalogue``, ``library``, ``jobs``,
+    ``evaluations``, ``audit``); the first one used checks that the schema is the one this elmreg expects.
+    """
 
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or load_settings()
@@ -31,20 +47,62 @@ class RegistryContext:
         return create_catalogue_engine(self.endpoints.database_url)
 
     @cached_property
-    def store(self) -> SqlAlchemyStore:
-        """The catalogue, after checking that its schema is the one this elmreg expects."""
-        try:
-            current = schema.current_revision(self.engine)
-        except DBAPIError as exc:
-            raise translate_error(exc, self.engine.url.render_as_string(hide_password=True)) from exc
+    def sessions(self) -> ManagedSessions:
+        return ManagedSessions(self.engine)
+
+    @cached_property
+    def _migrated(self) -> ManagedSessions:
+        """The sessions, once the schema is known to be at the head revision."""
+        current = self.schema_revision()
         head = schema.head_revision()
         if current != head:
             state = "empty" if current is None else f"at revision {current}"
             raise SchemaOutOfDateError(
                 f"the catalogue is {state}, elmreg needs {head}: run 'elmreg db upgrade'"
             )
-        return SqlAlchemyStore(self.engine)
+        return self.sessions
 
+    # -- the stores ----------------------------------------------------------------------------------------
+    @cached_property
+    def catalogue(self) -> CatalogueStore:
+        return SqlCatalogueStore(self._migrated)
+
+    @cached_property
+    def library(self) -> LibraryStore:
+        return SqlLibraryStore(self._migrated)
+
+    @cached_property
+    def jobs(self) -> JobStore:
+        return SqlJobStore(self._migrated)
+
+    @cached_property
+    def evaluations(self) -> EvaluationStore:
+        return SqlEvaluationStore(self._migrated)
+
+    @cached_property
+    def audit(self) -> AuditStore:
+        return SqlAuditStore(self._migrated)
+
+    # -- the schema (these work on an empty or out-of-date catalogue) --------------------------------------
+    def summary(self) -> CatalogueSummary:
+        """What ``elmreg status`` shows, whatever state the schema is in."""
+        return SqlAuditStore(self.sessions).summary()
+
+    def schema_revision(self) -> str | None:
+        with self.sessions.translating():
+            return schema.current_revision(self.engine)
+
+    def upgrade_schema(self, revision: str = "head") -> None:
+        with self.sessions.translating():
+            schema.upgrade(self.engine, revision)
+        self.__dict__.pop("_migrated", None)
+
+    def downgrade_schema(self, revision: str) -> None:
+        self.__dict__.pop("_migrated", None)
+        with self.sessions.translating():
+            schema.downgrade(self.engine, revision)
+
+    # -- weights -------------------------------------------------------------------------------------------
     @cached_property
     def artifacts(self) -> ArtifactRepository:
         return open_artifact_repository(self.endpoints)

@@ -6,7 +6,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 from elmreg.registry.artifacts import ArtifactRepository, StoredObject
-from elmreg.registry.store.abstract import RegistryStore
+from elmreg.registry.store.catalogue import CatalogueStore
 
 # An upload becomes referenced only when its expert is published, moments later; objects younger than this
 # may belong to a publish in flight and are never collected.
@@ -25,7 +25,7 @@ class GcReport:
 
 
 def collect_garbage(
-    store: RegistryStore,
+    catalogue: CatalogueStore,
     artifacts: ArtifactRepository,
     *,
     delete: bool = False,
@@ -41,7 +41,7 @@ def collect_garbage(
     now = now or dt.datetime.now(dt.UTC)
     # Read the references after listing: an object published while we list is then seen as referenced.
     objects = list(artifacts.list_objects())
-    referenced = store.referenced_artifact_uris()
+    referenced = catalogue.referenced_artifact_uris()
     unreferenced, too_young = [], []
     for obj in objects:
         if obj.uri in referenced:

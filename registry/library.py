@@ -12,9 +12,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from elmreg.registry.embedder import Embedder
-from elmreg.registry.store.abstract import RegistryStore
+from elmreg.registry.store.catalogue import CatalogueStore
 from elmreg.registry.store.entities import Embedder as EmbedderRecord
 from elmreg.registry.store.entities import LibraryEntry
+from elmreg.registry.store.library import LibraryStore
 
 SAMPLES_PER_EXPERT = 100
 
@@ -26,9 +27,9 @@ def sample_indices(population: int, samples: int = SAMPLES_PER_EXPERT, seed: int
     return sorted(random.Random(seed).sample(range(population), samples))
 
 
-def register_embedder(store: RegistryStore, embedder: Embedder) -> EmbedderRecord:
+def register_embedder(catalogue: CatalogueStore, embedder: Embedder) -> EmbedderRecord:
     """The catalogue record of a loaded embedder (registered, with its HNSW index, on first use)."""
-    return store.get_or_create_embedder(embedder.name, embedder.dimension)
+    return catalogue.get_or_create_embedder(embedder.name, embedder.dimension)
 
 
 def embed_entries(
@@ -50,7 +51,8 @@ class ReembedReport:
 
 
 def reembed_library(
-    store: RegistryStore,
+    catalogue: CatalogueStore,
+    library: LibraryStore,
     embedder: Embedder,
     *,
     source_embedder: str,
@@ -60,18 +62,18 @@ def reembed_library(
 
     Experts that already have entries for ``embedder`` are skipped, so an interrupted run can simply be repeated.
     """
-    target = register_embedder(store, embedder)
-    source = store.get_embedder(source_embedder)
+    target = register_embedder(catalogue, embedder)
+    source = catalogue.get_embedder(source_embedder)
     experts = entries = skipped = 0
-    for expert in store.list_experts():
+    for expert in catalogue.list_experts():
         if expert.status not in ("ready", "retired"):
             continue
-        if store.library_texts(expert.id, target.id):
+        if library.texts(expert.id, target.id):
             skipped += 1
             continue
-        texts = store.library_texts(expert.id, source.id)
+        texts = library.texts(expert.id, source.id)
         vectors = embedder.embed([text for _, text in texts], progress=progress)
-        entries += store.add_library_entries(
+        entries += library.add_entries(
             expert.id, target.id, [LibraryEntry(i, t, v) for (i, t), v in zip(texts, vectors, strict=True)]
         )
         experts += 1

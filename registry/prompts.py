@@ -190,9 +190,18 @@ def select_template(
 
 
 # -- from rows to prompted examples --------------------------------------------------------------------------------
-def library_text(example: PromptedExample) -> str:
-    """The paper's retrieval text for a library sample or a routing query."""
+# The retrieval texts of the paper's Table 10 ablation; "both" is the library's own format.
+LIBRARY_TEXT_FORMATS = ("both", "instance", "choices")
+
+
+def library_text(example: PromptedExample, text_format: str = "both") -> str:
+    """The paper's retrieval text for a library sample or a routing query (``text_format``: its ablation's
+    variants, for experiments; the library itself always uses "both")."""
     choices = " | ".join(example.answer_choices) if example.answer_choices else "None"
+    if text_format == "instance":
+        return f"Instance: {example.input}"
+    if text_format == "choices":
+        return f"Answer Choices: {choices}"
     return f"Answer Choices: {choices}, Instance: {example.input}"
 
 

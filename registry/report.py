@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
-
 from elmreg.registry.context import RegistryContext
 
 # Figure ids, in page order; a test checks that the page holds every one of them.
@@ -28,11 +26,6 @@ class Report:
     path: Path
     figures: list[str] = field(default_factory=list)  # ids of figures drawn (the others say why not)
     counts: dict[str, int] = field(default_factory=dict)
-
-
-def _rows(context: RegistryContext, sql: str, **params: Any) -> list[dict[str, Any]]:
-    with context.engine.connect() as c:
-        return [dict(r._mapping) for r in c.execute(text(sql), params)]
 
 
 def _png(figure) -> str:
@@ -56,20 +49,15 @@ def _pyplot():
 
 # -- the figures: each returns (png as base64 or None, an HTML table or note) ---------------------------------
 def _library_growth(context: RegistryContext) -> tuple[str | None, str]:
-    changes = _rows(
-        context,
-        "SELECT c.version, c.change, e.name AS expert, e.kind, c.created_at,"
-        " (SELECT count(*) FROM library_entries le WHERE le.expert_id = c.expert_id) AS entries"
-        " FROM library_changes c JOIN experts e ON e.id = c.expert_id ORDER BY c.version",
-    )
+    changes = context.library.history()
     if not changes:
         return None, "<p class=note>The library is empty: no expert has been published yet.</p>"
     versions, experts, entries = [0], [0], [0]
     for row in changes:
-        sign = 1 if row["change"] == "added" else -1
-        versions.append(row["version"])
+        sign = 1 if row.change == "added" else -1
+        versions.append(row.version)
         experts.append(experts[-1] + sign)
-        entries.append(entries[-1] + sign * row["entries"])
+        entries.append(entries[-1] + sign * row.entries)
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -86,7 +74,7 @@ def _library_growth(context: RegistryContext) -> tuple[str | None, str]:
     table = _table(
         ["version", "change", "expert", "kind", "entries", "when"],
         [
-            [r["version"], r["change"], r["expert"], r["kind"], r["entries"], _when(r["created_at"])]
+            [r.version, r.change, r.expert_name, r.expert_kind, r.entries, _when(r.created_at)]
             for r in changes
         ],
     )
@@ -94,36 +82,23 @@ def _library_growth(context: RegistryContext) -> tuple[str | None, str]:
 
 
 def _benchmark_heatmap(context: RegistryContext) -> tuple[str | None, str]:
-    run = _rows(
-        context,
-        # The latest finished run that scored experts (a run can have found none of them on the suite's backbones).
-        "SELECT r.id, r.started_at FROM benchmark_runs r WHERE r.status = 'succeeded' AND EXISTS"
-        " (SELECT 1 FROM evaluations ev WHERE ev.benchmark_run_id = r.id AND ev.route = 'expert')"
-        " ORDER BY r.id DESC LIMIT 1",
-    )
-    if not run:
+    latest = context.evaluations.latest_benchmark_scores()
+    if latest is None:
         return (
             None,
             "<p class=note>No benchmark has run yet: <code>elmreg benchmark</code> fills this in.</p>",
         )
-    run_id = run[0]["id"]
-    cells = _rows(
-        context,
-        "SELECT t.name AS task, coalesce(e.name, '') AS expert, ev.route, ev.metric, ev.score"
-        " FROM evaluations ev JOIN tasks t ON t.id = ev.task_id LEFT JOIN experts e ON e.id = ev.expert_id"
-        " WHERE ev.benchmark_run_id = :run ORDER BY ev.id",
-        run=run_id,
-    )
-    tasks = sorted({c["task"] for c in cells})
+    run, cells = latest
+    tasks = sorted({c.task for c in cells})
     matrix: dict[str, dict[str, float]] = {}
     routes: dict[str, dict[str, Any]] = {t: {} for t in tasks}
     for c in cells:
-        if c["route"] == "expert":
-            matrix.setdefault(c["expert"], {})[c["task"]] = c["score"]
+        if c.route == "expert":
+            matrix.setdefault(c.expert, {})[c.task] = c.score
         else:
-            routes[c["task"]][c["route"]] = c["score"]
-            if c["route"] == "roe":
-                routes[c["task"]]["roe_expert"] = c["expert"]
+            routes[c.task][c.route] = c.score
+            if c.route == "roe":
+                routes[c.task]["roe_expert"] = c.expert
     route_table = _table(
         ["task", "RoE", "RoE expert", "oracle", "base"],
         [
@@ -131,7 +106,7 @@ def _benchmark_heatmap(context: RegistryContext) -> tuple[str | None, str]:
             for t, r in routes.items()
         ],
     )
-    caption = f"<p>Benchmark run {run_id} ({_when(run[0]['started_at'])}).</p>"
+    caption = f"<p>Benchmark run {run.id} ({_when(run.started_at)}).</p>"
     if not matrix:
         return None, caption + "<p class=note>That run had no new expert to score.</p>" + route_table
     experts = sorted(matrix)
@@ -153,12 +128,11 @@ def _benchmark_heatmap(context: RegistryContext) -> tuple[str | None, str]:
 
 
 def _routing_margins(context: RegistryContext) -> tuple[str | None, str]:
-    decisions = _rows(
-        context,
-        "SELECT decision_id, created_at, coalesce(task, caller_label, '(unlabelled)') AS task, chosen_expert,"
-        " library_version, q, winner_votes, runner_up_votes, vote_margin, runner_up_expert, latency_ms"
-        " FROM audit_decisions ORDER BY decision_id",
+    decisions = context.audit.audit_rows(
+        "audit_decisions", order_by="decision_id", filters={}, limit=None, descending=False
     )
+    for d in decisions:
+        d["task"] = d["task"] or d["caller_label"] or "(unlabelled)"
     if not decisions:
         return None, "<p class=note>No routing decision yet: <code>elmreg route</code> records one.</p>"
     tasks = sorted({d["task"] for d in decisions})
@@ -194,20 +168,18 @@ def _routing_margins(context: RegistryContext) -> tuple[str | None, str]:
 
 
 def _training_loss(context: RegistryContext) -> tuple[str | None, str]:
-    runs = _rows(
-        context,
-        "SELECT r.id, t.name AS task, e.name AS expert, r.metrics, r.finished_at FROM training_runs r"
-        " JOIN tasks t ON t.id = r.task_id LEFT JOIN experts e ON e.id = r.expert_id"
-        " WHERE r.status = 'succeeded' ORDER BY r.id",
-    )
-    curves = [r for r in runs if r["metrics"].get("loss_per_step")]
+    runs = context.jobs.list_training_runs(status="succeeded")
+    curves = [r for r in runs if r.metrics.get("loss_per_step")]
     if not curves:
         return None, "<p class=note>No finished training run with a loss curve yet.</p>"
+    task_names = {t.id: t.name for t in context.catalogue.list_tasks()}
+    expert_names = {e.id: e.name for e in context.catalogue.list_experts()}
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 3.4))
     for run in curves:
-        losses = run["metrics"]["loss_per_step"]
-        axis.plot(range(1, len(losses) + 1), losses, label=run["expert"] or run["task"], linewidth=1.2)
+        losses = run.metrics["loss_per_step"]
+        label = expert_names.get(run.expert_id) or task_names[run.task_id]
+        axis.plot(range(1, len(losses) + 1), losses, label=label, linewidth=1.2)
     axis.set_xlabel("optimiser step")
     axis.set_ylabel("target-token loss")
     axis.set_title("Training loss")
@@ -217,13 +189,13 @@ def _training_loss(context: RegistryContext) -> tuple[str | None, str]:
         ["run", "expert", "task", "steps", "final loss", "seconds", "finished"],
         [
             [
-                r["id"],
-                r["expert"],
-                r["task"],
-                r["metrics"].get("steps"),
-                r["metrics"].get("final_loss"),
-                r["metrics"].get("seconds"),
-                _when(r["finished_at"]),
+                r.id,
+                expert_names.get(r.expert_id),
+                task_names[r.task_id],
+                r.metrics.get("steps"),
+                r.metrics.get("final_loss"),
+                r.metrics.get("seconds"),
+                _when(r.finished_at),
             ]
             for r in curves
         ],
@@ -269,7 +241,7 @@ th { background: #f4f4f4; } img { max-width: 100%; } .note { color: #777; font-s
 
 def write_report(context: RegistryContext, out: Path) -> Report:
     """Write the HTML report to ``out`` and return which figures it holds."""
-    summary = context.store.summary()
+    summary = context.audit.summary()
     report = Report(path=out, counts=dict(summary.row_counts))
     sections = []
     for figure_id, (title, build) in SECTIONS.items():

@@ -22,15 +22,15 @@ from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-from sqlalchemy import text
 
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.settings import Settings
+from elmreg.registry.store.jobs import HeldLock
 
 _log = logging.getLogger(__name__)
 
 # Distinct from the library-version lock: this one is held for the whole life of the active scheduler.
-SCHEDULER_LOCK_KEY = 0x656C6D73636864  # "elmschd"
+SCHEDULER_LOCK_KEY = "elmreg-scheduler"
 APSCHEDULER_TABLE = "apscheduler_jobs"
 
 
@@ -49,19 +49,24 @@ def enqueue_untrained_tasks(settings: Settings) -> list[int]:
     """Queue a training job for each task with no expert and no training job; returns their job ids."""
     registry = RegistryContext(settings)
     try:
-        store = registry.store
-        busy = {e.task_id for e in store.list_experts() if e.status in ("pending", "training", "ready")}
+        busy = {
+            e.task_id
+            for e in registry.catalogue.list_experts()
+            if e.status in ("pending", "training", "ready")
+        }
         queued = {
             j.payload.get("task_id")
-            for j in store.list_jobs()
+            for j in registry.jobs.list_jobs()
             if j.kind == "train" and j.status in ("queued", "running")
         }
         jobs = []
-        for task in store.list_tasks():
+        for task in registry.catalogue.list_tasks():
             if task.id in busy or task.id in queued:
                 continue
             jobs.append(
-                store.enqueue_job("train", {"task_id": task.id}, dedupe_key=f"train-task:{task.id}").id
+                registry.jobs.enqueue_job(
+                    "train", {"task_id": task.id}, dedupe_key=f"train-task:{task.id}"
+                ).id
             )
         return jobs
     finally:
@@ -85,7 +90,7 @@ def enqueue_benchmark(settings: Settings) -> int:
     registry = RegistryContext(settings)
     try:
         today = dt.datetime.now(dt.UTC).date().isoformat()
-        job = registry.store.enqueue_job(
+        job = registry.jobs.enqueue_job(
             "benchmark", {"requested_by": "scheduler"}, dedupe_key=f"benchmark:{today}"
         )
         return job.id
@@ -99,23 +104,19 @@ class Scheduler:
     def __init__(self, registry: RegistryContext, config: ScheduleConfig | None = None):
         self.registry = registry
         self.config = config or ScheduleConfig()
-        self._lock_connection = None
+        self._lock: HeldLock | None = None
         self._scheduler: BackgroundScheduler | None = None
 
     def try_become_active(self) -> bool:
-        """Take the advisory lock if nobody holds it; the lock lives as long as our connection."""
-        if self._lock_connection is None:
-            self._lock_connection = self.registry.engine.connect()
-        got = self._lock_connection.execute(
-            text("SELECT pg_try_advisory_lock(:key)"), {"key": SCHEDULER_LOCK_KEY}
-        ).scalar()
-        self._lock_connection.commit()
-        return bool(got)
+        """Take the scheduler lock if nobody holds it; a crashed scheduler's lock goes with its connection."""
+        if self._lock is None:
+            self._lock = self.registry.jobs.try_lock(SCHEDULER_LOCK_KEY)
+        return self._lock is not None
 
     def start(self) -> BackgroundScheduler:
         """Register the schedules (replacing stale copies in the job store) and start running them."""
         settings = self.registry.settings
-        self.registry.store  # noqa: B018 - fails early with a clear message if the schema is not migrated
+        self.registry.jobs  # noqa: B018 - fails early with a clear message if the schema is not migrated
         scheduler = BackgroundScheduler(
             jobstores={
                 "default": SQLAlchemyJobStore(engine=self.registry.engine, tablename=APSCHEDULER_TABLE)
@@ -165,9 +166,6 @@ class Scheduler:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
-        if self._lock_connection is not None:
-            # Invalidate rather than return it to the pool: closing the DBAPI connection is what releases a
-            # session-level advisory lock (a pooled connection would keep holding it).
-            self._lock_connection.invalidate()
-            self._lock_connection.close()
-            self._lock_connection = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None

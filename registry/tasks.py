@@ -157,9 +157,8 @@ def plan_task(
         raise TaskSpecError(
             f"task name '{request.name}' must start with a letter or digit and use letters, digits and ._:/@+-"
         )
-    store = context.store
     if request.name is not None:
-        _ensure_free(store, request.name)
+        _ensure_free(context, request.name)
     if validate_training is not None:
         validate_training(request.kind, request.training)
 
@@ -184,7 +183,7 @@ def plan_task(
     if request.name is None:
         if not _NAME.match(name):
             raise TaskSpecError(f"cannot derive a task name from '{request.dataset}'; give --name")
-        _ensure_free(store, name)
+        _ensure_free(context, name)
     backbone_name = request.backbone or context.settings.backbone
     family = backbone_family(backbone_name)
     fields = {
@@ -205,9 +204,9 @@ def plan_task(
     )
 
 
-def _ensure_free(store, name: str) -> None:
+def _ensure_free(context: RegistryContext, name: str) -> None:
     try:
-        store.get_task(name)
+        context.catalogue.get_task(name)
     except NotFoundError:
         return
     raise AlreadyExistsError(f"a task named '{name}' already exists; choose another --name")
@@ -226,8 +225,8 @@ def add_task(
         UserError: The request is invalid; nothing was written.
     """
     plan = plan_task(context, request, validate_training=validate_training)
-    backbone = context.store.get_or_create_backbone(plan.backbone, plan.backbone_family)
-    return context.store.create_task(enqueue_training=enqueue, backbone_id=backbone.id, **plan.fields)
+    backbone = context.catalogue.get_or_create_backbone(plan.backbone, plan.backbone_family)
+    return context.catalogue.create_task(enqueue_training=enqueue, backbone_id=backbone.id, **plan.fields)
 
 
 # -- nightly ingestion of manifests -----------------------------------------------------------------------------
@@ -267,7 +266,7 @@ def ingest_manifests(
     folder = folder or Path(context.settings.manifest_dir or context.settings.home / "manifests").expanduser()
     if not folder.is_dir():
         return IngestReport()
-    existing = {t.name for t in context.store.list_tasks()}
+    existing = {t.name for t in context.catalogue.list_tasks()}
     report = IngestReport()
     for where, request in read_manifests(folder):
         name = request.name or default_task_name(request)

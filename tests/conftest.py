@@ -66,11 +66,6 @@ def registry(settings: Settings) -> Iterator[RegistryContext]:
 
 
 @pytest.fixture(scope="session")
-def store(registry: RegistryContext):
-    return registry.store
-
-
-@pytest.fixture(scope="session")
 def artifacts(registry: RegistryContext):
     return registry.artifacts
 

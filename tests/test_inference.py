@@ -12,12 +12,12 @@ from fixtures.tiny_models import build_tiny_gemma3
 
 from elmreg.cli.main import cli
 from elmreg.inference import scoring
-from elmreg.inference.inputs import dataset_instances
 from elmreg.inference.pool import AdapterPool
 from elmreg.inference.scoring import choice_log_likelihoods
 from elmreg.registry.artifacts import s3 as s3_module
 from elmreg.registry.backbones import load_backbone
 from elmreg.registry.errors import ArtifactIntegrityError, UserError
+from elmreg.registry.examples import render_split
 from elmreg.registry.prompts import PromptedExample
 from elmreg.registry.sources import DatasetSpec
 
@@ -119,9 +119,9 @@ def test_eval_stores_roe_base_oracle_and_expert(trained):
     assert results["roe"].expert == "colours" and results["oracle"].expert == "colours"
     assert results["roe"].score >= results["base"].score
     assert results["oracle"].score >= max(results["roe"].score, results["expert:moods"].score)
-    rows = trained.context.store.list_evaluations(task_id=trained.task("colours").id)
-    assert [r["route"] for r in rows] == ["roe", "base", "oracle", "expert"]
-    assert all(r["metric"] == "accuracy" and r["n_examples"] == 24 for r in rows)
+    rows = trained.context.evaluations.list_evaluations(task_id=trained.task("colours").id)
+    assert [r.route for r in rows] == ["roe", "base", "oracle", "expert"]
+    assert all(r.metric == "accuracy" and r.n_examples == 24 for r in rows)
 
 
 def test_predict_cli(trained, tmp_path):
@@ -146,8 +146,8 @@ def test_predict_cli(trained, tmp_path):
     assert [r["expert"] for r in rows] == ["colours", "colours"] and all(
         r["prediction"] in ("blue", "green") for r in rows
     )
-    generated = dataset_instances(
-        DatasetSpec("bigbench:echo", split="all"), trained.settings.cache_path, limit=2
+    generated = render_split(
+        DatasetSpec("bigbench:echo", split="all"), None, cache_dir=trained.settings.cache_path, limit=2
     )
     assert all(isinstance(r["prediction"], str) for r in trained.predict(generated, expert="echo"))
     bad = runner.invoke(cli, ["predict", "--input", str(queries), "--expert", "nope"], env=env)
@@ -158,7 +158,7 @@ def test_mixed_batches_answer_as_each_expert_alone(trained):
     colours, moods, echo = (trained.expert(n) for n in ("colours", "moods", "echo"))
     spec = DatasetSpec("bigbench:colours", split="train")
     # Same-length inputs: generation batches then need no padding, so mixed and single runs see equal tensors.
-    instances = dataset_instances(spec, trained.settings.cache_path, limit=6)
+    instances = render_split(spec, None, cache_dir=trained.settings.cache_path, limit=6)
     chosen = [colours, moods, None, echo, moods, colours]
     ids = [e.id if e else None for e in chosen]
 

@@ -36,12 +36,11 @@ def test_minilm_vectors_are_unit_and_semantic(minilm):
 
 
 def test_reembed_adds_entries_for_a_second_embedder_and_is_resumable(fresh_registry, minilm):
-    store = fresh_registry.store
-    backbone = store.get_or_create_backbone("reembed-backbone", "causal")
-    source = register_embedder(store, minilm)
+    backbone = fresh_registry.catalogue.get_or_create_backbone("reembed-backbone", "causal")
+    source = register_embedder(fresh_registry.catalogue, minilm)
     texts = [f"Answer Choices: None, Instance: sample number {i}" for i in range(5)]
-    expert = store.create_expert(name="reembed-me", backbone_id=backbone.id, kind="lora")
-    store.publish_expert(
+    expert = fresh_registry.catalogue.create_expert(name="reembed-me", backbone_id=backbone.id, kind="lora")
+    fresh_registry.catalogue.publish_expert(
         expert.id,
         artifact=StoredArtifact("s3://b/k", "c" * 64, 1),
         embedder_id=source.id,
@@ -55,13 +54,17 @@ def test_reembed_adds_entries_for_a_second_embedder_and_is_resumable(fresh_regis
             vectors = minilm.embed(batch)[:, :128]
             return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
-    report = reembed_library(store, Truncated(), source_embedder=source.name)
+    report = reembed_library(
+        fresh_registry.catalogue, fresh_registry.library, Truncated(), source_embedder=source.name
+    )
     assert (report.experts, report.entries, report.skipped) == (1, 5, 0)
-    target = store.get_embedder("minilm-128")
+    target = fresh_registry.catalogue.get_embedder("minilm-128")
     assert target.dimension == 128
-    assert [t for _, t in store.library_texts(expert.id, target.id)] == texts
+    assert [t for _, t in fresh_registry.library.texts(expert.id, target.id)] == texts
     # Each embedder searches its own entries through its own index.
     query = Truncated().embed([texts[3]])[0]
-    assert store.nearest_entries(target.id, query, k=1)[0].sample_index == 3
-    again = reembed_library(store, Truncated(), source_embedder=source.name)
+    assert fresh_registry.library.nearest_entries(target.id, query, k=1)[0].sample_index == 3
+    again = reembed_library(
+        fresh_registry.catalogue, fresh_registry.library, Truncated(), source_embedder=source.name
+    )
     assert (again.experts, again.skipped) == (0, 1)

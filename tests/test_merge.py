@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 from sqlalchemy import text
 
 from elmreg.cli.main import cli
-from elmreg.inference.inputs import dataset_instances
 from elmreg.registry.backbones import load_backbone
+from elmreg.registry.examples import render_split
 from elmreg.registry.sources import DatasetSpec
 from elmreg.trainers import get_trainer
 from elmreg.trainers.merge.lora import check_lora_configs, merge_lora, peft_combination
@@ -318,7 +318,7 @@ def test_bad_merges_are_one_line_exit_2_and_write_nothing(lab, tiny_backbones):
     )
     lab.add_task("bigbench:sizes/small_things", name="small4", max_examples=16, training={**FAST, "rank": 4})
     lab.train()
-    pending = lab.context.store.create_expert(
+    pending = lab.context.catalogue.create_expert(
         name="unfinished", backbone_id=lab.expert("colours").backbone_id, kind="lora"
     )
     cases = [
@@ -363,11 +363,17 @@ def test_tune_on_chooses_weights_on_validation_data_and_stores_the_table(lab):
 def test_compose_merges_the_two_most_voted_experts_and_records_it(lab, tmp_path):
     _train(lab, "lora", "colours", "moods")
     instances = [
-        *dataset_instances(
-            DatasetSpec("bigbench:colours", split="validation"), lab.settings.cache_path, limit=8
+        *render_split(
+            DatasetSpec("bigbench:colours", split="validation"),
+            None,
+            cache_dir=lab.settings.cache_path,
+            limit=8,
         ),
-        *dataset_instances(
-            DatasetSpec("bigbench:moods", split="validation"), lab.settings.cache_path, limit=8
+        *render_split(
+            DatasetSpec("bigbench:moods", split="validation"),
+            None,
+            cache_dir=lab.settings.cache_path,
+            limit=8,
         ),
     ]
     rows = lab.predict(instances, compose=2, q=16)

@@ -10,8 +10,8 @@ from conftest import lab_environ
 from sqlalchemy import text
 
 from elmreg.cli.main import cli
-from elmreg.inference.inputs import dataset_instances
 from elmreg.registry.errors import UserError
+from elmreg.registry.examples import render_split
 from elmreg.registry.sources import DatasetSpec
 
 FAST = {"epochs": 1, "learning_rate": 1e-3, "batch_size": 8}
@@ -26,8 +26,8 @@ def library(lab):
 
 
 def _instances(lab, task, split="all", limit=None):
-    return dataset_instances(
-        DatasetSpec(f"bigbench:{task}", split=split), lab.settings.cache_path, limit=limit
+    return render_split(
+        DatasetSpec(f"bigbench:{task}", split=split), None, cache_dir=lab.settings.cache_path, limit=limit
     )
 
 

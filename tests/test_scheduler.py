@@ -36,8 +36,8 @@ def test_schedules_are_registered_in_the_catalogue(settings, registry):
         scheduler.registry.close()
 
 
-def test_enqueue_untrained_tasks_skips_tasks_with_jobs(settings, store, unique):
-    backbone = store.get_or_create_backbone(f"sched-{unique}", "causal")
+def test_enqueue_untrained_tasks_skips_tasks_with_jobs(settings, registry, unique):
+    backbone = registry.catalogue.get_or_create_backbone(f"sched-{unique}", "causal")
     fields = dict(
         dataset="bigbench:toy",
         subset=None,
@@ -50,14 +50,16 @@ def test_enqueue_untrained_tasks_skips_tasks_with_jobs(settings, store, unique):
         expert_kind="lora",
         backbone_id=backbone.id,
     )
-    quiet, _ = store.create_task(enqueue_training=False, name=f"quiet-{unique}", **fields)
-    queued, job = store.create_task(enqueue_training=True, name=f"queued-{unique}", **fields)
+    quiet, _ = registry.catalogue.create_task(enqueue_training=False, name=f"quiet-{unique}", **fields)
+    queued, job = registry.catalogue.create_task(enqueue_training=True, name=f"queued-{unique}", **fields)
     jobs = enqueue_untrained_tasks(settings)
-    payloads = [store.get_job(j).payload["task_id"] for j in jobs]
+    payloads = [registry.jobs.get_job(j).payload["task_id"] for j in jobs]
     assert quiet.id in payloads and queued.id not in payloads
-    assert quiet.id not in [store.get_job(j).payload["task_id"] for j in enqueue_untrained_tasks(settings)]
+    assert quiet.id not in [
+        registry.jobs.get_job(j).payload["task_id"] for j in enqueue_untrained_tasks(settings)
+    ]
 
 
-def test_benchmark_is_enqueued_once_a_day(settings, store):
+def test_benchmark_is_enqueued_once_a_day(settings, registry):
     first, second = enqueue_benchmark(settings), enqueue_benchmark(settings)
-    assert first == second and store.get_job(first).kind == "benchmark"
+    assert first == second and registry.jobs.get_job(first).kind == "benchmark"

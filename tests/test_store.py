@@ -1,4 +1,4 @@
-"""The catalogue store on the real PostgreSQL + pgvector."""
+"""The catalogue's stores on the real PostgreSQL + pgvector."""
 
 from __future__ import annotations
 
@@ -21,17 +21,17 @@ def _unit(vector) -> np.ndarray:
 
 
 @pytest.fixture
-def backbone(store, unique):
-    return store.get_or_create_backbone(f"tiny-{unique}", "causal", fingerprint="f" * 16)
+def backbone(registry, unique):
+    return registry.catalogue.get_or_create_backbone(f"tiny-{unique}", "causal", fingerprint="f" * 16)
 
 
 @pytest.fixture
-def embedder(store):
-    return store.get_or_create_embedder("test-embedder-384", DIM)
+def embedder(registry):
+    return registry.catalogue.get_or_create_embedder("test-embedder-384", DIM)
 
 
-def _task(store, backbone, name, enqueue=True):
-    return store.create_task(
+def _task(registry, backbone, name, enqueue=True):
+    return registry.catalogue.create_task(
         enqueue_training=enqueue,
         name=name,
         dataset="bigbench:toy",
@@ -47,76 +47,80 @@ def _task(store, backbone, name, enqueue=True):
     )
 
 
-def _publish(store, backbone, embedder, name, vectors, task_id=None):
-    expert = store.create_expert(name=name, backbone_id=backbone.id, kind="lora", task_id=task_id)
+def _publish(registry, backbone, embedder, name, vectors, task_id=None):
+    expert = registry.catalogue.create_expert(
+        name=name, backbone_id=backbone.id, kind="lora", task_id=task_id
+    )
     artifact = StoredArtifact(f"s3://elmreg/blobs/sha256/aa/{name}", "a" * 64, 123)
     entries = [LibraryEntry(i, f"{name} sample {i}", v) for i, v in enumerate(vectors)]
-    return store.publish_expert(expert.id, artifact=artifact, embedder_id=embedder.id, entries=entries)
+    return registry.catalogue.publish_expert(
+        expert.id, artifact=artifact, embedder_id=embedder.id, entries=entries
+    )
 
 
-def test_create_task_enqueues_training_in_the_same_transaction(store, backbone, unique):
-    task, job = _task(store, backbone, f"task-{unique}")
+def test_create_task_enqueues_training_in_the_same_transaction(registry, backbone, unique):
+    task, job = _task(registry, backbone, f"task-{unique}")
     assert job is not None and job.kind == "train" and job.payload == {"task_id": task.id}
-    assert store.get_task(task.name) == task
-    assert store.get_task(task.id) == task
+    assert registry.catalogue.get_task(task.name) == task
+    assert registry.catalogue.get_task(task.id) == task
     with pytest.raises(AlreadyExistsError):
-        _task(store, backbone, f"task-{unique}")
+        _task(registry, backbone, f"task-{unique}")
     # The failed duplicate wrote nothing: still exactly one training job for that task.
-    assert [j for j in store.list_jobs() if j.payload.get("task_id") == task.id] == [job]
+    assert [j for j in registry.jobs.list_jobs() if j.payload.get("task_id") == task.id] == [job]
 
 
-def test_unknown_keys_raise_not_found(store):
+def test_unknown_keys_raise_not_found(registry):
     with pytest.raises(NotFoundError, match="no task 'nope'"):
-        store.get_task("nope")
+        registry.catalogue.get_task("nope")
     with pytest.raises(NotFoundError):
-        store.get_expert(10**9)
+        registry.catalogue.get_expert(10**9)
 
 
-def test_publish_makes_expert_ready_with_entries_and_next_version(
-    store, registry, backbone, embedder, unique
-):
-    before = store.library_version()
+def test_publish_makes_expert_ready_with_entries_and_next_version(registry, backbone, embedder, unique):
+    before = registry.library.library_version()
     vectors = [_unit(np.random.default_rng(i).normal(size=DIM)) for i in range(5)]
-    expert = _publish(store, backbone, embedder, f"exp-{unique}", vectors)
+    expert = _publish(registry, backbone, embedder, f"exp-{unique}", vectors)
     assert expert.status == "ready"
-    assert expert.library_version == before + 1 == store.library_version()
+    assert expert.library_version == before + 1 == registry.library.library_version()
     with registry.engine.connect() as c:
         count = c.execute(
             text("SELECT count(*) FROM library_entries WHERE expert_id = :e"), {"e": expert.id}
         ).scalar()
     assert count == 5
     with pytest.raises(CatalogueError, match="already ready"):
-        store.publish_expert(expert.id, artifact=expert.artifact, embedder_id=embedder.id, entries=[])
+        registry.catalogue.publish_expert(
+            expert.id, artifact=expert.artifact, embedder_id=embedder.id, entries=[]
+        )
 
 
-def test_database_refuses_ready_expert_without_artifact(store, registry, backbone, unique):
-    expert = store.create_expert(name=f"raw-{unique}", backbone_id=backbone.id, kind="lora")
+def test_database_refuses_ready_expert_without_artifact(registry, backbone, unique):
+    expert = registry.catalogue.create_expert(name=f"raw-{unique}", backbone_id=backbone.id, kind="lora")
     with (
         pytest.raises(Exception, match="ck_experts_ready_has_verified_artifact"),
         registry.engine.begin() as c,
     ):
         c.execute(text("UPDATE experts SET status = 'ready' WHERE id = :id"), {"id": expert.id})
     with pytest.raises(CatalogueError):
-        store.set_expert_status(expert.id, "ready")
-    assert store.get_expert(expert.id).status == "pending"
+        registry.catalogue.set_expert_status(expert.id, "ready")
+    assert registry.catalogue.get_expert(expert.id).status == "pending"
 
 
-def test_entry_with_wrong_dimension_rolls_back_everything(store, backbone, embedder, unique):
-    version = store.library_version()
-    expert = store.create_expert(name=f"bad-{unique}", backbone_id=backbone.id, kind="lora")
+def test_entry_with_wrong_dimension_rolls_back_everything(registry, backbone, embedder, unique):
+    version = registry.library.library_version()
+    expert = registry.catalogue.create_expert(name=f"bad-{unique}", backbone_id=backbone.id, kind="lora")
     entries = [LibraryEntry(0, "ok", np.ones(DIM)), LibraryEntry(1, "short", np.ones(10))]
     with pytest.raises(CatalogueError, match="384 dims"):
-        store.publish_expert(
+        registry.catalogue.publish_expert(
             expert.id,
             artifact=StoredArtifact("s3://b/k", "b" * 64, 1),
             embedder_id=embedder.id,
             entries=entries,
         )
-    assert store.get_expert(expert.id).status == "pending"
-    assert store.library_version() == version
+    assert registry.catalogue.get_expert(expert.id).status == "pending"
+    assert registry.library.library_version() == version
 
 
-def test_nearest_entries_exact_order_and_scores(store, backbone, embedder, unique):
+def test_nearest_entries_exact_order_and_scores(registry, backbone, embedder, unique):
     axis = np.zeros(DIM, dtype=np.float32)
     axis[7] = 1.0
 
@@ -126,37 +130,40 @@ def test_nearest_entries_exact_order_and_scores(store, backbone, embedder, uniqu
         v[7], v[other] = ip, np.sqrt(1 - ip**2)
         return v
 
-    a = _publish(store, backbone, embedder, f"near-a-{unique}", [at(0.5, 11)])
-    b = _publish(store, backbone, embedder, f"near-b-{unique}", [at(0.9, 12), at(-0.2, 13)])
-    hits = store.nearest_entries(embedder.id, axis, k=3)
+    a = _publish(registry, backbone, embedder, f"near-a-{unique}", [at(0.5, 11)])
+    b = _publish(registry, backbone, embedder, f"near-b-{unique}", [at(0.9, 12), at(-0.2, 13)])
+    hits = registry.library.nearest_entries(embedder.id, axis, k=3)
     mine = [h for h in hits if h.expert_id in (a.id, b.id)]
     assert [(h.expert_id, h.sample_index) for h in mine][:2] == [(b.id, 0), (a.id, 0)]
     assert mine[0].score == pytest.approx(0.9, abs=1e-6)
     assert mine[1].score == pytest.approx(0.5, abs=1e-6)
 
 
-def test_pinned_version_and_retirement(store, backbone, embedder, unique):
+def test_pinned_version_and_retirement(registry, backbone, embedder, unique):
     axis = np.zeros(DIM, dtype=np.float32)
     axis[100] = 1.0
-    old = _publish(store, backbone, embedder, f"old-{unique}", [axis * 0.99 + _unit(np.ones(DIM)) * 0.01])
-    pinned = store.library_version()
-    new = _publish(store, backbone, embedder, f"new-{unique}", [axis])
-    assert store.nearest_entries(embedder.id, axis, k=1)[0].expert_id == new.id
-    assert store.nearest_entries(embedder.id, axis, k=1, library_version=pinned)[0].expert_id == old.id
+    old = _publish(registry, backbone, embedder, f"old-{unique}", [axis * 0.99 + _unit(np.ones(DIM)) * 0.01])
+    pinned = registry.library.library_version()
+    new = _publish(registry, backbone, embedder, f"new-{unique}", [axis])
+    assert registry.library.nearest_entries(embedder.id, axis, k=1)[0].expert_id == new.id
+    assert (
+        registry.library.nearest_entries(embedder.id, axis, k=1, library_version=pinned)[0].expert_id
+        == old.id
+    )
 
-    retired = store.retire_expert(new.id)
-    assert retired.status == "retired" and retired.retired_at_version == store.library_version()
-    assert store.nearest_entries(embedder.id, axis, k=1)[0].expert_id == old.id
+    retired = registry.catalogue.retire_expert(new.id)
+    assert retired.status == "retired" and retired.retired_at_version == registry.library.library_version()
+    assert registry.library.nearest_entries(embedder.id, axis, k=1)[0].expert_id == old.id
     # Pinned to the version before retirement, the retired expert is still what was routed then.
     assert (
-        store.nearest_entries(embedder.id, axis, k=1, library_version=retired.retired_at_version - 1)[
-            0
-        ].expert_id
+        registry.library.nearest_entries(
+            embedder.id, axis, k=1, library_version=retired.retired_at_version - 1
+        )[0].expert_id
         == new.id
     )
 
 
-def test_hnsw_index_serves_inner_product_search(store, registry, embedder):
+def test_hnsw_index_serves_inner_product_search(registry, embedder):
     query = "[" + ",".join(["0.05"] * DIM) + "]"
     with registry.engine.begin() as c:
         c.execute(text("SET LOCAL enable_seqscan = off"))  # a tiny table would otherwise be scanned
@@ -172,29 +179,29 @@ def test_hnsw_index_serves_inner_product_search(store, registry, embedder):
     assert f"Index Scan using {hnsw_index_name(embedder.id)}" in plan
 
 
-def test_embedder_dimension_is_fixed(store, embedder):
-    assert store.get_or_create_embedder(embedder.name, DIM) == embedder
+def test_embedder_dimension_is_fixed(registry, embedder):
+    assert registry.catalogue.get_or_create_embedder(embedder.name, DIM) == embedder
     with pytest.raises(CatalogueError, match="dimension 384"):
-        store.get_or_create_embedder(embedder.name, 768)
+        registry.catalogue.get_or_create_embedder(embedder.name, 768)
 
 
-def test_dedupe_key_enqueues_once(store, unique):
-    first = store.enqueue_job("noop", {"n": 1}, dedupe_key=f"noop:{unique}")
-    again = store.enqueue_job("noop", {"n": 2}, dedupe_key=f"noop:{unique}")
+def test_dedupe_key_enqueues_once(registry, unique):
+    first = registry.jobs.enqueue_job("noop", {"n": 1}, dedupe_key=f"noop:{unique}")
+    again = registry.jobs.enqueue_job("noop", {"n": 2}, dedupe_key=f"noop:{unique}")
     assert again.id == first.id and again.payload == {"n": 1}
 
 
-def test_concurrent_claims_take_each_job_exactly_once(store, unique):
+def test_concurrent_claims_take_each_job_exactly_once(registry, unique):
     kind = f"k{unique}"
-    ids = {store.enqueue_job(kind, {"i": i}).id for i in range(20)}
+    ids = {registry.jobs.enqueue_job(kind, {"i": i}).id for i in range(20)}
     claimed: list[int] = []
     lock = threading.Lock()
 
     def worker(name):
-        while (job := store.claim_job(name, lease_seconds=60, kinds=[kind])) is not None:
+        while (job := registry.jobs.claim_job(name, lease_seconds=60, kinds=[kind])) is not None:
             with lock:
                 claimed.append(job.id)
-            store.finish_job(job.id, name)
+            registry.jobs.finish_job(job.id, name)
 
     threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
     for t in threads:
@@ -202,51 +209,51 @@ def test_concurrent_claims_take_each_job_exactly_once(store, unique):
     for t in threads:
         t.join()
     assert sorted(claimed) == sorted(ids)
-    assert all(store.get_job(i).status == "succeeded" for i in ids)
+    assert all(registry.jobs.get_job(i).status == "succeeded" for i in ids)
 
 
-def test_expired_lease_is_reclaimed_and_old_holder_loses_it(store, registry, unique):
+def test_expired_lease_is_reclaimed_and_old_holder_loses_it(registry, unique):
     kind = f"lease{unique}"
-    job = store.enqueue_job(kind, {})
-    first = store.claim_job("crashed-worker", lease_seconds=60, kinds=[kind])
+    job = registry.jobs.enqueue_job(kind, {})
+    first = registry.jobs.claim_job("crashed-worker", lease_seconds=60, kinds=[kind])
     assert first.id == job.id and first.attempts == 1
-    assert store.claim_job("other", lease_seconds=60, kinds=[kind]) is None
+    assert registry.jobs.claim_job("other", lease_seconds=60, kinds=[kind]) is None
     with registry.engine.begin() as c:  # time passes: the crashed worker stops heartbeating
         c.execute(
             text("UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = :id"),
             {"id": job.id},
         )
-    second = store.claim_job("other", lease_seconds=60, kinds=[kind])
+    second = registry.jobs.claim_job("other", lease_seconds=60, kinds=[kind])
     assert second.id == job.id and second.attempts == 2 and second.lease_owner == "other"
-    assert store.heartbeat(job.id, "crashed-worker", lease_seconds=60) is False
+    assert registry.jobs.heartbeat(job.id, "crashed-worker", lease_seconds=60) is False
     with pytest.raises(CatalogueError, match="no longer held"):
-        store.finish_job(job.id, "crashed-worker")
-    assert store.finish_job(job.id, "other").status == "succeeded"
+        registry.jobs.finish_job(job.id, "crashed-worker")
+    assert registry.jobs.finish_job(job.id, "other").status == "succeeded"
 
 
-def test_failures_retry_until_max_attempts(store, unique):
+def test_failures_retry_until_max_attempts(registry, unique):
     kind = f"fail{unique}"
-    job = store.enqueue_job(kind, {}, max_attempts=2)
-    claimed = store.claim_job("w", lease_seconds=60, kinds=[kind])
-    after_first = store.fail_job(claimed.id, "w", "boom 1", retry_delay_seconds=0)
+    job = registry.jobs.enqueue_job(kind, {}, max_attempts=2)
+    claimed = registry.jobs.claim_job("w", lease_seconds=60, kinds=[kind])
+    after_first = registry.jobs.fail_job(claimed.id, "w", "boom 1", retry_delay_seconds=0)
     assert after_first.status == "queued" and after_first.last_error == "boom 1"
-    claimed = store.claim_job("w", lease_seconds=60, kinds=[kind])
+    claimed = registry.jobs.claim_job("w", lease_seconds=60, kinds=[kind])
     assert claimed is not None and claimed.attempts == 2
-    final = store.fail_job(claimed.id, "w", "boom 2", retry_delay_seconds=0)
+    final = registry.jobs.fail_job(claimed.id, "w", "boom 2", retry_delay_seconds=0)
     assert final.status == "failed" and final.finished_at is not None
-    assert store.claim_job("w", lease_seconds=60, kinds=[kind]) is None
+    assert registry.jobs.claim_job("w", lease_seconds=60, kinds=[kind]) is None
     assert job.id == final.id
 
 
-def test_summary_counts_tables(store, backbone):
-    summary = store.summary()
+def test_summary_counts_tables(registry, backbone):
+    summary = registry.audit.summary()
     assert summary.schema_revision == summary.head_revision
     assert tuple(int(p) for p in summary.pgvector_version.split(".")[:2]) >= (0, 6)
     assert summary.row_counts["backbones"] >= 1
     assert set(summary.row_counts) >= {"tasks", "experts", "library_entries", "jobs", "routing_votes"}
 
 
-def test_concurrent_registration_of_one_embedder_and_backbone(store, unique):
+def test_concurrent_registration_of_one_embedder_and_backbone(registry, unique):
     """Two workers publishing their first experts at once both get the one embedder (and backbone) row."""
     results, errors = [], []
 
@@ -254,8 +261,8 @@ def test_concurrent_registration_of_one_embedder_and_backbone(store, unique):
         try:
             results.append(
                 (
-                    store.get_or_create_embedder(f"race-{unique}", 8).id,
-                    store.get_or_create_backbone(f"race-{unique}", "causal").id,
+                    registry.catalogue.get_or_create_embedder(f"race-{unique}", 8).id,
+                    registry.catalogue.get_or_create_backbone(f"race-{unique}", "causal").id,
                 )
             )
         except Exception as exc:  # noqa: BLE001 - collected and asserted below

@@ -11,10 +11,9 @@ from elmreg.trainers.worker import Worker
 
 
 def test_success_failure_and_permanent_failure(fresh_registry):
-    store = fresh_registry.store
-    ok = store.enqueue_job("ok", {})
-    flaky = store.enqueue_job("flaky", {}, max_attempts=3)
-    bad = store.enqueue_job("bad", {}, max_attempts=3)
+    ok = fresh_registry.jobs.enqueue_job("ok", {})
+    flaky = fresh_registry.jobs.enqueue_job("flaky", {}, max_attempts=3)
+    bad = fresh_registry.jobs.enqueue_job("bad", {}, max_attempts=3)
     ran = []
 
     def flaky_handler(context):
@@ -40,8 +39,7 @@ def test_success_failure_and_permanent_failure(fresh_registry):
 
 
 def test_worker_that_lost_its_lease_does_not_finish_the_job(fresh_registry):
-    store = fresh_registry.store
-    job = store.enqueue_job("slow", {})
+    job = fresh_registry.jobs.enqueue_job("slow", {})
     other = Worker(fresh_registry, {"slow": lambda c: None}, name="other")
 
     def slow_handler(context):
@@ -52,7 +50,7 @@ def test_worker_that_lost_its_lease_does_not_finish_the_job(fresh_registry):
                 {"id": job.id},
             )
         assert other.run_once().status == "succeeded"
-        context._lost.set()  # what the heartbeat thread sets when store.heartbeat() answers False
+        context._lost.set()  # what the heartbeat thread sets when fresh_registry.jobs.heartbeat() answers False
 
     stuck = Worker(fresh_registry, {"slow": slow_handler}, name="stuck")
     ended = stuck.run_once()
@@ -60,15 +58,14 @@ def test_worker_that_lost_its_lease_does_not_finish_the_job(fresh_registry):
 
 
 def test_heartbeat_extends_the_lease(fresh_registry):
-    store = fresh_registry.store
-    store.enqueue_job("beat", {})
+    fresh_registry.jobs.enqueue_job("beat", {})
     seen = {}
 
     def handler(context):
-        first = store.get_job(context.job.id).lease_expires_at
+        first = fresh_registry.jobs.get_job(context.job.id).lease_expires_at
         # With a 0.6 s lease the heartbeat fires every 0.2 s; wait for a few beats.
         time.sleep(0.7)
-        seen["extended"] = store.get_job(context.job.id).lease_expires_at > first
+        seen["extended"] = fresh_registry.jobs.get_job(context.job.id).lease_expires_at > first
         context.check_lease()
 
     worker = Worker(fresh_registry, {"beat": handler}, name="w", lease_seconds=0.6)

@@ -29,9 +29,9 @@ from elmreg.registry.errors import (
     TaskSpecError,
     first_line,
 )
+from elmreg.registry.examples import task_examples
 from elmreg.registry.library import SAMPLES_PER_EXPERT, embed_entries, register_embedder, sample_indices
-from elmreg.registry.prompts import PromptedExample, PromptTemplate, library_text, render_examples
-from elmreg.registry.sources import DatasetSpec, load_dataset_rows
+from elmreg.registry.prompts import PromptedExample, library_text
 from elmreg.registry.store.entities import Expert, Task
 from elmreg.trainers import get_trainer
 from elmreg.trainers.base import ProgressCallback
@@ -75,14 +75,13 @@ class TrainingHooks:
 
 def _expert_for(context: RegistryContext, task: Task, backbone_id: int) -> Expert:
     """The task's unfinished expert from an earlier attempt, or a new one."""
-    store = context.store
-    for expert in reversed(store.list_experts(task_id=task.id)):
+    for expert in reversed(context.catalogue.list_experts(task_id=task.id)):
         if expert.status in ("pending", "training", "failed"):
-            return store.set_expert_status(expert.id, "training")
+            return context.catalogue.set_expert_status(expert.id, "training")
     name = task.name
     for suffix in range(2, 1000):
         try:
-            return store.create_expert(
+            return context.catalogue.create_expert(
                 name=name, backbone_id=backbone_id, kind=task.expert_kind, task_id=task.id, status="training"
             )
         except AlreadyExistsError:
@@ -105,32 +104,35 @@ def train_task(
     publishing and reporting success must not add a second expert).
     """
     hooks = hooks or TrainingHooks()
-    store = context.store
-    ready = [e for e in store.list_experts(task_id=task.id) if e.status == "ready"]
+    ready = [e for e in context.catalogue.list_experts(task_id=task.id) if e.status == "ready"]
     if ready:
         hooks.stage(f"task {task.name} already has ready expert {ready[0].name}; nothing to train")
         return ready[0]
 
     trainer = get_trainer(task.expert_kind)
     config = trainer.make_config(task.training_config)
-    backbone_record = store.get_backbone(task.backbone_id)
+    backbone_record = context.catalogue.get_backbone(task.backbone_id)
 
     hooks.stage(f"loading examples of {task.name} ({task.dataset}, K={task.max_examples})")
-    examples = task_examples(context, task, seed=config.seed)
+    examples = task_examples(
+        task, cache_dir=context.settings.cache_path, limit=task.max_examples, seed=config.seed
+    )
 
     init_weights = _init_weights(context, task, config.init_from) if config.init_from is not None else None
 
     hooks.stage(f"loading backbone {backbone_record.name}")
     backbone = shared_backbone(context, backbone_record.name)
     if backbone_record.fingerprint is None:
-        store.get_or_create_backbone(backbone_record.name, backbone.family, fingerprint=backbone.fingerprint)
+        context.catalogue.get_or_create_backbone(
+            backbone_record.name, backbone.family, fingerprint=backbone.fingerprint
+        )
 
     expert = _expert_for(context, task, backbone_record.id)
     if lease is not None:
-        store.abandon_training_runs(
+        context.jobs.abandon_training_runs(
             lease[0], f"abandoned: the worker stopped heartbeating; {worker} took the job over"
         )
-    run = store.start_training_run(
+    run = context.jobs.start_training_run(
         task_id=task.id,
         expert_id=expert.id,
         worker=worker,
@@ -164,10 +166,10 @@ def train_task(
                 hooks=hooks,
             )
     except BaseException as exc:
-        store.finish_training_run(run.id, status="failed", error=f"{type(exc).__name__}: {exc}"[:4000])
-        store.set_expert_status(expert.id, "failed")
+        context.jobs.finish_training_run(run.id, status="failed", error=f"{type(exc).__name__}: {exc}"[:4000])
+        context.catalogue.set_expert_status(expert.id, "failed")
         raise
-    store.finish_training_run(run.id, status="succeeded", metrics=trained.metrics)
+    context.jobs.finish_training_run(run.id, status="succeeded", metrics=trained.metrics)
     hooks.stage(f"expert {published.name} is ready at library version {published.library_version}")
     return published
 
@@ -175,7 +177,7 @@ def train_task(
 def _init_weights(context: RegistryContext, task: Task, key: int | str) -> Path:
     """The weights file of the expert a task's training starts from (``init_from``), checked to fit."""
     try:
-        source = context.store.get_expert(key)
+        source = context.catalogue.get_expert(key)
     except NotFoundError as exc:
         raise TaskSpecError(f"task {task.name}: init_from expert '{key}' does not exist") from exc
     if source.artifact is None or source.kind != task.expert_kind or source.backbone_id != task.backbone_id:
@@ -201,7 +203,6 @@ def publish(
 ) -> Expert:
     """Upload the weights (verified), embed S library samples of ``examples``, and make the expert ready."""
     hooks = hooks or TrainingHooks()
-    store = context.store
     hooks.stage("uploading weights")
     artifact = context.artifacts.put_file(weights_path)
     hooks.stage(f"embedding {min(SAMPLES_PER_EXPERT, len(examples))} library samples")
@@ -210,10 +211,10 @@ def publish(
     entries = embed_entries(embedder, [library_text(examples[i]) for i in chosen])
     if check_lease is not None:
         check_lease()
-    return store.publish_expert(
+    return context.catalogue.publish_expert(
         expert.id,
         artifact=artifact,
-        embedder_id=register_embedder(store, embedder).id,
+        embedder_id=register_embedder(context.catalogue, embedder).id,
         entries=entries,
         metrics=metrics,
         config=config,
@@ -231,21 +232,12 @@ def make_train_handler(hooks: TrainingHooks | None = None) -> Callable[[JobConte
     """The worker's handler for ``train`` jobs."""
 
     def handle(job: JobContext) -> None:
-        task = job.registry.store.get_task(int(job.job.payload["task_id"]))
+        task = job.registry.catalogue.get_task(int(job.job.payload["task_id"]))
         train_task(
             job.registry, task, lease=job.lease, check_lease=job.check_lease, hooks=hooks, worker=job.worker
         )
 
     return handle
-
-
-def task_examples(context: RegistryContext, task: Task, seed: int = 0) -> list[PromptedExample]:
-    """The task's prompted training examples (K sampled with ``seed``), as training sees them."""
-    spec = DatasetSpec(task.dataset, task.subset, task.split)
-    loaded = load_dataset_rows(
-        spec, cache_dir=context.settings.cache_path, max_rows=task.max_examples, seed=seed
-    )
-    return render_examples(loaded.rows, [PromptTemplate.from_dict(t) for t in task.templates], seed=seed)
 
 
 def import_peft_adapter(
@@ -277,8 +269,7 @@ def import_peft_adapter(
         )
     if task.expert_kind != "lora":
         raise TaskSpecError(f"task {task.name} trains {task.expert_kind} experts; import into a lora task")
-    store = context.store
-    backbone_record = store.get_backbone(task.backbone_id)
+    backbone_record = context.catalogue.get_backbone(task.backbone_id)
     hooks.stage(f"checking the adapter against backbone {backbone_record.name}")
     backbone = shared_backbone(context, backbone_record.name)
     trainer = get_trainer("lora")
@@ -290,8 +281,8 @@ def import_peft_adapter(
             f"the adapter in {folder} does not fit backbone {backbone_record.name}: {first_line(exc)}"
         ) from exc
     trainer.detach(backbone, model)
-    examples = task_examples(context, task)
-    expert = store.create_expert(
+    examples = task_examples(task, cache_dir=context.settings.cache_path, limit=task.max_examples)
+    expert = context.catalogue.create_expert(
         name=name or f"{task.name}-imported", backbone_id=backbone_record.id, kind="lora", task_id=task.id
     )
     return publish(
@@ -317,6 +308,6 @@ def export_expert(context: RegistryContext, expert: Expert, out_dir: Path) -> Pa
     else:
         shutil.copyfile(weights, out_dir / f"{expert.kind}.safetensors")
     card = {k: v for k, v in dataclasses.asdict(expert).items() if k not in ("metrics",)}
-    card["backbone"] = context.store.get_backbone(expert.backbone_id).name
+    card["backbone"] = context.catalogue.get_backbone(expert.backbone_id).name
     (out_dir / "elmreg_expert.json").write_text(json.dumps(card, indent=2, default=str))
     return out_dir

@@ -65,7 +65,7 @@ class _Heartbeat(threading.Thread):
         # Three beats per lease: one missed beat (a slow query, a GC pause) does not lose the job.
         while not self.stopped.wait(self.lease_seconds / 3):
             try:
-                held = self.context.registry.store.heartbeat(
+                held = self.context.registry.jobs.heartbeat(
                     self.context.job.id, self.context.worker, lease_seconds=self.lease_seconds
                 )
             except ElmregError as exc:  # the database blinked; the next beat may get through
@@ -96,8 +96,7 @@ class Worker:
 
     def run_once(self, job_id: int | None = None) -> Job | None:
         """Claim and run one job (``job_id``: that one); returns it as it ended, or None if none was runnable."""
-        store = self.registry.store
-        job = store.claim_job(
+        job = self.registry.jobs.claim_job(
             self.name, lease_seconds=self.lease_seconds, kinds=list(self.handlers), job_id=job_id
         )
         if job is None:
@@ -110,12 +109,12 @@ class Worker:
             context.check_lease()
         except LeaseLost as exc:
             _log.warning("%s", exc)
-            return store.get_job(job.id)
+            return self.registry.jobs.get_job(job.id)
         except Exception as exc:  # noqa: BLE001 - any failure is recorded on the job and retried
             # A user error (bad data) will not fix itself: no retries. Anything else may be transient.
             message = str(exc) if isinstance(exc, UserError) else traceback.format_exc()
             _log.error("job %s (%s) failed: %s", job.id, job.kind, first_line(exc))
-            return store.fail_job(
+            return self.registry.jobs.fail_job(
                 job.id,
                 self.name,
                 message,
@@ -125,7 +124,7 @@ class Worker:
         finally:
             heartbeat.stopped.set()
             heartbeat.join()
-        return store.finish_job(job.id, self.name)
+        return self.registry.jobs.finish_job(job.id, self.name)
 
     def run_forever(self, *, poll_seconds: float = 5.0, stop: threading.Event | None = None) -> None:
         """Run jobs until ``stop`` is set; sleeps ``poll_seconds`` whenever the queue is empty."""

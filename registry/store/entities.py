@@ -137,3 +137,93 @@ class CatalogueSummary:
     row_counts: dict[str, int] = field(default_factory=dict)
     pgvector_version: str | None = None
     server_version: str | None = None
+
+
+@dataclass(frozen=True)
+class LibraryChange:
+    """One step of the library's history: an expert added or retired at a library version."""
+
+    version: int
+    change: str  # 'added' or 'retired'
+    expert_id: int
+    expert_name: str
+    expert_kind: str
+    entries: int  # the expert's library entries (all embedders)
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class RoutingVote:
+    """One query's ``rank``-th nearest library entry, and the expert it votes for."""
+
+    query_index: int
+    rank: int
+    entry_id: int
+    expert_id: int
+    score: float
+
+
+@dataclass(frozen=True)
+class ExpertTally:
+    """An expert's votes in one routing decision; ``score_sum`` breaks ties."""
+
+    expert_id: int
+    expert_name: str
+    votes: int
+    score_sum: float
+
+
+@dataclass(frozen=True)
+class RoutingDecisionRecord:
+    """What ``routing_decisions`` keeps about one decision (its votes go to ``routing_votes``)."""
+
+    embedder_id: int
+    library_version: int
+    q: int
+    top_k: int
+    chosen_expert_id: int
+    latency_ms: float
+    caller_label: str | None = None
+    task_id: int | None = None
+    backbone_id: int | None = None
+    kinds: tuple[str, ...] | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    id: int
+    task_id: int
+    expert_id: int | None
+    route: str
+    split: str
+    metric: str
+    score: float
+    n_examples: int
+    library_version: int | None
+    benchmark_run_id: int | None
+    details: dict[str, Any]
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class BenchmarkRun:
+    id: int
+    status: str
+    since: dt.datetime | None
+    suite: dict[str, Any]
+    summary: dict[str, Any]
+    report_uri: str | None
+    started_at: dt.datetime
+    finished_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class BenchmarkCell:
+    """One score of a benchmark run, with names resolved: ``expert`` is '' for the base backbone."""
+
+    task: str
+    expert: str
+    route: str
+    metric: str
+    score: float

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -62,24 +62,47 @@ def translate_error(exc: Exception, url_hint: str = "") -> Exception:
 
 
 class ManagedSessions:
-    """``with sessions() as s:`` yields a session that commits on success and rolls back on error."""
+    """The one way the stores reach the database: ``with sessions() as s:`` yields a session that commits on
+    success and rolls back on error; every database error leaves as an elmreg error (see ``translate_error``)."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
         self._factory = sessionmaker(bind=engine, expire_on_commit=False)
 
+    @property
+    def url_hint(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+    @contextmanager
+    def translating(self) -> Iterator[None]:
+        """Turn database errors raised in the block into elmreg's (for work outside a managed session)."""
+        try:
+            yield
+        except DBAPIError as exc:
+            raise translate_error(exc, self.url_hint) from exc
+
     @contextmanager
     def __call__(self) -> Iterator[Session]:
-        session = self._factory()
-        try:
-            yield session
-            session.commit()
-        except DBAPIError as exc:
-            session.rollback()
-            hint = self.engine.url.render_as_string(hide_password=True)
-            raise translate_error(exc, hint) from exc
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
+        with self.translating():
+            session = self._factory()
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+            finally:
+                session.close()
+
+    @contextmanager
+    def connect(self, *, autocommit: bool = False) -> Iterator[Connection]:
+        """A connection of its own for the block (advisory locks held across transactions need one)."""
+        with self.translating(), self.engine.connect() as connection:
+            if autocommit:
+                connection = connection.execution_options(isolation_level="AUTOCOMMIT")
+            yield connection
+
+    def open_connection(self) -> Connection:
+        """A connection the caller closes (a lock that outlives any one block); errors translated."""
+        with self.translating():
+            return self.engine.connect()

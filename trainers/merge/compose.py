@@ -66,13 +66,12 @@ def compose(
     """
     if k < 2:
         raise UserError(f"--compose needs K of at least 2 (the number of experts to merge), got {k}")
-    store = context.store
-    winner = store.get_expert(decision.tallies[0].expert_id)
+    winner = context.catalogue.get_expert(decision.tallies[0].expert_id)
     chosen, skipped = [winner], []
     for tally in decision.tallies[1:]:
         if len(chosen) == k:
             break
-        candidate = store.get_expert(tally.expert_id)
+        candidate = context.catalogue.get_expert(tally.expert_id)
         if (
             candidate.status == "ready"
             and candidate.backbone_id == winner.backbone_id
@@ -112,5 +111,5 @@ def compose(
             "reused": reused,
         }
     if decision.decision_id is not None:
-        store.annotate_routing_decision(decision.decision_id, {"compose": details})
+        context.library.annotate_decision(decision.decision_id, {"compose": details})
     return Composition(expert, chosen, len(chosen) >= 2, reused, details)

@@ -70,14 +70,14 @@ def resolve_parents(context: RegistryContext, keys: Sequence[int | str]) -> tupl
     """
     if len(keys) < 2:
         raise MergeError(f"merging needs at least 2 experts, got {len(keys)}")
-    parents = [context.store.get_expert(key) for key in keys]
+    parents = [context.catalogue.get_expert(key) for key in keys]
     if len({p.id for p in parents}) != len(parents):
         raise MergeError(f"an expert is named twice in {', '.join(map(str, keys))}; give each one once")
     for parent in parents:
         if parent.status != "ready" or parent.artifact is None:
             raise MergeError(f"expert {parent.name} is {parent.status}; only ready experts can be merged")
     if len({p.backbone_id for p in parents}) > 1:
-        names = {context.store.get_backbone(p.backbone_id).name for p in parents}
+        names = {context.catalogue.get_backbone(p.backbone_id).name for p in parents}
         raise MergeError(
             f"the experts are on different backbones ({', '.join(sorted(names))}); merge experts of one"
         )
@@ -180,7 +180,7 @@ def _default_name(
         name += "-" + ",".join(f"{w:g}" for w in spec.weights)
     name = name[: _NAME_LENGTH - 9]
     try:
-        context.store.get_expert(name)
+        context.catalogue.get_expert(name)
     except NotFoundError:
         return name
     return f"{name}-{signature[:8]}"
@@ -190,7 +190,7 @@ def _check_name_free(context: RegistryContext, name: str) -> None:
     if len(name) > _NAME_LENGTH or not name.strip() or name.isdigit():
         raise MergeError(f"expert name must be 1 to {_NAME_LENGTH} characters and not a number, got '{name}'")
     try:
-        existing = context.store.get_expert(name)
+        existing = context.catalogue.get_expert(name)
     except NotFoundError:
         return
     raise MergeError(f"an expert named '{name}' already exists (id {existing.id}); choose another --name")
@@ -202,7 +202,7 @@ def _union_entries(
     """The parents' library entries (texts and vectors as stored, nothing re-embedded), renumbered."""
     entries: list[LibraryEntry] = []
     for parent in parents:
-        for entry in context.store.library_entries(parent.id, embedder_id):
+        for entry in context.library.entries(parent.id, embedder_id):
             entries.append(LibraryEntry(len(entries), entry.text, entry.embedding))
     return entries
 
@@ -239,14 +239,13 @@ def merge_experts(
     """
     started = time.perf_counter()
     say = stage or (lambda message: None)
-    store = context.store
     if library not in LIBRARY_MODES:
         raise MergeError(f"library must be one of {', '.join(LIBRARY_MODES)}, got '{library}'")
     parents, base_kind = resolve_parents(context, keys)
     spec = make_spec(parents, base_kind, weights=weights, method=method, density=density, seed=seed)
     if name is not None:
         _check_name_free(context, name)
-    embedder_id = store.get_embedder(context.settings.embedder).id if library == "union" else None
+    embedder_id = context.catalogue.get_embedder(context.settings.embedder).id if library == "union" else None
 
     tuning = None
     if tune_on:
@@ -257,7 +256,7 @@ def merge_experts(
             parents,
             base_kind,
             spec,
-            [store.get_task(t) for t in tune_on],
+            [context.catalogue.get_task(t) for t in tune_on],
             grid=grid,
             limit=tune_limit,
             split=tune_split,
@@ -267,8 +266,8 @@ def merge_experts(
         say(f"chosen weights {tuning['chosen']} (mean score {tuning['chosen_score']:.2f})")
 
     signature = merge_signature(parents, base_kind, spec)
-    with store.exclusive(f"elmreg-merge:{signature}"):
-        existing = store.find_merged_expert(signature)
+    with context.jobs.exclusive(f"elmreg-merge:{signature}"):
+        existing = context.catalogue.find_merged_expert(signature)
         if existing is not None:
             say(f"the same merge exists already: expert {existing.name} (id {existing.id})")
             return MergeResult(existing, True, time.perf_counter() - started, tuning=tuning)
@@ -292,7 +291,7 @@ def merge_experts(
             params["peft_combination"] = peft_combination(spec.method)
         if tuning is not None:
             params["tuning"] = tuning
-        expert = store.create_merged_expert(
+        expert = context.catalogue.create_merged_expert(
             name=name or _default_name(context, parents, spec, signature),
             backbone_id=parents[0].backbone_id,
             config={**config, "base_kind": base_kind, "parents": [p.name for p in parents]},

@@ -17,9 +17,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from elmreg.inference.evaluation import evaluation_examples, metric_score
+from elmreg.inference.evaluation import metric_score
 from elmreg.inference.scoring import answer
 from elmreg.registry.context import RegistryContext
+from elmreg.registry.examples import task_examples
 from elmreg.registry.store.entities import Expert, Task
 from elmreg.trainers import get_trainer
 from elmreg.trainers.merge.methods import MergeError, MergeSpec
@@ -86,10 +87,12 @@ def tune_weights(
     candidates = candidate_weights(len(parents), grid)
     examples = {}
     for task in tasks:
-        examples[task.name] = evaluation_examples(context, task, split=split, limit=limit)
+        examples[task.name] = task_examples(
+            task, cache_dir=context.settings.cache_path, split=split, limit=limit
+        )
         if not examples[task.name]:
             raise MergeError(f"task {task.name} has no examples in split '{split}' to tune on")
-    backbone = shared_backbone(context, context.store.get_backbone(backbone_id).name)
+    backbone = shared_backbone(context, context.catalogue.get_backbone(backbone_id).name)
     trainer = get_trainer(base_kind)
     uniform = 1.0 / len(parents)
     table = []

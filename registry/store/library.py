@@ -1,0 +1,95 @@
+"""The Expert Library: embedded samples of every expert, the searches over them, and each routing decision."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import numpy as np
+
+from elmreg.registry.store.entities import (
+    ExpertTally,
+    LibraryChange,
+    LibraryEntry,
+    LibraryHit,
+    RoutingDecisionRecord,
+    RoutingVote,
+)
+
+
+class LibraryStore(ABC):
+    """Library entries (one vector per sample and embedder), library versions, RoE votes and their audit rows."""
+
+    @abstractmethod
+    def library_version(self) -> int:
+        """The current library version (0 for an empty library)."""
+
+    @abstractmethod
+    def history(self) -> list[LibraryChange]:
+        """Every library version's change (expert added or retired), oldest first."""
+
+    @abstractmethod
+    def add_entries(self, expert_id: int, embedder_id: int, entries: Iterable[LibraryEntry]) -> int:
+        """Bulk-insert (COPY) entries of an existing expert for one embedder; returns how many were written."""
+
+    @abstractmethod
+    def index_built_after(self, embedder_id: int) -> AbstractContextManager[None]:
+        """For bulk imports: the embedder's vector index is dropped for the block and built once after it
+        (searches inside the block scan without it)."""
+
+    @abstractmethod
+    def texts(self, expert_id: int, embedder_id: int) -> list[tuple[int, str]]:
+        """The ``(sample_index, text)`` of an expert's entries for one embedder, in sample order."""
+
+    @abstractmethod
+    def entries(self, expert_id: int, embedder_id: int) -> list[LibraryEntry]:
+        """An expert's entries for one embedder, with their embeddings, in sample order (to copy them)."""
+
+    @abstractmethod
+    def nearest_entries(
+        self, embedder_id: int, query: Sequence[float], *, k: int = 1, library_version: int | None = None
+    ) -> list[LibraryHit]:
+        """The ``k`` entries of routable experts with the largest inner product with ``query``.
+
+        Args:
+            library_version: Search the library as it was at that version (default: now).
+        """
+
+    @abstractmethod
+    def vote(
+        self,
+        embedder_id: int,
+        queries: np.ndarray,
+        *,
+        library_version: int,
+        top_k: int = 1,
+        ef_search: int = 100,
+        kinds: Sequence[str] | None = None,
+        backbone_id: int | None = None,
+    ) -> tuple[list[RoutingVote], list[ExpertTally]]:
+        """RoE's retrieval and vote: each query's ``top_k`` nearest entries among experts routable at
+        ``library_version`` (optionally of some ``kinds`` / one backbone), and the votes per expert.
+
+        Args:
+            queries: ``(Q, dimension)`` query embeddings.
+            ef_search: HNSW candidate list size per query (widened to ``top_k`` when smaller).
+
+        Returns:
+            The votes ordered by query and rank, and one tally per expert that got a vote (by expert id: which
+            one wins is the router's rule), both empty when nothing is routable.
+        """
+
+    @abstractmethod
+    def record_decision(self, decision: RoutingDecisionRecord, votes: Sequence[RoutingVote]) -> int:
+        """Write a routing decision and its votes to the audit tables; returns the decision id."""
+
+    @abstractmethod
+    def annotate_decision(self, decision_id: int, details: dict[str, Any]) -> None:
+        """Add ``details`` (top-level keys) to a recorded routing decision's ``details``, e.g. that its experts
+        were composed into a merged one.
+
+        Raises:
+            NotFoundError: No such decision.
+        """

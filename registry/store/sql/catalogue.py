@@ -1,0 +1,312 @@
+"""The catalogue on PostgreSQL: backbones, embedders (each with its HNSW index), tasks, experts, lineage."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from elmreg.registry.errors import CatalogueError, NotFoundError
+from elmreg.registry.store.catalogue import CatalogueStore
+from elmreg.registry.store.entities import (
+    Backbone,
+    Embedder,
+    Expert,
+    Job,
+    LibraryEntry,
+    StoredArtifact,
+    Task,
+)
+from elmreg.registry.store.models import (
+    BackboneRow,
+    EmbedderRow,
+    ExpertParentRow,
+    ExpertRow,
+    JobRow,
+    LibraryChangeRow,
+    TaskRow,
+)
+from elmreg.registry.store.session import ManagedSessions
+from elmreg.registry.store.sql import records
+from elmreg.registry.store.sql.jobs import held_lease
+from elmreg.registry.store.sql.library import copy_entries, create_hnsw_index_sql, next_library_version
+
+
+class SqlCatalogueStore(CatalogueStore):
+    """:class:`CatalogueStore` on PostgreSQL with pgvector."""
+
+    def __init__(self, sessions: ManagedSessions):
+        self.sessions = sessions
+
+    # -- backbones and embedders ---------------------------------------------------------------------------
+    def get_or_create_backbone(
+        self, name: str, family: str, fingerprint: str | None = None, config: dict[str, Any] | None = None
+    ) -> Backbone:
+        with self.sessions() as session:
+            # ON CONFLICT: two workers registering the same backbone at once both get the one row.
+            session.execute(
+                pg_insert(BackboneRow)
+                .values(name=name, family=family, fingerprint=fingerprint, config=config or {})
+                .on_conflict_do_nothing(index_elements=[BackboneRow.name])
+            )
+            row = session.scalar(select(BackboneRow).where(BackboneRow.name == name))
+            if fingerprint and row.fingerprint is None:
+                row.fingerprint = fingerprint
+            return records.backbone(row)
+
+    def get_backbone(self, key: int | str) -> Backbone:
+        with self.sessions() as session:
+            return records.backbone(records.by_key(session, BackboneRow, key, "backbone"))
+
+    def get_or_create_embedder(self, name: str, dimension: int, normalized: bool = True) -> Embedder:
+        with self.sessions() as session:
+            # ON CONFLICT: two workers publishing their first experts at once must not both create the embedder.
+            inserted = session.scalar(
+                pg_insert(EmbedderRow)
+                .values(name=name, dimension=dimension, normalized=normalized)
+                .on_conflict_do_nothing(index_elements=[EmbedderRow.name])
+                .returning(EmbedderRow.id)
+            )
+            row = session.scalar(select(EmbedderRow).where(EmbedderRow.name == name))
+            if row.dimension != dimension:
+                raise CatalogueError(
+                    f"embedder '{name}' is registered with dimension {row.dimension}, not {dimension}"
+                )
+            if inserted is None:
+                return records.embedder(row)
+            session.execute(text(create_hnsw_index_sql(row.id, dimension)))
+            return records.embedder(row)
+
+    def get_embedder(self, key: int | str) -> Embedder:
+        with self.sessions() as session:
+            return records.embedder(records.by_key(session, EmbedderRow, key, "embedder"))
+
+    # -- tasks ---------------------------------------------------------------------------------------------
+    def create_task(self, *, enqueue_training: bool = True, **fields: Any) -> tuple[Task, Job | None]:
+        with self.sessions() as session:
+            row = TaskRow(**fields)
+            session.add(row)
+            session.flush()
+            session.refresh(row)
+            job = None
+            if enqueue_training:
+                job_row = JobRow(kind="train", payload={"task_id": row.id}, dedupe_key=f"train-task:{row.id}")
+                session.add(job_row)
+                session.flush()
+                session.refresh(job_row)
+                job = records.job(job_row)
+            return records.task(row), job
+
+    def get_task(self, key: int | str) -> Task:
+        with self.sessions() as session:
+            return records.task(records.by_key(session, TaskRow, key, "task"))
+
+    def list_tasks(self) -> list[Task]:
+        with self.sessions() as session:
+            return [records.task(r) for r in session.scalars(select(TaskRow).order_by(TaskRow.id))]
+
+    # -- experts -------------------------------------------------------------------------------------------
+    def create_expert(
+        self,
+        *,
+        name: str,
+        backbone_id: int,
+        kind: str,
+        task_id: int | None = None,
+        config: dict[str, Any] | None = None,
+        status: str = "pending",
+    ) -> Expert:
+        if status in ("ready", "retired"):
+            raise CatalogueError("an expert becomes ready only through publish_expert, after its upload")
+        with self.sessions() as session:
+            row = ExpertRow(
+                name=name,
+                backbone_id=backbone_id,
+                kind=kind,
+                task_id=task_id,
+                config=config or {},
+                status=status,
+            )
+            session.add(row)
+            session.flush()
+            session.refresh(row)
+            return records.expert(row)
+
+    def set_expert_status(self, expert_id: int, status: str) -> Expert:
+        if status not in ("pending", "training", "failed"):
+            raise CatalogueError(f"status '{status}' is set by publish_expert/retire_expert, not directly")
+        with self.sessions() as session:
+            row = records.by_key(session, ExpertRow, expert_id, "expert")
+            if row.status in ("ready", "retired"):
+                raise CatalogueError(f"expert {row.name} is {row.status}; its status can no longer go back")
+            row.status = status
+            return records.expert(row)
+
+    def publish_expert(
+        self,
+        expert_id: int,
+        *,
+        artifact: StoredArtifact,
+        embedder_id: int,
+        entries: Sequence[LibraryEntry],
+        metrics: dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None,
+        lease: tuple[int, str] | None = None,
+    ) -> Expert:
+        with self.sessions() as session:
+            if lease is not None:
+                held_lease(session, *lease)
+            row = session.scalar(select(ExpertRow).where(ExpertRow.id == expert_id).with_for_update())
+            if row is None:
+                raise NotFoundError(f"no expert '{expert_id}'")
+            if row.status in ("ready", "retired"):
+                raise CatalogueError(f"expert {row.name} is already {row.status}")
+            copy_entries(session, expert_id, embedder_id, entries)
+            version = next_library_version(session)
+            session.add(LibraryChangeRow(version=version, expert_id=expert_id, change="added"))
+            row.artifact_uri, row.artifact_sha256, row.artifact_size = (
+                artifact.uri,
+                artifact.sha256,
+                artifact.size,
+            )
+            row.library_version = version
+            row.status = "ready"
+            row.ready_at = dt.datetime.now(dt.UTC)
+            if metrics is not None:
+                row.metrics = metrics
+            if config is not None:
+                row.config = config
+            session.flush()
+            return records.expert(row)
+
+    def get_expert(self, key: int | str) -> Expert:
+        with self.sessions() as session:
+            row = records.by_key(session, ExpertRow, key, "expert")
+            parents = session.scalars(
+                select(ExpertParentRow).where(ExpertParentRow.expert_id == row.id)
+            ).all()
+            return records.expert(row, parents)
+
+    def list_experts(self, *, status: str | None = None, task_id: int | None = None) -> list[Expert]:
+        query = select(ExpertRow).order_by(ExpertRow.id)
+        if status is not None:
+            query = query.where(ExpertRow.status == status)
+        if task_id is not None:
+            query = query.where(ExpertRow.task_id == task_id)
+        with self.sessions() as session:
+            rows = session.scalars(query).all()
+            # Lineage of the merged ones in one query, so listed experts carry their parents like get_expert's.
+            parents: dict[int, list[ExpertParentRow]] = {}
+            merged = [r.id for r in rows if r.kind == "merged"]
+            if merged:
+                for link in session.scalars(
+                    select(ExpertParentRow).where(ExpertParentRow.expert_id.in_(merged))
+                ):
+                    parents.setdefault(link.expert_id, []).append(link)
+            return [records.expert(r, parents.get(r.id, ())) for r in rows]
+
+    def retire_expert(self, expert_id: int) -> Expert:
+        with self.sessions() as session:
+            row = session.scalar(select(ExpertRow).where(ExpertRow.id == expert_id).with_for_update())
+            if row is None:
+                raise NotFoundError(f"no expert '{expert_id}'")
+            if row.status != "ready":
+                raise CatalogueError(f"expert {row.name} is {row.status}; only ready experts can be retired")
+            version = next_library_version(session)
+            session.add(LibraryChangeRow(version=version, expert_id=expert_id, change="retired"))
+            row.status, row.retired_at_version = "retired", version
+            row.retired_at = dt.datetime.now(dt.UTC)
+            session.flush()
+            return records.expert(row)
+
+    def referenced_artifact_uris(self) -> set[str]:
+        with self.sessions() as session:
+            return set(
+                session.scalars(select(ExpertRow.artifact_uri).where(ExpertRow.artifact_uri.is_not(None)))
+            )
+
+    # -- merged experts ------------------------------------------------------------------------------------
+    def create_merged_expert(
+        self,
+        *,
+        name: str,
+        backbone_id: int,
+        config: dict[str, Any],
+        merge_method: str,
+        merge_params: dict[str, Any],
+        parents: Sequence[tuple[int, float]],
+        artifact: StoredArtifact,
+        embedder_id: int | None,
+        entries: Sequence[LibraryEntry],
+    ) -> Expert:
+        parent_ids = [parent_id for parent_id, _ in parents]
+        with self.sessions() as session:
+            # FOR SHARE: a parent cannot be deleted or changed under a merge that is being recorded.
+            found = {
+                r.id: r
+                for r in session.scalars(
+                    select(ExpertRow).where(ExpertRow.id.in_(parent_ids)).with_for_update(read=True)
+                )
+            }
+            for parent_id in parent_ids:
+                if parent_id not in found:
+                    raise NotFoundError(f"no expert '{parent_id}' to merge")
+                if found[parent_id].status != "ready":
+                    raise CatalogueError(
+                        f"expert {found[parent_id].name} is {found[parent_id].status}; only ready experts are merged"
+                    )
+            version = next_library_version(session)
+            row = ExpertRow(
+                name=name,
+                backbone_id=backbone_id,
+                kind="merged",
+                task_id=None,
+                config=config,
+                status="ready",
+                artifact_uri=artifact.uri,
+                artifact_sha256=artifact.sha256,
+                artifact_size=artifact.size,
+                library_version=version,
+                merge_method=merge_method,
+                merge_params=merge_params,
+                ready_at=dt.datetime.now(dt.UTC),
+            )
+            session.add(row)
+            session.flush()
+            session.add(LibraryChangeRow(version=version, expert_id=row.id, change="added"))
+            lineage = [
+                ExpertParentRow(
+                    expert_id=row.id, parent_id=parent_id, position=position, weight=float(weight)
+                )
+                for position, (parent_id, weight) in enumerate(parents)
+            ]
+            session.add_all(lineage)
+            session.flush()
+            if entries:
+                if embedder_id is None:
+                    raise CatalogueError("library entries need the embedder they were made with")
+                copy_entries(session, row.id, embedder_id, entries)
+            session.refresh(row)
+            return records.expert(row, lineage)
+
+    def find_merged_expert(self, signature: str) -> Expert | None:
+        with self.sessions() as session:
+            row = session.scalar(
+                select(ExpertRow)
+                .where(
+                    ExpertRow.kind == "merged",
+                    ExpertRow.status == "ready",
+                    ExpertRow.merge_params["signature"].astext == signature,
+                )
+                .order_by(ExpertRow.id)
+                .limit(1)
+            )
+            if row is None:
+                return None
+            parents = session.scalars(
+                select(ExpertParentRow).where(ExpertParentRow.expert_id == row.id)
+            ).all()
+            return records.expert(row, parents)
