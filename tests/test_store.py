@@ -274,3 +274,32 @@ def test_concurrent_registration_of_one_embedder_and_backbone(registry, unique):
     for t in threads:
         t.join()
     assert errors == [] and len(set(results)) == 1
+
+
+def test_job_whose_worker_is_lost_max_attempts_times_ends_failed(registry, backbone, unique):
+    """A poison job (it kills its worker every time) is not re-run forever: after max_attempts lost leases it
+    ends failed, saying so, and its abandoned training run is closed."""
+    kind = f"poison{unique}"
+    task, _ = _task(registry, backbone, f"poison-{unique}", enqueue=False)
+    job = registry.jobs.enqueue_job(kind, {"task_id": task.id}, max_attempts=2)
+
+    def lose_lease(job_id):  # the worker died: its lease runs out without a heartbeat
+        with registry.engine.begin() as c:
+            c.execute(
+                text("UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = :id"),
+                {"id": job_id},
+            )
+
+    for attempt in (1, 2):
+        claimed = registry.jobs.claim_job(f"doomed-{attempt}", lease_seconds=60, kinds=[kind])
+        assert claimed.id == job.id and claimed.attempts == attempt
+        run = registry.jobs.start_training_run(
+            task_id=task.id, expert_id=None, worker=f"doomed-{attempt}", config={}, job_id=job.id
+        )
+        lose_lease(job.id)
+    assert registry.jobs.claim_job("next", lease_seconds=60, kinds=[kind]) is None
+    failed = registry.jobs.get_job(job.id)
+    assert failed.status == "failed" and failed.finished_at is not None and failed.lease_owner == "doomed-2"
+    assert "lost 2 times" in failed.last_error and "doomed-2" in failed.last_error
+    [run_row] = [r for r in registry.jobs.list_training_runs(task_id=task.id) if r.id == run.id]
+    assert run_row.status == "failed" and "lost" in run_row.error

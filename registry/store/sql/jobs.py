@@ -28,6 +28,38 @@ def held_lease(session: Session, job_id: int, worker: str) -> JobRow:
     return row
 
 
+def _fail_exhausted_leases(session: Session) -> None:
+    """End the jobs whose worker vanished (lease expired) on their last attempt. Such a job may kill every
+    worker that runs it (out of memory, a crashing kernel, kill -9 by an orchestrator): re-claiming it would
+    loop forever. Their still-open training runs are closed with them."""
+    now = func.now()
+    exhausted = (
+        select(JobRow.id)
+        .where(
+            JobRow.status == "running", JobRow.lease_expires_at < now, JobRow.attempts >= JobRow.max_attempts
+        )
+        .with_for_update(skip_locked=True)
+    )
+    reason = func.format(
+        "the worker running this job was lost %s times (its lease expired without a heartbeat; last worker %s):"
+        " it may crash whatever runs it (memory, a kernel, a kill); see that worker's log",
+        JobRow.attempts,
+        JobRow.lease_owner,
+    )
+    failed = session.execute(
+        update(JobRow)
+        .where(JobRow.id.in_(exhausted))
+        .values(status="failed", finished_at=now, lease_expires_at=None, last_error=reason)
+        .returning(JobRow.id, JobRow.last_error)
+    ).all()
+    for job_id, error in failed:
+        session.execute(
+            update(TrainingRunRow)
+            .where(TrainingRunRow.job_id == job_id, TrainingRunRow.status == "running")
+            .values(status="failed", error=error, finished_at=now)
+        )
+
+
 def _lease_until(lease_seconds: float):
     return text(f"now() + interval '{float(lease_seconds)} seconds'")
 
@@ -102,6 +134,7 @@ class SqlJobStore(JobStore):
             query = query.where(JobRow.id == job_id)
         query = query.order_by(JobRow.priority.desc(), JobRow.run_after, JobRow.id).limit(1)
         with self.sessions() as session:
+            _fail_exhausted_leases(session)
             row = session.scalar(query.with_for_update(skip_locked=True))
             if row is None:
                 return None
