@@ -8,6 +8,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from elmreg.registry.artifacts import ArtifactCache, ArtifactRepository, open_artifact_repository
+from elmreg.registry.backbones import BackboneCache
 from elmreg.registry.errors import SchemaOutOfDateError
 from elmreg.registry.services import Endpoints, resolve_endpoints
 from elmreg.registry.settings import Settings, load_settings
@@ -52,6 +53,12 @@ class RegistryContext:
     @cached_property
     def artifact_cache(self) -> ArtifactCache:
         return ArtifactCache(self.settings.cache_path / "artifacts", self.artifacts)
+
+    # -- loaded backbones (issue 12, arch-kinds): one copy of each per context, whoever uses it ---------------
+    @cached_property
+    def backbones(self) -> BackboneCache:
+        """Backbones loaded on first use and shared by training, merge tuning and the adapter pools."""
+        return BackboneCache(self.settings.cache_path, self.settings.device)
 
     def close(self) -> None:
         if "engine" in self.__dict__:

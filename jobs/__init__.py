@@ -1,0 +1,16 @@
+"""Running queued jobs: the worker loop (claim, heartbeat, lease, outcome) and a handler per job kind."""
+
+from elmreg.jobs.context import JobContext, JobHandler, LeaseLost
+from elmreg.jobs.handlers import register_job_handler, registered_handlers
+from elmreg.jobs.runner import DEFAULT_LEASE_SECONDS, Worker, default_worker_name
+
+__all__ = [
+    "DEFAULT_LEASE_SECONDS",
+    "JobContext",
+    "JobHandler",
+    "LeaseLost",
+    "Worker",
+    "default_worker_name",
+    "register_job_handler",
+    "registered_handlers",
+]
