@@ -5,20 +5,11 @@ itself is in ``registry.kinds``.
 """
 
 from elmreg.experts.base import AdapterLoader, KindLoader
-from elmreg.experts.loader import (
-    check_backbone,
-    checked_kind,
-    get_loader,
-    load_adapter,
-    load_expert,
-    unload_expert,
-)
+from elmreg.experts.loader import get_loader, load_adapter, load_expert, unload_expert
 
 __all__ = [
     "AdapterLoader",
     "KindLoader",
-    "check_backbone",
-    "checked_kind",
     "get_loader",
     "load_adapter",
     "load_expert",

@@ -39,7 +39,7 @@ def get_loader(kind: str) -> KindLoader:
         return _loaders[kind]
 
 
-def checked_kind(config: dict[str, Any], kind: str | None = None) -> str:
+def _checked_kind(config: dict[str, Any], kind: str | None = None) -> str:
     """The kind of the weights ``config`` describes, which must be ``kind`` when one is expected.
 
     Raises:
@@ -52,7 +52,7 @@ def checked_kind(config: dict[str, Any], kind: str | None = None) -> str:
     return stored
 
 
-def check_backbone(backbone: Backbone, config: dict[str, Any], label: str) -> None:
+def _check_backbone(backbone: Backbone, config: dict[str, Any], label: str) -> None:
     """Refuse an expert trained on another backbone (one without a recorded fingerprint, e.g. imported, passes:
     its loader still checks that its shapes fit).
 
@@ -98,8 +98,8 @@ def load_expert(
         raise UserError(
             f"a {backbone.active_expert} expert is already loaded on backbone {backbone.name}; unload it first"
         )
-    kind = checked_kind(config, kind)
-    check_backbone(backbone, config, label or weights_path.name)
+    kind = _checked_kind(config, kind)
+    _check_backbone(backbone, config, label or weights_path.name)
     model = get_loader(kind).attach(backbone, weights_path, config)
     backbone.active_expert = kind
     return model
@@ -134,9 +134,9 @@ def load_adapter(
         UserError: The kind does not mix (its experts change the backbone itself).
         ConfigurationError, ArtifactError: As for :func:`load_expert`.
     """
-    kind = checked_kind(config, kind)
+    kind = _checked_kind(config, kind)
     loader = get_loader(kind)
     if not (get_expert_kind(kind).mixable and isinstance(loader, AdapterLoader)):
         raise UserError(f"{kind} experts cannot sit side by side as adapters; load them one at a time")
-    check_backbone(backbone, config, label or weights_path.name)
+    _check_backbone(backbone, config, label or weights_path.name)
     return loader.add_adapter(model, backbone, weights_path, config, adapter_name)

@@ -2,7 +2,7 @@
 
 from elmreg.jobs.context import JobContext, JobHandler, LeaseLost
 from elmreg.jobs.handlers import register_job_handler, registered_handlers
-from elmreg.jobs.runner import DEFAULT_LEASE_SECONDS, Worker, default_worker_name
+from elmreg.jobs.runner import DEFAULT_LEASE_SECONDS, Worker
 
 __all__ = [
     "DEFAULT_LEASE_SECONDS",
@@ -10,7 +10,6 @@ __all__ = [
     "JobHandler",
     "LeaseLost",
     "Worker",
-    "default_worker_name",
     "register_job_handler",
     "registered_handlers",
 ]
