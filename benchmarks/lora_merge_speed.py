@@ -28,9 +28,9 @@ import torch
 from safetensors.torch import load_file
 
 from elmreg.api import Registry
-from elmreg.trainers.merge import lora
-from elmreg.trainers.merge.methods import MergeSpec
-from elmreg.trainers.merge.task_vectors import open_readers
+from elmreg.merging import lora
+from elmreg.merging.methods import MergeSpec
+from elmreg.merging.task_vectors import open_readers
 
 
 def _full_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

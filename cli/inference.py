@@ -10,6 +10,7 @@ from elmreg.api import Registry
 from elmreg.cli.output import echo_json, echo_table
 from elmreg.cli.progress import evaluation_progress, is_quiet
 from elmreg.registry.audit import AUDIT_QUERIES, AUDIT_VIEWS
+from elmreg.registry.kinds import expert_row_kinds
 from elmreg.registry.prompts import PromptTemplate
 from elmreg.registry.report import FIGURES
 from elmreg.registry.sources import DatasetSpec
@@ -65,7 +66,7 @@ def load_instances(
     "--kind",
     "kinds",
     multiple=True,
-    type=click.Choice(["lora", "ffn_adapter", "full", "merged"]),
+    type=click.Choice(expert_row_kinds()),
     help="Only experts of this kind (repeatable).",
 )
 @click.option("--library-version", type=int, help="Route against the library as it was at this version.")

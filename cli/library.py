@@ -9,6 +9,7 @@ import click
 from elmreg.api import Registry
 from elmreg.cli.output import echo_json, echo_table
 from elmreg.cli.progress import is_quiet, training_progress
+from elmreg.registry.kinds import trainable_kinds
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -47,7 +48,7 @@ def _registry(ctx: click.Context) -> Registry:
     type=int,
     help="K examples sampled for training (default 50,000 classification / 10,000 generative).",
 )
-@click.option("--kind", type=click.Choice(["lora", "ffn_adapter", "full"]), default="lora", show_default=True)
+@click.option("--kind", type=click.Choice(trainable_kinds()), default="lora", show_default=True)
 @click.option("--backbone", help="Backbone hub id or path (default: ELMREG_BACKBONE).")
 @click.option(
     "--task-type", type=click.Choice(["classification", "generative"]), help="Override the inferred type."

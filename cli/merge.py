@@ -7,7 +7,7 @@ import click
 from elmreg.api import Registry
 from elmreg.cli.output import echo_json, echo_table
 from elmreg.cli.progress import is_quiet
-from elmreg.trainers.merge.methods import ALL_METHODS, MergeError
+from elmreg.merging.methods import ALL_METHODS, MergeError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 

@@ -66,11 +66,7 @@ class Registry:
 
             registry.add_task("bigbench:strategyqa", max_examples=64, training={"epochs": 1})
         """
-        from elmreg.trainers.pipeline import validate_training_options
-
-        task, job = add_task(
-            self.context, TaskRequest(dataset=dataset, **options), validate_training=validate_training_options
-        )
+        task, job = add_task(self.context, TaskRequest(dataset=dataset, **options))
         if now and job is not None:
             done = self.worker(hooks=hooks).run_once(job_id=job.id)
             if done is None or done.status != "succeeded":
@@ -81,15 +77,10 @@ class Registry:
 
     def worker(self, *, hooks=None, name: str | None = None, lease_seconds: float | None = None):
         """A worker that runs queued ``train`` jobs (``.run_once()``, ``.drain()``, ``.run_forever()``)."""
-        from elmreg.inference.benchmark import make_benchmark_handler
-        from elmreg.trainers.pipeline import make_train_handler
-        from elmreg.trainers.worker import DEFAULT_LEASE_SECONDS, Worker
+        from elmreg.jobs import DEFAULT_LEASE_SECONDS, Worker
 
         return Worker(
-            self.context,
-            {"train": make_train_handler(hooks), "benchmark": make_benchmark_handler()},
-            name=name,
-            lease_seconds=lease_seconds or DEFAULT_LEASE_SECONDS,
+            self.context, hooks=hooks, name=name, lease_seconds=lease_seconds or DEFAULT_LEASE_SECONDS
         )
 
     def train(self, *, hooks=None) -> list[Job]:
@@ -98,11 +89,7 @@ class Registry:
 
     def ingest(self, folder: str | Path | None = None) -> IngestReport:
         """Register the tasks of the manifest folder (``ELMREG_MANIFEST_DIR``) that are not registered yet."""
-        from elmreg.trainers.pipeline import validate_training_options
-
-        return ingest_manifests(
-            self.context, Path(folder) if folder else None, validate_training=validate_training_options
-        )
+        return ingest_manifests(self.context, Path(folder) if folder else None)
 
     def reembed(self, embedder: str, *, source: str | None = None) -> ReembedReport:
         """Build library entries for another sentence encoder from the texts of ``source`` (default: the
@@ -168,7 +155,7 @@ class Registry:
             stage: Called with a line per step (the CLI prints them).
 
         Returns:
-            ``trainers.merge.pipeline.MergeResult``: ``expert``, ``reused``, ``seconds``, ``tuning``.
+            ``merging.pipeline.MergeResult``: ``expert``, ``reused``, ``seconds``, ``tuning``.
 
         Raises:
             UserError: A merge that makes no sense (fewer than 2 experts, unknown or unready ones, different
@@ -179,7 +166,7 @@ class Registry:
             merged = registry.merge(["colours", "moods"], weights=[0.5, 0.5]).expert
             registry.evaluate("colours", f"expert:{merged.id}")
         """
-        from elmreg.trainers.merge.pipeline import merge_experts
+        from elmreg.merging.pipeline import merge_experts
 
         return merge_experts(
             self.context,
@@ -247,7 +234,7 @@ class Registry:
             raise UserError("give either an expert or a route, not both")
         chosen, decision_id = None, None
         if compose is not None:
-            from elmreg.trainers.merge.compose import compose as compose_experts
+            from elmreg.merging.compose import compose as compose_experts
 
             if expert is not None or route not in (None, "roe"):
                 raise UserError("compose chooses its experts by RoE: give no expert and no other route")
@@ -373,11 +360,7 @@ class Registry:
         """Validate a task exactly as ``add_task`` would, writing nothing and queueing no training: for data
         that must stay unseen (held-out evaluation tasks). ``plan.fields`` holds its name, templates, task type
         and metric; ``examples(plan)`` renders its data."""
-        from elmreg.trainers.pipeline import validate_training_options
-
-        return plan_task(
-            self.context, TaskRequest(dataset=dataset, **options), validate_training=validate_training_options
-        )
+        return plan_task(self.context, TaskRequest(dataset=dataset, **options))
 
     def examples(
         self,

@@ -207,14 +207,3 @@ def write_report(context: RegistryContext, report: BenchmarkReport, out_dir: Pat
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def make_benchmark_handler():
-    """The worker's handler for ``benchmark`` jobs (queued nightly by the scheduler)."""
-
-    def handle(job) -> None:
-        payload = job.job.payload
-        since = dt.datetime.fromisoformat(payload["since"]) if payload.get("since") else None
-        run_benchmark(job.registry, since=since, limit=int(payload.get("limit", 50)))
-
-    return handle

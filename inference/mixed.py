@@ -1,9 +1,9 @@
 """Answering instances that each name their own expert, with one loaded backbone.
 
-LoRA experts (and the plain backbone) share work: for generation, batches mix adapters through PEFT's
-``adapter_names`` (each row runs its own adapter in the same forward pass); rank classification scores one
-instance at a time anyway, so it switches the active adapter between instances, which costs no reload. Experts of
-the other kinds change the backbone itself and are answered group by group.
+Experts of mixable kinds (LoRA, merged LoRA included) and the plain backbone share work: for generation, batches
+mix adapters through PEFT's ``adapter_names`` (each row runs its own adapter in the same forward pass); rank
+classification scores one instance at a time anyway, so it switches the active adapter between instances, which
+costs no reload. Experts of the other kinds change the backbone itself and are answered group by group.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from elmreg.inference.pool import BASE_ADAPTER, AdapterPool
 from elmreg.inference.scoring import generate, rank_classify
+from elmreg.registry.kinds import get_expert_kind, weights_kind
 from elmreg.registry.prompts import PromptedExample
 from elmreg.registry.store.entities import Expert
 
@@ -28,8 +29,8 @@ def answer_each(
         task_type is None and all(e.answer_choices for e in examples)
     )
     answers: list[str | None] = [None] * len(examples)
-    mixable = [i for i, e in enumerate(experts) if e is None or e.kind == "lora"]
-    for group in _lora_groups([experts[i] for i in mixable if experts[i] is not None], pool.capacity):
+    mixable = [i for i, e in enumerate(experts) if e is None or get_expert_kind(weights_kind(e)).mixable]
+    for group in _mixable_groups([experts[i] for i in mixable if experts[i] is not None], pool.capacity):
         ids = {e.id for e in group}
         rows = [i for i in mixable if experts[i] is None or experts[i].id in ids]
         if not ids:
@@ -62,8 +63,8 @@ def answer_each(
     return [a if a is not None else "" for a in answers]
 
 
-def _lora_groups(experts: Sequence[Expert], capacity: int) -> list[list[Expert]]:
-    """Distinct LoRA experts in groups that fit the pool at once (a first empty group answers base-only rows)."""
+def _mixable_groups(experts: Sequence[Expert], capacity: int) -> list[list[Expert]]:
+    """Distinct mixable experts in groups that fit the pool at once (a first empty group answers base-only rows)."""
     distinct = list({e.id: e for e in experts}.values())
     if not distinct:
         return [[]]

@@ -1,9 +1,11 @@
 """Experts on one loaded backbone: fetched from S3 (verified), cached on disk, switched without reloading.
 
-LoRA experts stay resident side by side as named PEFT adapters (up to ``capacity``, least recently used evicted)
-and switching is ``set_adapter``. ``ffn_adapter`` and ``full`` experts change the backbone's modules or weights,
-so one of them at a time is attached, and detached (exactly: full experts restore θ_pre from disk) before
-another expert is used. The backbone itself is loaded once per pool.
+Experts of mixable kinds (LoRA) stay resident side by side as named PEFT adapters (up to ``capacity``, least
+recently used evicted) and switching is ``set_adapter``. Other kinds (``ffn_adapter``, ``full``) change the
+backbone's modules or weights, so one of them at a time is attached, and detached (exactly: full experts restore
+θ_pre from disk) before another expert is used. Every expert goes on through ``experts.loader`` (kind and
+fingerprint checks). The backbone is the context's shared copy; the pool holds it while its experts are on it,
+so training or another pool that needs it next has them taken off first.
 """
 
 from __future__ import annotations
@@ -17,15 +19,12 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from elmreg.registry.backbones import Backbone, load_backbone
+from elmreg.experts import get_loader, load_adapter, load_expert, unload_expert
+from elmreg.registry.backbones import Backbone
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.errors import UserError
+from elmreg.registry.kinds import get_expert_kind, weights_kind
 from elmreg.registry.store.entities import Expert
-from elmreg.trainers import get_trainer
-from elmreg.trainers.lora import export_peft_folder
-from elmreg.trainers.merge import weights_kind
-
-# The expert kinds define how their weights go onto a backbone (trainers/<kind>); the pool only schedules them.
 
 # PEFT's adapter name for "no adapter" in a mixed batch.
 BASE_ADAPTER = "__base__"
@@ -41,13 +40,17 @@ class AdapterPool:
             raise UserError(f"the adapter pool needs a capacity of at least 1, got {capacity}")
         self.context = context
         self.capacity = capacity
-        self.backbone: Backbone = load_backbone(
-            backbone_name, cache_dir=context.settings.cache_path, device=device or context.settings.device
-        )
-        self.backbone_loads = 1
-        self._lora: OrderedDict[int, str] = OrderedDict()  # expert id -> adapter name, least recent first
+        self._device = device
+        self.backbone: Backbone = context.backbones.get(backbone_name, device=device)
+        self._adapters: OrderedDict[int, str] = OrderedDict()  # expert id -> adapter name, least recent first
+        self._adapter_kind: str | None = None  # the mixable kind whose loader put the adapters on
         self._peft: PeftModel | None = None
-        self._exclusive: tuple[Expert, Any] | None = None  # an attached ffn_adapter/full expert and its model
+        self._exclusive: tuple[Expert, Any] | None = None  # an attached expert of another kind, and its model
+
+    @property
+    def backbone_loads(self) -> int:
+        """How many times this process loaded the pool's backbone (once: switching experts never reloads it)."""
+        return self.context.backbones.loads(self.backbone.name, device=self._device)
 
     def _weights(self, expert: Expert) -> Path:
         if expert.artifact is None:
@@ -56,33 +59,43 @@ class AdapterPool:
 
     def _drop_exclusive(self) -> None:
         if self._exclusive is not None:
-            expert, model = self._exclusive
-            get_trainer(weights_kind(expert)).detach(self.backbone, model)
+            _, model = self._exclusive
             self._exclusive = None
+            unload_expert(self.backbone, model)
 
-    def _drop_lora(self) -> None:
+    def _drop_adapters(self) -> None:
         if self._peft is not None:
-            self.backbone.model = self._peft.unload()
-            self._peft = None
-            self._lora.clear()
+            peft, self._peft = self._peft, None
+            self._adapters.clear()
+            get_loader(self._adapter_kind).detach(self.backbone, peft)
 
-    def _lora_model(self, expert: Expert) -> torch.nn.Module:
+    def release(self) -> None:
+        """Take every expert of this pool off the backbone (the next use puts them back on)."""
         self._drop_exclusive()
+        self._drop_adapters()
+
+    def _adapter_model(self, expert: Expert) -> torch.nn.Module:
+        self._drop_exclusive()
+        kind = weights_kind(expert)
+        if self._peft is not None and kind != self._adapter_kind:
+            self._drop_adapters()  # adapters of one kind's loader at a time
         name = f"expert_{expert.id}"
-        if expert.id not in self._lora:
-            folder = self.context.settings.cache_path / "peft" / f"{expert.artifact.sha256}"
-            export_peft_folder(self._weights(expert), expert.config, folder)
-            if self._peft is None:
-                self._peft = PeftModel.from_pretrained(
-                    self.backbone.model, folder, adapter_name=name, is_trainable=False
-                )
-            else:
-                self._peft.load_adapter(folder, adapter_name=name, is_trainable=False)
-            self._lora[expert.id] = name
-        self._lora.move_to_end(expert.id)
+        if expert.id not in self._adapters:
+            self._peft = load_adapter(
+                self._peft,
+                self.backbone,
+                self._weights(expert),
+                expert.config,
+                adapter_name=name,
+                kind=kind,
+                label=expert.name,
+            )
+            self._adapter_kind = kind
+            self._adapters[expert.id] = name
+        self._adapters.move_to_end(expert.id)
         self._peft.set_adapter(name)  # before evicting, so PEFT never deletes the active adapter
-        while len(self._lora) > self.capacity:
-            _, evicted = self._lora.popitem(last=False)
+        while len(self._adapters) > self.capacity:
+            _, evicted = self._adapters.popitem(last=False)
             self._peft.delete_adapter(evicted)
         self._peft.eval()
         return self._peft
@@ -90,10 +103,7 @@ class AdapterPool:
     @contextmanager
     def use(self, expert: Expert | None) -> Iterator[torch.nn.Module]:
         """The model to run for ``expert`` (None: the plain backbone)."""
-        # A merged expert is loaded as the kind its weights are in (its parents' kind).
-        if expert is not None and weights_kind(expert) == "lora":
-            yield self._lora_model(expert)
-            return
+        self.backbone.hold(self.release)  # whoever else had experts on the backbone takes them off
         if expert is None:
             self._drop_exclusive()
             if self._peft is not None:
@@ -102,15 +112,21 @@ class AdapterPool:
                 return
             yield self.backbone.model
             return
-        if weights_kind(expert) not in ("ffn_adapter", "full"):
-            raise UserError(f"expert {expert.name} is of kind {expert.kind}, which cannot be loaded yet")
+        # A merged expert is loaded as the kind its weights are in (its parents' kind).
+        if get_expert_kind(weights_kind(expert)).mixable:
+            yield self._adapter_model(expert)
+            return
         if self._exclusive is None or self._exclusive[0].id != expert.id:
-            self._drop_exclusive()
-            self._drop_lora()
-            model = get_trainer(weights_kind(expert)).attach(
-                self.backbone, self._weights(expert), expert.config
+            self.release()
+            model = load_expert(
+                self.backbone,
+                self._weights(expert),
+                expert.config,
+                kind=weights_kind(expert),
+                label=expert.name,
             )
             self._exclusive = (expert, model)
+            self.backbone.hold(self.release)  # load_expert released the backbone before loading
         yield self._exclusive[1]
 
     @contextmanager
@@ -120,7 +136,8 @@ class AdapterPool:
         Yields the PEFT model and each expert's adapter name (``BASE_ADAPTER`` selects the plain backbone).
 
         Raises:
-            UserError: An expert is not LoRA, or more distinct experts than the pool's capacity.
+            UserError: An expert of a kind that does not mix (``ExpertKind.mixable``), or more distinct experts
+                than the pool's capacity.
         """
         distinct = list({e.id: e for e in experts}.values())
         if len(distinct) > self.capacity:
@@ -128,17 +145,21 @@ class AdapterPool:
                 f"{len(distinct)} experts in one mixed batch, but the adapter pool holds {self.capacity}; "
                 "split the batch or raise the capacity"
             )
+        kinds = {weights_kind(e) for e in distinct}
         for expert in distinct:
-            if expert.kind != "lora":
+            if not get_expert_kind(weights_kind(expert)).mixable:
                 raise UserError(
                     f"expert {expert.name} is of kind {expert.kind}: only LoRA experts mix in a batch"
                 )
+        if len(kinds) > 1:
+            raise UserError(f"experts of kinds {', '.join(sorted(kinds))} cannot mix in one batch")
+        self.backbone.hold(self.release)
         for expert in distinct:
-            self._lora_model(expert)  # loads it (verified) and marks it most recently used
-        yield self._peft, {e.id: self._lora[e.id] for e in distinct}
+            self._adapter_model(expert)  # loads it (verified) and marks it most recently used
+        yield self._peft, {e.id: self._adapters[e.id] for e in distinct}
 
     @property
     def resident(self) -> list[int]:
         """Expert ids currently on the backbone, least recently used first."""
         exclusive = [self._exclusive[0].id] if self._exclusive else []
-        return list(self._lora) + exclusive
+        return list(self._adapters) + exclusive

@@ -14,7 +14,10 @@ import os
 import shutil
 import struct
 import tempfile
-from dataclasses import dataclass
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +48,7 @@ class Backbone:
         fingerprint: ``sha256:<hex>`` of the weights and config; equal fingerprints mean equal weights.
         device: The torch device the model is on.
         active_expert: Kind of the expert currently loaded on the model (``None`` when it is the bare backbone);
-            the trainers keep it, so that two experts are never stacked by mistake.
+            ``experts.load_expert`` keeps it, so that two experts are never stacked by mistake.
     """
 
     name: str
@@ -56,6 +59,27 @@ class Backbone:
     fingerprint: str
     device: str
     active_expert: str | None = None
+    # How the user that keeps experts on the model between calls (an adapter pool) takes them off.
+    _release: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def hold(self, release: Callable[[], None]) -> None:
+        """Record that a long-lived user (an adapter pool) keeps experts on the model between calls.
+
+        One loaded backbone serves a whole process (training, merge tuning, every pool), so whoever needs it
+        next asks the holder to take its experts off (:meth:`release`) instead of stacking experts on them.
+
+        Args:
+            release: Takes the holder's experts off; called at most once per :meth:`hold`.
+        """
+        if self._release is not None and self._release != release:
+            self.release()
+        self._release = release
+
+    def release(self) -> None:
+        """Have the holder (if any) take its experts off, leaving the bare backbone."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
     @property
     def config_summary(self) -> dict[str, Any]:
@@ -342,6 +366,44 @@ def load_backbone(name_or_path: str, *, cache_dir: Path, device: str = "cpu", dt
         fingerprint=fingerprint(folder, memo=cache_dir / "backbones" / _FINGERPRINT_MEMO),
         device=device,
     )
+
+
+class BackboneCache:
+    """The backbones one process has loaded, by name and device: training, merge tuning and every adapter pool
+    of a :class:`~elmreg.registry.context.RegistryContext` share one copy (a backbone takes seconds to load and
+    as much memory as its weights).
+
+    Users that leave experts on a backbone between calls say so with :meth:`Backbone.hold`.
+    """
+
+    def __init__(self, cache_dir: Path, device: str = "cpu"):
+        """Args:
+        cache_dir: elmreg's cache (see :func:`load_backbone`).
+        device: The device backbones are loaded on unless :meth:`get` names another.
+        """
+        self.cache_dir = cache_dir
+        self.device = device
+        self._loaded: dict[tuple[str, str], Backbone] = {}
+        self._loads: Counter[tuple[str, str]] = Counter()
+        # Loading under the lock: two threads asking for one backbone must not load it twice.
+        self._lock = threading.Lock()
+
+    def get(self, name: str, *, device: str | None = None) -> Backbone:
+        """The loaded backbone ``name`` (hub id or path), loading it on first use.
+
+        Raises:
+            ConfigurationError: See :func:`load_backbone`.
+        """
+        key = (name, device or self.device)
+        with self._lock:
+            if key not in self._loaded:
+                self._loaded[key] = load_backbone(name, cache_dir=self.cache_dir, device=key[1])
+                self._loads[key] += 1
+            return self._loaded[key]
+
+    def loads(self, name: str, *, device: str | None = None) -> int:
+        """How many times ``name`` was loaded (at most once per cache: tests and benchmarks check it)."""
+        return self._loads[(name, device or self.device)]
 
 
 def backbone_family(name: str) -> str:

@@ -8,6 +8,7 @@ from functools import cached_property
 from sqlalchemy import Engine
 
 from elmreg.registry.artifacts import ArtifactCache, ArtifactRepository, open_artifact_repository
+from elmreg.registry.backbones import BackboneCache
 from elmreg.registry.errors import SchemaOutOfDateError
 from elmreg.registry.services import Endpoints, resolve_endpoints
 from elmreg.registry.settings import Settings, load_settings
@@ -19,13 +20,11 @@ from elmreg.registry.store.evaluations import EvaluationStore
 from elmreg.registry.store.jobs import JobStore
 from elmreg.registry.store.library import LibraryStore
 from elmreg.registry.store.session import ManagedSessions, create_catalogue_engine
-from elmreg.registry.store.sql import (
-    SqlAuditStore,
-    SqlCatalogueStore,
-    SqlEvaluationStore,
-    SqlJobStore,
-    SqlLibraryStore,
-)
+from elmreg.registry.store.sql.audit import SqlAuditStore
+from elmreg.registry.store.sql.catalogue import SqlCatalogueStore
+from elmreg.registry.store.sql.evaluations import SqlEvaluationStore
+from elmreg.registry.store.sql.jobs import SqlJobStore
+from elmreg.registry.store.sql.library import SqlLibraryStore
 
 
 class RegistryContext:
@@ -110,6 +109,12 @@ class RegistryContext:
     @cached_property
     def artifact_cache(self) -> ArtifactCache:
         return ArtifactCache(self.settings.cache_path / "artifacts", self.artifacts)
+
+    # -- loaded backbones (issue 12, arch-kinds): one copy of each per context, whoever uses it ---------------
+    @cached_property
+    def backbones(self) -> BackboneCache:
+        """Backbones loaded on first use and shared by training, merge tuning and the adapter pools."""
+        return BackboneCache(self.settings.cache_path, self.settings.device)
 
     def close(self) -> None:
         if "engine" in self.__dict__:

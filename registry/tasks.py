@@ -8,7 +8,6 @@ options, the backbone, and the name. The task row and its training job are then 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import yaml
 from elmreg.registry.backbones import backbone_family
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.errors import AlreadyExistsError, NotFoundError, TaskSpecError, UserError
+from elmreg.registry.kinds import get_expert_kind, trainable_kinds
 from elmreg.registry.prompts import (
     PromptTemplate,
     check_classification,
@@ -30,7 +30,6 @@ from elmreg.registry.prompts import (
 from elmreg.registry.sources import DatasetSpec, default_template, load_dataset_rows
 from elmreg.registry.store.entities import Job, Task
 
-EXPERT_KINDS = ("lora", "ffn_adapter", "full")
 LEVELS = ("prompt", "dataset")
 METRICS = ("accuracy", "rouge_l", "bleu")
 # The paper samples K=50,000 training examples per classification task and 10,000 per generative task.
@@ -128,23 +127,19 @@ def default_task_name(request: TaskRequest) -> str:
     return base
 
 
-def plan_task(
-    context: RegistryContext,
-    request: TaskRequest,
-    *,
-    validate_training: Callable[[str, dict[str, Any]], None] | None = None,
-) -> TaskPlan:
+def plan_task(context: RegistryContext, request: TaskRequest) -> TaskPlan:
     """Check everything about a task request without writing anything.
 
-    Args:
-        validate_training: Checks ``request.training`` for the expert kind (the trainers provide it; the
-            registry does not import them).
+    The training options are checked by the kind's config class (``registry.kinds``) here, so every way a task
+    is created (CLI, API, manifests, the scheduler's nightly ingestion) validates them.
 
     Raises:
         UserError: (TaskSpecError, AlreadyExistsError, ConfigurationError) what is wrong, and how to fix it.
     """
-    if request.kind not in EXPERT_KINDS:
-        raise TaskSpecError(f"unknown expert kind '{request.kind}'; choose one of {', '.join(EXPERT_KINDS)}")
+    if request.kind not in trainable_kinds():
+        raise TaskSpecError(
+            f"unknown expert kind '{request.kind}'; choose one of {', '.join(trainable_kinds())}"
+        )
     if request.level not in LEVELS:
         raise TaskSpecError(f"unknown level '{request.level}'; choose 'prompt' or 'dataset'")
     if request.max_examples is not None and request.max_examples < 1:
@@ -159,8 +154,7 @@ def plan_task(
         )
     if request.name is not None:
         _ensure_free(context, request.name)
-    if validate_training is not None:
-        validate_training(request.kind, request.training)
+    get_expert_kind(request.kind).make_config(request.training)
 
     spec = DatasetSpec(request.dataset, request.subset, request.split)
     cache = context.settings.cache_path
@@ -213,18 +207,14 @@ def _ensure_free(context: RegistryContext, name: str) -> None:
 
 
 def add_task(
-    context: RegistryContext,
-    request: TaskRequest,
-    *,
-    enqueue: bool = True,
-    validate_training: Callable[[str, dict[str, Any]], None] | None = None,
+    context: RegistryContext, request: TaskRequest, *, enqueue: bool = True
 ) -> tuple[Task, Job | None]:
     """Validate a task request, then register the task and queue its training job in one transaction.
 
     Raises:
         UserError: The request is invalid; nothing was written.
     """
-    plan = plan_task(context, request, validate_training=validate_training)
+    plan = plan_task(context, request)
     backbone = context.catalogue.get_or_create_backbone(plan.backbone, plan.backbone_family)
     return context.catalogue.create_task(enqueue_training=enqueue, backbone_id=backbone.id, **plan.fields)
 
@@ -256,12 +246,7 @@ def read_manifests(folder: Path) -> list[tuple[str, TaskRequest]]:
     return requests
 
 
-def ingest_manifests(
-    context: RegistryContext,
-    folder: Path | None = None,
-    *,
-    validate_training: Callable[[str, dict[str, Any]], None] | None = None,
-) -> IngestReport:
+def ingest_manifests(context: RegistryContext, folder: Path | None = None) -> IngestReport:
     """Register every manifest task that is not registered yet; one bad entry does not stop the others."""
     folder = folder or Path(context.settings.manifest_dir or context.settings.home / "manifests").expanduser()
     if not folder.is_dir():
@@ -274,7 +259,7 @@ def ingest_manifests(
             report.skipped.append(name)
             continue
         try:
-            task, _ = add_task(context, request, validate_training=validate_training)
+            task, _ = add_task(context, request)
         except AlreadyExistsError:  # registered meanwhile by someone else
             report.skipped.append(name)
             continue

@@ -178,6 +178,25 @@ def test_mixed_batches_answer_as_each_expert_alone(trained):
     assert trained._pools[trained.settings.backbone].backbone_loads == 1
 
 
+def test_training_and_pools_share_one_backbone_and_hand_it_over(trained):
+    """One loaded backbone per registry: a second pool, or training, has the first pool's experts taken off."""
+    pool = AdapterPool(trained.context, trained.settings.backbone, capacity=2)
+    other = AdapterPool(trained.context, trained.settings.backbone, capacity=2)
+    assert pool.backbone is other.backbone
+    colours, echo = trained.expert("colours"), trained.expert("echo")
+    with pool.use(colours) as model:
+        before = choice_log_likelihoods(model, pool.backbone, EXAMPLE)
+    with other.use(echo) as model:  # changes the backbone's modules: the LoRA adapter must be off first
+        choice_log_likelihoods(model, other.backbone, EXAMPLE)
+    assert pool.resident == [] and other.resident == [echo.id]
+
+    trained.add_task("bigbench:sizes", max_examples=8, training=FAST, now=True)
+    assert other.resident == [] and other.backbone.active_expert is None
+    with pool.use(colours) as model:
+        assert choice_log_likelihoods(model, pool.backbone, EXAMPLE) == pytest.approx(before, abs=1e-6)
+    assert pool.backbone_loads == 1
+
+
 def test_mixed_batches_refuse_what_cannot_mix(trained):
     pool = AdapterPool(trained.context, trained.settings.backbone, capacity=1)
     colours, moods, echo = (trained.expert(n) for n in ("colours", "moods", "echo"))

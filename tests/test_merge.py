@@ -18,13 +18,13 @@ from safetensors.torch import load_file, save_file
 from sqlalchemy import text
 
 from elmreg.cli.main import cli
+from elmreg.experts import load_expert, unload_expert
+from elmreg.merging.lora import check_lora_configs, merge_lora, peft_combination
+from elmreg.merging.methods import MergeError, MergeSpec, merge_tensors, tensor_seed
+from elmreg.merging.task_vectors import TensorReader, merge_tensor_files, open_readers
 from elmreg.registry.backbones import load_backbone
 from elmreg.registry.examples import render_split
 from elmreg.registry.sources import DatasetSpec
-from elmreg.trainers import get_trainer
-from elmreg.trainers.merge.lora import check_lora_configs, merge_lora, peft_combination
-from elmreg.trainers.merge.methods import MergeError, MergeSpec, merge_tensors, tensor_seed
-from elmreg.trainers.merge.task_vectors import TensorReader, merge_tensor_files, open_readers
 
 FAST = {"epochs": 2, "learning_rate": 5e-3, "batch_size": 8}
 
@@ -230,14 +230,13 @@ def test_task_arithmetic_on_task_vectors_reproduces_parent_and_averages(lab, tmp
     half = lab.merge([colours.id, moods.id]).expert  # default weights 1/N
     assert half.parents == ((colours.id, 0.5), (moods.id, 0.5)) and half.merge_params["weights"] == [0.5, 0.5]
     backbone = load_backbone(lab.settings.backbone, cache_dir=tmp_path)
-    trainer = get_trainer("full")
     tuned = {}
     for expert in (colours, moods, half):
-        model = trainer.load_expert(
-            backbone, lab.context.artifact_cache.fetch(expert.artifact), expert.config
+        model = load_expert(
+            backbone, lab.context.artifact_cache.fetch(expert.artifact), expert.config, kind="full"
         )
         tuned[expert.id] = {n: p.detach().clone() for n, p in model.named_parameters()}
-        trainer.unload(backbone, model)
+        unload_expert(backbone, model)
     for name, merged in tuned[half.id].items():
         mean = (tuned[colours.id][name] + tuned[moods.id][name]) / 2
         assert torch.allclose(merged, mean, atol=1e-6), name
@@ -287,9 +286,8 @@ def test_merged_expert_lineage_export_and_eval(kind, lab, tmp_path):
         assert any("lora_A" in n for n, _ in loaded.named_parameters())
     else:
         card = json.loads((folder / "elmreg_expert.json").read_text())
-        trainer = get_trainer(card["config"]["kind"])
-        model = trainer.load_expert(backbone, folder / "merged.safetensors", card["config"])
-        trainer.unload(backbone, model)
+        model = load_expert(backbone, folder / "merged.safetensors", card["config"], kind=kind)
+        unload_expert(backbone, model)
 
     evaluated = _cli(
         lab, "eval", "--task", "colours", "--route", "expert:both", "--route", "expert:colours", "--json"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from pgvector.sqlalchemy import Vector
 from sqlalchemy import inspect, text
 
+from elmreg.registry.kinds import expert_row_kinds, trainable_kinds
 from elmreg.registry.store import schema
 from elmreg.registry.store.models import Base
 from elmreg.registry.store.session import create_catalogue_engine
@@ -82,3 +85,28 @@ def test_every_constraint_and_index_is_named(scratch_database):
                 assert index.name, f"unnamed index on {table.name}"
     finally:
         engine.dispose()
+
+
+def test_kind_check_constraints_equal_the_kind_registry(scratch_database):
+    """The migrations wrote the list of kinds into CHECK constraints; a kind registered without a migration that
+    widens them could be validated and trained, and then fail on insert."""
+    engine = create_catalogue_engine(scratch_database)
+    try:
+        schema.upgrade(engine)
+        with engine.connect() as connection:
+            definitions = dict(
+                connection.execute(
+                    text(
+                        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+                        "WHERE conname IN ('ck_tasks_expert_kind', 'ck_experts_kind')"
+                    )
+                ).all()
+            )
+    finally:
+        engine.dispose()
+    # e.g. CHECK (((kind)::text = ANY ((ARRAY['lora'::character varying, ...])::text[])))
+    allowed = {name: set(re.findall(r"'([^']*)'", definition)) for name, definition in definitions.items()}
+    assert allowed == {
+        "ck_tasks_expert_kind": set(trainable_kinds()),
+        "ck_experts_kind": set(expert_row_kinds()),
+    }

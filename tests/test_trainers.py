@@ -15,15 +15,19 @@ from fixtures.tiny_models import BACKBONES, build_all
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from elmreg.experts import load_expert, unload_expert
+from elmreg.experts.ffn_adapter.model import ParallelAdapter, add_adapters, remove_adapters
+from elmreg.experts.full.task_vector import trainable_entries
+from elmreg.experts.lora import export_peft_folder
 from elmreg.registry.backbones import Backbone, load_backbone
 from elmreg.registry.encoding import IGNORE_INDEX, EncodedBatch, encode, target_token_loss
 from elmreg.registry.errors import ArtifactError, ConfigurationError, UserError
+from elmreg.registry.kinds import trainable_kinds
 from elmreg.registry.prompts import PromptedExample
 from elmreg.registry.settings import DEFAULT_BACKBONE
-from elmreg.trainers import KINDS, get_trainer
-from elmreg.trainers.ffn_adapter.model import ParallelAdapter, add_adapters, remove_adapters
-from elmreg.trainers.full.task_vector import trainable_entries
-from elmreg.trainers.lora import export_peft_folder
+from elmreg.trainers import get_trainer
+
+KINDS = trainable_kinds()
 
 NAMES = list(BACKBONES)
 EXAMPLES = [
@@ -111,10 +115,10 @@ def test_training_learns_and_load_unload_restores_the_backbone(backbone: Backbon
     _assert_unchanged(backbone.model, snapshot)
     assert not any(p.requires_grad for p in backbone.model.parameters())
 
-    model = trainer.load_expert(backbone, trained.weights_path, trained.config)
+    model = load_expert(backbone, trained.weights_path, trained.config)
     assert backbone.active_expert == kind
     assert _loss(backbone, model) < 0.5 * loss_before  # the loaded expert is the trained one
-    trainer.unload(backbone, model)
+    unload_expert(backbone, model)
     assert backbone.model is model_before and backbone.active_expert is None
     _assert_unchanged(backbone.model, snapshot)
     assert torch.equal(_logits(backbone), logits_before)
@@ -159,9 +163,9 @@ def test_exported_lora_loads_in_plain_peft_with_identical_logits(
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
-    model = trainer.load_expert(backbone, trained.weights_path, trained.config)
+    model = load_expert(backbone, trained.weights_path, trained.config)
     ours = _logits(backbone, model)
-    trainer.unload(backbone, model)
+    unload_expert(backbone, model)
     assert not torch.equal(ours, _logits(backbone))  # the adapter does something
 
     plain = load_backbone(str(tiny_folders[backbone.name.split("/")[-1]]), cache_dir=tmp_path / "cache")
@@ -201,10 +205,10 @@ def test_task_vector_reconstructs_the_fine_tuned_weights(backbone: Backbone, tmp
     assert exact / total > 0.95
 
     # load_expert adds τ in place; unload reads θ_pre back from the backbone's files.
-    model = trainer.load_expert(backbone, trained.weights_path, trained.config)
+    model = load_expert(backbone, trained.weights_path, trained.config)
     loaded = dict(trainable_entries(model))
     assert all(torch.equal(loaded[name], pre[name] + tau[name]) for name in tau)
-    trainer.unload(backbone, model)
+    unload_expert(backbone, model)
     assert all(torch.equal(p, pre[name]) for name, p in trainable_entries(backbone.model))
 
 
@@ -255,22 +259,22 @@ def test_experts_are_never_stacked_or_put_on_another_backbone(
     trainer = get_trainer("ffn_adapter")
     trained = trainer.train(backbone, EXAMPLES, trainer.make_config({**FAST, "epochs": 1}))
     assert trained.weights_path.is_file()  # out_dir defaults to a temporary folder
-    model = trainer.load_expert(backbone, trained.weights_path, trained.config)
+    model = load_expert(backbone, trained.weights_path, trained.config)
     with pytest.raises(UserError, match="already loaded"):
-        get_trainer("full").load_expert(backbone, trained.weights_path, trained.config)
+        load_expert(backbone, trained.weights_path, trained.config, kind="full")
     with pytest.raises(UserError, match="unload"):
         trainer.train(backbone, EXAMPLES, trainer.make_config(FAST))
-    trainer.unload(backbone, model)
+    unload_expert(backbone, model)
 
     with pytest.raises(ConfigurationError, match="kind"):
-        get_trainer("lora").load_expert(backbone, trained.weights_path, trained.config)
+        load_expert(backbone, trained.weights_path, trained.config, kind="lora")
     other = load_backbone(str(tiny_folders["gemma3"]), cache_dir=tmp_path / "cache")
     with pytest.raises(ArtifactError, match="trained on"):
-        trainer.load_expert(other, trained.weights_path, trained.config)
+        load_expert(other, trained.weights_path, trained.config)
     assert other.active_expert is None
     # Without the recorded fingerprint (an imported expert) the shapes still have to fit.
     with pytest.raises(ArtifactError, match="does not fit"):
-        trainer.load_expert(other, trained.weights_path, {"kind": "ffn_adapter", "hidden_size": 32})
+        load_expert(other, trained.weights_path, {"kind": "ffn_adapter", "hidden_size": 32})
     assert not any(isinstance(m, ParallelAdapter) for m in other.model.modules())
 
 
@@ -326,7 +330,7 @@ def test_lora_on_the_default_gemma(gemma: Backbone, tmp_path: Path):
     before = _logits(gemma)
     trained = trainer.train(gemma, EXAMPLES, trainer.make_config({"epochs": 1, "batch_size": 4}), tmp_path)
     assert trained.metrics["steps"] == 1 and trained.metrics["final_loss"] < 20
-    model = trainer.load_expert(gemma, trained.weights_path, trained.config)
+    model = load_expert(gemma, trained.weights_path, trained.config)
     assert not torch.equal(_logits(gemma, model), before)
-    trainer.unload(gemma, model)
+    unload_expert(gemma, model)
     assert torch.equal(_logits(gemma), before)

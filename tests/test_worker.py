@@ -6,8 +6,8 @@ import time
 
 from sqlalchemy import text
 
+from elmreg.jobs import Worker
 from elmreg.registry.errors import TaskSpecError
-from elmreg.trainers.worker import Worker
 
 
 def test_success_failure_and_permanent_failure(fresh_registry):

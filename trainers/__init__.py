@@ -1,35 +1,29 @@
-"""Expert kinds (one sub-package each: ``lora``, ``ffn_adapter``, ``full``) and the worker that trains them."""
+"""Training experts: one sub-package per expert kind (``lora``, ``ffn_adapter``, ``full``) and the pipeline from a
+registered task to a ready expert. The kinds themselves are declared in ``registry.kinds``."""
 
 from __future__ import annotations
 
 from elmreg.registry.errors import ConfigurationError
-from elmreg.trainers.base import ExpertTrainer, TrainedExpert, TrainingConfig
-
-KINDS = ("lora", "ffn_adapter", "full")
-
-
-def _trainer_classes() -> dict[str, type[ExpertTrainer]]:
-    # Imported here so that `import elmreg.trainers` does not pull in PEFT until a kind is used.
-    from elmreg.trainers.ffn_adapter import FfnAdapterTrainer
-    from elmreg.trainers.full import FullTrainer
-    from elmreg.trainers.lora import LoraTrainer
-
-    return {cls.kind: cls for cls in (LoraTrainer, FfnAdapterTrainer, FullTrainer)}
+from elmreg.registry.kinds import get_expert_kind
+from elmreg.registry.kinds.kind import import_object
+from elmreg.trainers.base import ExpertTrainer, TrainedExpert
 
 
 def get_trainer(kind: str) -> ExpertTrainer:
-    """The trainer of an expert kind.
+    """The trainer of an expert kind, imported from the kind's declaration.
 
     Args:
-        kind: ``lora``, ``ffn_adapter`` or ``full``.
+        kind: A trainable kind (``registry.kinds.trainable_kinds()``).
 
     Raises:
-        ConfigurationError: Unknown kind.
+        ConfigurationError: Unknown kind, or a declaration that names no trainer of that kind.
     """
-    classes = _trainer_classes()
-    if kind not in classes:
-        raise ConfigurationError(f"unknown expert kind '{kind}'; choose one of {', '.join(KINDS)}")
-    return classes[kind]()
+    trainer_class = import_object(get_expert_kind(kind).trainer)
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, ExpertTrainer)):
+        raise ConfigurationError(f"kind {kind}: {trainer_class!r} is not an ExpertTrainer")
+    if trainer_class.kind != kind:
+        raise ConfigurationError(f"kind {kind}: its trainer is declared for kind {trainer_class.kind}")
+    return trainer_class()
 
 
-__all__ = ["KINDS", "ExpertTrainer", "TrainedExpert", "TrainingConfig", "get_trainer"]
+__all__ = ["ExpertTrainer", "TrainedExpert", "get_trainer"]

@@ -1,10 +1,10 @@
-"""What every expert kind shares: the training configuration, the training loop, and the trainer interface.
+"""What every expert kind's training shares: the training loop and the trainer interface.
 
 A kind (``trainers/<kind>/``) says which parameters it adds or unfreezes (:meth:`ExpertTrainer.prepare`), how it
-saves them as one safetensors file (:meth:`~ExpertTrainer.save`), and how it puts a saved expert on a loaded
-backbone and takes it off again (:meth:`~ExpertTrainer.attach`, :meth:`~ExpertTrainer.detach`). The loop here
-trains it the way the paper does (constant learning rate, several epochs over K sampled examples), seeded and
-reproducible, with the loss on target tokens only.
+saves them as one safetensors file (:meth:`~ExpertTrainer.save`), and how it puts the backbone back afterwards
+(:meth:`~ExpertTrainer.restore`). The loop here trains it the way the paper does (constant learning rate, several
+epochs over K sampled examples), seeded and reproducible, with the loss on target tokens only. The kind's
+options are declared in ``registry.kinds``; putting a saved expert on a backbone is ``experts.load_expert``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -23,7 +23,8 @@ import torch
 
 from elmreg.registry.backbones import Backbone
 from elmreg.registry.encoding import encode, target_token_loss
-from elmreg.registry.errors import ArtifactError, ConfigurationError, UserError
+from elmreg.registry.errors import ConfigurationError, UserError
+from elmreg.registry.kinds import ExpertKind, TrainingConfig, get_expert_kind
 
 # progress(step, total_steps, loss): called after every optimiser step.
 ProgressCallback = Callable[[int, int, float], None]
@@ -37,74 +38,6 @@ class Example(Protocol):
 
     @property
     def target(self) -> str: ...
-
-
-@dataclass
-class TrainingConfig:
-    """Hyper-parameters common to all kinds; defaults follow the paper (5 epochs, constant LR 1e-4, AdamW)."""
-
-    epochs: int = field(default=5, metadata={"help": "Passes over the task's sampled examples."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "Constant AdamW learning rate."})
-    batch_size: int = field(default=8, metadata={"help": "Examples per optimiser step."})
-    max_source_length: int = field(
-        default=256, metadata={"help": "Input tokens kept (the end of the prompt, where the question is)."}
-    )
-    max_target_length: int = field(default=64, metadata={"help": "Target tokens kept (the start)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
-    seed: int = field(
-        default=0,
-        metadata={"help": "Seeds initialisation, example order and dropout: same seed, same weights."},
-    )
-    init_from: int | str | None = field(
-        default=None,
-        metadata={
-            "help": "Expert (id or name) whose weights start training instead of a fresh initialisation: "
-            "continual fine-tuning of an existing expert (same kind, backbone and shape; LoRA only)."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigurationError(f"epochs must be at least 1, got {self.epochs}")
-        if not 0 < self.learning_rate < 1:
-            raise ConfigurationError(f"learning_rate must be in (0, 1), got {self.learning_rate}")
-        if self.batch_size < 1:
-            raise ConfigurationError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.max_source_length < 1 or self.max_target_length < 1:
-            raise ConfigurationError(
-                f"max_source_length and max_target_length must be positive, got "
-                f"{self.max_source_length} and {self.max_target_length}"
-            )
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ConfigurationError("weight_decay and max_grad_norm must not be negative")
-        if self.init_from is not None and (
-            isinstance(self.init_from, bool)
-            or not isinstance(self.init_from, int | str)
-            or self.init_from == ""
-        ):
-            raise ConfigurationError(f"init_from must be an expert id or name, got {self.init_from!r}")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainingConfig:
-        """Build from JSON (e.g. a task's ``training_config``).
-
-        Raises:
-            ConfigurationError: An unknown key, or a value out of range.
-        """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigurationError(
-                f"unknown {cls.__name__} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        try:
-            return cls(**values)
-        except TypeError as exc:  # e.g. a string where a number belongs, failing a comparison
-            raise ConfigurationError(f"invalid {cls.__name__}: {exc}") from exc
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -129,16 +62,22 @@ def seed_everything(seed: int) -> None:
 
 
 class ExpertTrainer(ABC):
-    """One expert kind: trains experts, and loads saved ones onto a backbone and off again.
+    """Trains experts of one kind.
 
-    Public API: :meth:`make_config`, :meth:`train`, :meth:`load_expert`, :meth:`unload`. Subclasses implement
-    :meth:`prepare`, :meth:`save`, :meth:`restore`, :meth:`attach` and :meth:`detach`.
+    Public API: :meth:`make_config`, :meth:`train`. Subclasses implement :meth:`prepare`, :meth:`save` and
+    :meth:`restore` (and :meth:`initialise` if the kind declares ``warm_start``).
     """
 
     kind: ClassVar[str]
-    config_class: ClassVar[type[TrainingConfig]] = TrainingConfig
-    # Whether ``init_from`` (training that starts from a saved expert's weights) is implemented for the kind.
-    supports_warm_start: ClassVar[bool] = False
+
+    @property
+    def spec(self) -> ExpertKind:
+        """The kind's declaration (options, weights file, ...)."""
+        return get_expert_kind(self.kind)
+
+    @property
+    def config_class(self) -> type[TrainingConfig]:
+        return self.spec.config_class
 
     def make_config(self, values: dict[str, Any] | None = None) -> TrainingConfig:
         """This kind's config from JSON values (defaults for what is missing).
@@ -146,10 +85,7 @@ class ExpertTrainer(ABC):
         Raises:
             ConfigurationError: Unknown keys or invalid values.
         """
-        config = self.config_class.from_dict(values or {})
-        if config.init_from is not None and not self.supports_warm_start:
-            raise ConfigurationError(f"{self.kind} experts cannot start from another expert (init_from)")
-        return config
+        return self.spec.make_config(values)
 
     # -- what a kind implements ----------------------------------------------------------------------------
     @abstractmethod
@@ -162,19 +98,11 @@ class ExpertTrainer(ABC):
     def save(
         self, model: torch.nn.Module, backbone: Backbone, config: TrainingConfig, out_dir: Path
     ) -> TrainedExpert:
-        """Write the trained parameters to one safetensors file in ``out_dir`` and return it (metrics empty)."""
+        """Write the trained parameters to ``out_dir / spec.weights_file`` and return it (metrics empty)."""
 
     @abstractmethod
     def restore(self, model: torch.nn.Module, backbone: Backbone) -> None:
         """Return the backbone to its pre-trained state after training (a worker reuses it)."""
-
-    @abstractmethod
-    def attach(self, backbone: Backbone, weights_path: Path, config: dict[str, Any]) -> torch.nn.Module:
-        """Put a saved expert on the backbone; return the model to run."""
-
-    @abstractmethod
-    def detach(self, backbone: Backbone, model: torch.nn.Module) -> None:
-        """Take the expert off again, leaving the backbone exactly as it was."""
 
     def initialise(self, model: torch.nn.Module, weights_path: Path) -> None:
         """Overwrite the freshly prepared trainable parameters with a saved expert's (``init_from``).
@@ -183,48 +111,6 @@ class ExpertTrainer(ABC):
             ConfigurationError: The kind does not support it, or the weights do not fit the prepared model.
         """
         raise ConfigurationError(f"{self.kind} experts cannot start from another expert (init_from)")
-
-    # -- loading saved experts -----------------------------------------------------------------------------
-    def load_expert(self, backbone: Backbone, weights_path: Path, config: dict[str, Any]) -> torch.nn.Module:
-        """Put a saved expert on an already loaded backbone (no reload); undo with :meth:`unload`.
-
-        Args:
-            backbone: The backbone the expert was trained on, with no other expert loaded.
-            weights_path: The expert's safetensors file.
-            config: :attr:`TrainedExpert.config` as saved.
-
-        Returns:
-            The model to run (for ``lora`` a ``PeftModel`` around ``backbone.model``; otherwise
-            ``backbone.model`` itself, changed in place).
-
-        Raises:
-            UserError: Another expert is loaded on the backbone.
-            ConfigurationError: The config is of another kind.
-            ArtifactError: The expert was trained on another backbone, or its weights do not fit this one.
-        """
-        if backbone.active_expert is not None:
-            raise UserError(
-                f"a {backbone.active_expert} expert is already loaded on backbone {backbone.name}; unload it first"
-            )
-        if config.get("kind") != self.kind:
-            raise ConfigurationError(f"expert config is of kind '{config.get('kind')}', not '{self.kind}'")
-        trained_on = config.get("backbone_fingerprint")
-        if trained_on is not None and trained_on != backbone.fingerprint:
-            raise ArtifactError(
-                f"expert {weights_path.name} was trained on backbone {config.get('backbone')} ({trained_on}), "
-                f"not on {backbone.name} ({backbone.fingerprint})"
-            )
-        model = self.attach(backbone, weights_path, config)
-        backbone.active_expert = self.kind
-        return model
-
-    def unload(self, backbone: Backbone, model: torch.nn.Module) -> None:
-        """Take the expert that :meth:`load_expert` returned as ``model`` off the backbone.
-
-        Afterwards the backbone computes exactly what it computed before the expert was loaded.
-        """
-        self.detach(backbone, model)
-        backbone.active_expert = None
 
     # -- the shared loop -----------------------------------------------------------------------------------
     def train(
@@ -264,6 +150,7 @@ class ExpertTrainer(ABC):
             raise ConfigurationError("cannot train an expert on zero examples")
         if not isinstance(config, self.config_class):
             raise ConfigurationError(f"a {self.kind} expert needs a {self.config_class.__name__}")
+        backbone.release()  # an adapter pool sharing the backbone takes its experts off first
         if backbone.active_expert is not None:
             raise UserError(
                 f"unload the {backbone.active_expert} expert from {backbone.name} before training"

@@ -13,13 +13,13 @@ import json
 import logging
 import shutil
 import tempfile
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from elmreg.registry.backbones import Backbone, load_backbone
+from elmreg.experts import load_expert, unload_expert
+from elmreg.experts.lora import CONFIG_FILE, export_peft_folder
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.embedder import load_embedder
 from elmreg.registry.errors import (
@@ -30,34 +30,14 @@ from elmreg.registry.errors import (
     first_line,
 )
 from elmreg.registry.examples import task_examples
+from elmreg.registry.kinds import LORA, weights_kind
 from elmreg.registry.library import SAMPLES_PER_EXPERT, embed_entries, register_embedder, sample_indices
 from elmreg.registry.prompts import PromptedExample, library_text
 from elmreg.registry.store.entities import Expert, Task
 from elmreg.trainers import get_trainer
 from elmreg.trainers.base import ProgressCallback
-from elmreg.trainers.lora import export_peft_folder
-from elmreg.trainers.merge import weights_kind
-from elmreg.trainers.worker import JobContext
 
 _log = logging.getLogger(__name__)
-_backbones: dict[tuple[str, str], Backbone] = {}
-_backbones_lock = threading.Lock()
-
-
-def shared_backbone(context: RegistryContext, name: str) -> Backbone:
-    """One loaded copy of each backbone per process: workers train job after job on it."""
-    with _backbones_lock:
-        key = (name, context.settings.device)
-        if key not in _backbones:
-            _backbones[key] = load_backbone(
-                name, cache_dir=context.settings.cache_path, device=context.settings.device
-            )
-        return _backbones[key]
-
-
-def validate_training_options(kind: str, options: dict[str, Any]) -> None:
-    """Raise ConfigurationError if ``options`` are not valid for expert ``kind`` (used by add-task)."""
-    get_trainer(kind).make_config(options)
 
 
 @dataclass
@@ -121,7 +101,7 @@ def train_task(
     init_weights = _init_weights(context, task, config.init_from) if config.init_from is not None else None
 
     hooks.stage(f"loading backbone {backbone_record.name}")
-    backbone = shared_backbone(context, backbone_record.name)
+    backbone = context.backbones.get(backbone_record.name)
     if backbone_record.fingerprint is None:
         context.catalogue.get_or_create_backbone(
             backbone_record.name, backbone.family, fingerprint=backbone.fingerprint
@@ -228,18 +208,6 @@ def _tmp_dir(context: RegistryContext) -> Path:
     return path
 
 
-def make_train_handler(hooks: TrainingHooks | None = None) -> Callable[[JobContext], None]:
-    """The worker's handler for ``train`` jobs."""
-
-    def handle(job: JobContext) -> None:
-        task = job.registry.catalogue.get_task(int(job.job.payload["task_id"]))
-        train_task(
-            job.registry, task, lease=job.lease, check_lease=job.check_lease, hooks=hooks, worker=job.worker
-        )
-
-    return handle
-
-
 def import_peft_adapter(
     context: RegistryContext,
     folder: Path,
@@ -257,33 +225,32 @@ def import_peft_adapter(
         UserError: Not a PEFT LoRA folder, or it does not fit the task's backbone.
     """
     hooks = hooks or TrainingHooks()
-    config_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    config_file, weights = folder / CONFIG_FILE, folder / LORA.weights_file
     if not config_file.is_file() or not weights.is_file():
         raise TaskSpecError(
-            f"{folder} is not a PEFT adapter folder (needs adapter_config.json and adapter_model.safetensors)"
+            f"{folder} is not a PEFT adapter folder (needs {CONFIG_FILE} and {LORA.weights_file})"
         )
     adapter_config = json.loads(config_file.read_text())
     if adapter_config.get("peft_type") != "LORA":
         raise TaskSpecError(
             f"{folder} holds a {adapter_config.get('peft_type')} adapter; only LoRA can be imported"
         )
-    if task.expert_kind != "lora":
+    if task.expert_kind != LORA.name:
         raise TaskSpecError(f"task {task.name} trains {task.expert_kind} experts; import into a lora task")
     backbone_record = context.catalogue.get_backbone(task.backbone_id)
     hooks.stage(f"checking the adapter against backbone {backbone_record.name}")
-    backbone = shared_backbone(context, backbone_record.name)
-    trainer = get_trainer("lora")
-    config = {"kind": "lora", "adapter_config": adapter_config}
+    backbone = context.backbones.get(backbone_record.name)
+    config = {"kind": LORA.name, "adapter_config": adapter_config}
     try:
-        model = trainer.attach(backbone, weights, config)
+        model = load_expert(backbone, weights, config, label=str(folder))
     except Exception as exc:  # noqa: BLE001 - peft raises assorted errors for shape and module mismatches
         raise TaskSpecError(
             f"the adapter in {folder} does not fit backbone {backbone_record.name}: {first_line(exc)}"
         ) from exc
-    trainer.detach(backbone, model)
+    unload_expert(backbone, model)
     examples = task_examples(task, cache_dir=context.settings.cache_path, limit=task.max_examples)
     expert = context.catalogue.create_expert(
-        name=name or f"{task.name}-imported", backbone_id=backbone_record.id, kind="lora", task_id=task.id
+        name=name or f"{task.name}-imported", backbone_id=backbone_record.id, kind=LORA.name, task_id=task.id
     )
     return publish(
         context,
@@ -303,7 +270,7 @@ def export_expert(context: RegistryContext, expert: Expert, out_dir: Path) -> Pa
         raise CatalogueError(f"expert {expert.name} has no weights yet (status {expert.status})")
     weights = context.artifact_cache.fetch(expert.artifact)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if weights_kind(expert) == "lora":  # merged LoRA experts are PEFT adapters too
+    if weights_kind(expert) == LORA.name:  # merged LoRA experts are PEFT adapters too
         export_peft_folder(weights, expert.config, out_dir)
     else:
         shutil.copyfile(weights, out_dir / f"{expert.kind}.safetensors")

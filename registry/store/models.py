@@ -31,6 +31,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from elmreg.registry.kinds import expert_row_kinds, trainable_kinds
+
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -39,7 +41,6 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-EXPERT_KINDS = ("lora", "ffn_adapter", "full", "merged")
 EXPERT_STATUSES = ("pending", "training", "ready", "failed", "retired")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
@@ -85,7 +86,7 @@ class TaskRow(Base):
     __table_args__ = (
         CheckConstraint(_in("level", ("prompt", "dataset")), name="level"),
         CheckConstraint(_in("task_type", ("classification", "generative")), name="task_type"),
-        CheckConstraint(_in("expert_kind", EXPERT_KINDS[:3]), name="expert_kind"),
+        CheckConstraint(_in("expert_kind", trainable_kinds()), name="expert_kind"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -108,7 +109,7 @@ class TaskRow(Base):
 class ExpertRow(Base):
     __tablename__ = "experts"
     __table_args__ = (
-        CheckConstraint(_in("kind", EXPERT_KINDS), name="kind"),
+        CheckConstraint(_in("kind", expert_row_kinds()), name="kind"),
         CheckConstraint(_in("status", EXPERT_STATUSES), name="status"),
         # The promise behind 'ready': never a routable expert without verified weights and a library version.
         CheckConstraint(

@@ -1,6 +1,5 @@
-"""The paper's parallel FFN adapter experts: h = FFN_e(u) + FFN_d(u) + u, only FFN_e trained."""
+"""Training the paper's parallel FFN adapter experts: h = FFN_e(u) + FFN_d(u) + u, only FFN_e trained."""
 
-from elmreg.trainers.ffn_adapter.config import FfnAdapterTrainingConfig
 from elmreg.trainers.ffn_adapter.trainer import FfnAdapterTrainer
 
-__all__ = ["FfnAdapterTrainer", "FfnAdapterTrainingConfig"]
+__all__ = ["FfnAdapterTrainer"]

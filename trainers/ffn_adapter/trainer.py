@@ -1,27 +1,22 @@
-"""Training and loading of parallel FFN adapter experts."""
+"""Training parallel FFN adapter experts (see ``experts.ffn_adapter`` for the adapter itself and loading it)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from elmreg.registry.backbones import Backbone
-from elmreg.registry.errors import ArtifactError, ConfigurationError
-from elmreg.trainers.base import ExpertTrainer, TrainedExpert, TrainingConfig
-from elmreg.trainers.ffn_adapter.config import FfnAdapterTrainingConfig
-from elmreg.trainers.ffn_adapter.model import (
+from elmreg.experts.ffn_adapter.model import (
     adapter_parameters,
     adapter_state,
     add_adapters,
     find_adapters,
-    load_adapter_state,
     remove_adapters,
 )
-
-WEIGHTS_FILE = "ffn_adapter.safetensors"
+from elmreg.registry.backbones import Backbone
+from elmreg.registry.kinds import FFN_ADAPTER, FfnAdapterTrainingConfig, TrainingConfig
+from elmreg.trainers.base import ExpertTrainer, TrainedExpert
 
 
 class FfnAdapterTrainer(ExpertTrainer):
@@ -31,8 +26,7 @@ class FfnAdapterTrainer(ExpertTrainer):
     ``<block path>.adapter_{down,up}.{weight,bias}`` for every wrapped block.
     """
 
-    kind = "ffn_adapter"
-    config_class = FfnAdapterTrainingConfig
+    kind = FFN_ADAPTER.name
 
     def prepare(
         self, backbone: Backbone, config: TrainingConfig
@@ -47,7 +41,7 @@ class FfnAdapterTrainer(ExpertTrainer):
         self, model: torch.nn.Module, backbone: Backbone, config: TrainingConfig, out_dir: Path
     ) -> TrainedExpert:
         assert isinstance(config, FfnAdapterTrainingConfig)
-        weights = out_dir / WEIGHTS_FILE
+        weights = out_dir / FFN_ADAPTER.weights_file
         save_file(
             adapter_state(find_adapters(model)),
             str(weights),
@@ -56,21 +50,4 @@ class FfnAdapterTrainer(ExpertTrainer):
         return TrainedExpert(weights, {"kind": self.kind, "hidden_size": config.hidden_size}, {})
 
     def restore(self, model: torch.nn.Module, backbone: Backbone) -> None:
-        remove_adapters(backbone.model)
-
-    def attach(self, backbone: Backbone, weights_path: Path, config: dict[str, Any]) -> torch.nn.Module:
-        if not isinstance(config.get("hidden_size"), int):
-            raise ConfigurationError("an ffn_adapter expert's config needs its integer 'hidden_size'")
-        state = load_file(str(weights_path), device=str(backbone.device))
-        adapters = add_adapters(backbone.model, config["hidden_size"])
-        try:
-            load_adapter_state(adapters, state)
-        except ValueError as exc:
-            remove_adapters(backbone.model)
-            raise ArtifactError(f"{weights_path.name} does not fit backbone {backbone.name}: {exc}") from exc
-        for parameter in adapter_parameters(adapters):
-            parameter.requires_grad_(False)
-        return backbone.model
-
-    def detach(self, backbone: Backbone, model: torch.nn.Module) -> None:
         remove_adapters(backbone.model)

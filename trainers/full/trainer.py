@@ -2,30 +2,22 @@
 
 Training unfreezes every weight of the backbone. The expert is saved as τ = θ_d − θ_pre, streamed tensor by
 tensor with θ_pre read lazily from the backbone's own safetensors files, so saving never holds a second copy
-of the model; afterwards (and on :meth:`FullTrainer.detach`) θ_pre is copied back from those files, which is
-exact where subtracting τ again would not be.
+of the model; afterwards θ_pre is copied back from those files, which is exact where subtracting τ again would
+not be.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from elmreg.experts.full.task_vector import restore_pretrained, trainable_entries, write_task_vector
 from elmreg.registry.backbones import Backbone
 from elmreg.registry.errors import ConfigurationError
-from elmreg.trainers.base import ExpertTrainer, TrainedExpert, TrainingConfig
-from elmreg.trainers.full.config import FullTrainingConfig
-from elmreg.trainers.full.task_vector import (
-    apply_task_vector,
-    restore_pretrained,
-    trainable_entries,
-    write_task_vector,
-)
-
-WEIGHTS_FILE = "task_vector.safetensors"
+from elmreg.registry.kinds import FULL, FullTrainingConfig, TrainingConfig
+from elmreg.trainers.base import ExpertTrainer, TrainedExpert
 
 
 def _saved_tensor_names(folder: Path) -> set[str]:
@@ -42,8 +34,7 @@ class FullTrainer(ExpertTrainer):
     ``config`` of a trained expert: ``{"kind": "full", "format": "task_vector"}``.
     """
 
-    kind = "full"
-    config_class = FullTrainingConfig
+    kind = FULL.name
 
     def prepare(
         self, backbone: Backbone, config: TrainingConfig
@@ -63,17 +54,10 @@ class FullTrainer(ExpertTrainer):
     def save(
         self, model: torch.nn.Module, backbone: Backbone, config: TrainingConfig, out_dir: Path
     ) -> TrainedExpert:
-        weights = out_dir / WEIGHTS_FILE
+        weights = out_dir / FULL.weights_file
         write_task_vector(model, backbone.path, weights)
         return TrainedExpert(weights, {"kind": self.kind, "format": "task_vector"}, {})
 
     def restore(self, model: torch.nn.Module, backbone: Backbone) -> None:
         backbone.model.requires_grad_(False)
-        restore_pretrained(backbone.model, backbone.path)
-
-    def attach(self, backbone: Backbone, weights_path: Path, config: dict[str, Any]) -> torch.nn.Module:
-        apply_task_vector(backbone.model, weights_path)
-        return backbone.model
-
-    def detach(self, backbone: Backbone, model: torch.nn.Module) -> None:
         restore_pretrained(backbone.model, backbone.path)

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from elmreg.trainers.merge.methods import MergeError, MergeSpec, merge_tensors
-from elmreg.trainers.merge.task_vectors import TensorReader
+from elmreg.merging.methods import MergeError, MergeSpec, merge_tensors
+from elmreg.merging.task_vectors import TensorReader
 
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 

@@ -17,29 +17,22 @@ import hashlib
 import json
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from elmreg.merging.lora import check_lora_configs, peft_combination
+from elmreg.merging.methods import LORA_METHODS, MergeError, MergeSpec
+from elmreg.merging.tuning import tune_weights
+from elmreg.merging.weights import Stage, scratch_dir, write_merged_weights
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.errors import NotFoundError
+from elmreg.registry.kinds import get_expert_kind, weights_kind
 from elmreg.registry.store.entities import Expert, LibraryEntry
-from elmreg.trainers.merge import MERGED_KIND, weights_kind
-from elmreg.trainers.merge.lora import check_lora_configs, merge_lora, peft_combination
-from elmreg.trainers.merge.methods import LORA_METHODS, MergeError, MergeSpec
-from elmreg.trainers.merge.task_vectors import merge_tensor_files, open_readers
 
 LIBRARY_MODES = ("union", "none")
-# The weights file of each kind, named as its trainer names it.
-WEIGHTS_FILES = {
-    "lora": "adapter_model.safetensors",
-    "full": "task_vector.safetensors",
-    "ffn_adapter": "ffn_adapter.safetensors",
-}
 _NAME_LENGTH = 300  # experts.name
-
-Stage = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -87,6 +80,8 @@ def resolve_parents(context: RegistryContext, keys: Sequence[int | str]) -> tupl
         raise MergeError(
             f"the experts are of different kinds ({listed}); only experts of one kind can be merged"
         )
+    if get_expert_kind(kinds[0]).merge is None:
+        raise MergeError(f"{kinds[0]} experts cannot be merged")
     fingerprints = {p.config.get("backbone_fingerprint") for p in parents} - {None}
     if len(fingerprints) > 1:
         raise MergeError(
@@ -113,16 +108,18 @@ def make_spec(
         weights = [1.0 / len(parents)] * len(parents)
     if len(weights) != len(parents):
         raise MergeError(f"{len(weights)} weight(s) for {len(parents)} experts; give one weight per expert")
-    if method in LORA_METHODS and base_kind != "lora":
+    kind = get_expert_kind(base_kind)
+    if method in LORA_METHODS and kind.merge != "lora_factors":
         raise MergeError(f"method {method} merges LoRA factors; these are {base_kind} experts")
     spec = MergeSpec(method=method, weights=tuple(weights), density=density, seed=seed)
-    if base_kind == "lora":
+    if kind.merge == "lora_factors":
         check_lora_configs(
             [p.config.get("adapter_config") or {} for p in parents], [p.name for p in parents], method
         )
-    elif base_kind == "ffn_adapter" and len({p.config.get("hidden_size") for p in parents}) > 1:
-        sizes = ", ".join(f"{p.name}: {p.config.get('hidden_size')}" for p in parents)
-        raise MergeError(f"ffn adapters of different hidden sizes cannot be merged ({sizes})")
+    for field in kind.merge_config:
+        if len({json.dumps(p.config.get(field)) for p in parents}) > 1:
+            values = ", ".join(f"{p.name}: {p.config.get(field)}" for p in parents)
+            raise MergeError(f"{base_kind} experts with different {field} cannot be merged ({values})")
     return spec
 
 
@@ -136,38 +133,6 @@ def merge_signature(parents: Sequence[Expert], base_kind: str, spec: MergeSpec) 
         "params": {k: ([round(w, 9) for w in v] if k == "weights" else v) for k, v in spec.params().items()},
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-
-
-def write_merged_weights(
-    context: RegistryContext, parents: Sequence[Expert], base_kind: str, spec: MergeSpec, out_dir: Path
-) -> tuple[Path, dict[str, Any]]:
-    """Merge the parents' weights (fetched and verified from the artifact store) into a file in ``out_dir``.
-
-    Returns:
-        The file, and the config its kind's trainer loads it with (``kind`` is the base kind).
-
-    Raises:
-        MergeError: Different tensor names, shapes or ranks.
-    """
-    paths = [context.artifact_cache.fetch(p.artifact) for p in parents]
-    out = out_dir / WEIGHTS_FILES[base_kind]
-    first = parents[0].config
-    config: dict[str, Any] = {"kind": base_kind}
-    with open_readers(paths, [p.name for p in parents]) as readers:
-        if base_kind == "lora":
-            config["adapter_config"] = merge_lora(
-                readers, [p.config["adapter_config"] for p in parents], spec, out
-            )
-        else:
-            merge_tensor_files(readers, spec, out)
-            if base_kind == "full":
-                config["format"] = first.get("format", "task_vector")
-            else:
-                config["hidden_size"] = first["hidden_size"]
-    for field in ("backbone", "backbone_fingerprint"):
-        if first.get(field) is not None:
-            config[field] = first[field]
-    return out, config
 
 
 def _default_name(
@@ -207,12 +172,6 @@ def _union_entries(
     return entries
 
 
-def scratch_dir(context: RegistryContext) -> Path:
-    path = context.settings.cache_path / "tmp"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def merge_experts(
     context: RegistryContext,
     keys: Sequence[int | str],
@@ -249,8 +208,6 @@ def merge_experts(
 
     tuning = None
     if tune_on:
-        from elmreg.trainers.merge.tuning import tune_weights
-
         tuning = tune_weights(
             context,
             parents,
@@ -287,7 +244,7 @@ def merge_experts(
             "library": library,
             "merge_seconds": round(merge_seconds, 3),
         }
-        if base_kind == "lora":
+        if get_expert_kind(base_kind).merge == "lora_factors":
             params["peft_combination"] = peft_combination(spec.method)
         if tuning is not None:
             params["tuning"] = tuning
@@ -308,11 +265,9 @@ def merge_experts(
 
 __all__ = [
     "LIBRARY_MODES",
-    "MERGED_KIND",
     "MergeResult",
     "make_spec",
     "merge_experts",
     "merge_signature",
     "resolve_parents",
-    "write_merged_weights",
 ]

@@ -3,7 +3,7 @@
 A task vector is as large as the model, so N of them never fit in memory at once on the machines that trained
 them. The merge opens every parent's file lazily and walks the tensor names: it reads tensor ``t`` of each
 parent, merges those N tensors, writes the result into the output file (in safetensors layout, header first,
-see ``trainers.full.task_vector.write_streaming``) and lets them go before reading the next name. Peak memory
+see ``experts.full.task_vector.write_streaming``) and lets them go before reading the next name. Peak memory
 is one tensor per parent plus the merged tensor and PEFT's temporaries.
 
 Task arithmetic and DARE are element-wise, so large tensors (a 262k-token embedding is 63% of gemma-3-270m) are
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from elmreg.trainers.full.task_vector import write_streaming
-from elmreg.trainers.merge.methods import BLOCK_ELEMENTS, MergeError, MergeSpec, merge_tensors
+from elmreg.experts.full.task_vector import write_streaming
+from elmreg.merging.methods import BLOCK_ELEMENTS, MergeError, MergeSpec, merge_tensors
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 

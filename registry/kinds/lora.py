@@ -1,11 +1,12 @@
-"""Configuration of LoRA experts."""
+"""LoRA experts (PEFT), stored in PEFT's own format: their options and their declaration."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from elmreg.registry.errors import ConfigurationError
-from elmreg.trainers.base import TrainingConfig
+from elmreg.registry.kinds.config import TrainingConfig
+from elmreg.registry.kinds.kind import ExpertKind, register_expert_kind
 
 
 @dataclass
@@ -40,3 +41,17 @@ class LoraTrainingConfig(TrainingConfig):
             self.target_modules = list(self.target_modules)
         elif not isinstance(self.target_modules, str) or not self.target_modules:
             raise ConfigurationError("LoRA target_modules must be 'all-linear' or a non-empty list of names")
+
+
+LORA = register_expert_kind(
+    ExpertKind(
+        name="lora",
+        config_class=LoraTrainingConfig,
+        trainer="elmreg.trainers.lora:LoraTrainer",
+        loader="elmreg.experts.lora:LoraLoader",
+        weights_file="adapter_model.safetensors",
+        merge="lora_factors",
+        mixable=True,
+        warm_start=True,
+    )
+)

@@ -2,8 +2,8 @@
 
 Any number of workers on any number of machines share one catalogue: claiming uses ``FOR UPDATE SKIP LOCKED``,
 so each job goes to one worker; a worker that dies stops heartbeating, its lease expires and another worker
-re-claims the job. Handlers are plain functions per job kind, passed in by the caller (the CLI wires training
-from ``trainers`` and benchmarks from ``inference``), so this loop knows nothing about what a job does.
+re-claims the job. Handlers are plain functions per job kind (``jobs.handlers``: ``train``, ``benchmark``), so
+this loop knows nothing about what a job does.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import os
 import socket
 import threading
 import traceback
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from typing import Any
 
+from elmreg.jobs.context import JobContext, JobHandler, LeaseLost
+from elmreg.jobs.handlers import registered_handlers
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.errors import ElmregError, UserError, first_line
 from elmreg.registry.store.entities import Job
@@ -23,32 +25,6 @@ from elmreg.registry.store.entities import Job
 _log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_SECONDS = 300.0
-
-
-class LeaseLost(ElmregError):
-    """Another worker took the job over (our lease expired); stop without publishing anything."""
-
-
-@dataclass
-class JobContext:
-    """What a handler gets: the registry, its job, and a way to check it still owns the job."""
-
-    registry: RegistryContext
-    job: Job
-    worker: str
-    _lost: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def lease(self) -> tuple[int, str]:
-        return self.job.id, self.worker
-
-    def check_lease(self) -> None:
-        """Raise :class:`LeaseLost` if the heartbeat found the lease gone; call it at safe points."""
-        if self._lost.is_set():
-            raise LeaseLost(f"job {self.job.id} was taken over by another worker")
-
-
-JobHandler = Callable[[JobContext], None]
 
 
 def default_worker_name() -> str:
@@ -82,14 +58,20 @@ class Worker:
     def __init__(
         self,
         registry: RegistryContext,
-        handlers: Mapping[str, JobHandler],
+        handlers: Mapping[str, JobHandler] | None = None,
         *,
+        hooks: Any = None,
         name: str | None = None,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         retry_delay_seconds: float = 30.0,
     ):
+        """Args:
+        handlers: Handler per job kind; by default every registered one (``jobs.handlers.registered_handlers``).
+        hooks: Passed to handlers as ``JobContext.hooks``.
+        """
         self.registry = registry
-        self.handlers = dict(handlers)
+        self.handlers = dict(registered_handlers() if handlers is None else handlers)
+        self.hooks = hooks
         self.name = name or default_worker_name()
         self.lease_seconds = lease_seconds
         self.retry_delay_seconds = retry_delay_seconds
@@ -101,7 +83,7 @@ class Worker:
         )
         if job is None:
             return None
-        context = JobContext(self.registry, job, self.name)
+        context = JobContext(self.registry, job, self.name, self.hooks)
         heartbeat = _Heartbeat(context, self.lease_seconds)
         heartbeat.start()
         try:

@@ -14,11 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from elmreg.merging.pipeline import merge_experts
+from elmreg.merging.weights import Stage
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.errors import UserError
+from elmreg.registry.kinds import weights_kind
 from elmreg.registry.store.entities import Expert
-from elmreg.trainers.merge import weights_kind
-from elmreg.trainers.merge.pipeline import Stage, merge_experts
 
 
 class _Tally(Protocol):

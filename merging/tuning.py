@@ -17,13 +17,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from elmreg.experts import load_expert, unload_expert
 from elmreg.inference.evaluation import metric_score
 from elmreg.inference.scoring import answer
+from elmreg.merging.methods import MergeError, MergeSpec
+from elmreg.merging.weights import scratch_dir, write_merged_weights
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.examples import task_examples
 from elmreg.registry.store.entities import Expert, Task
-from elmreg.trainers import get_trainer
-from elmreg.trainers.merge.methods import MergeError, MergeSpec
 
 DEFAULT_GRID = (0.25, 0.5, 0.75, 1.0)
 # Each candidate is a merge plus an evaluation on every tuning task: beyond this, ask for a coarser grid.
@@ -69,10 +70,6 @@ def tune_weights(
     Raises:
         MergeError: No tasks, a task on another backbone or without examples in ``split``, or too big a grid.
     """
-    # Imported here: the pipeline module imports this one lazily, and the backbone cache lives there.
-    from elmreg.trainers.merge.pipeline import scratch_dir, write_merged_weights
-    from elmreg.trainers.pipeline import shared_backbone
-
     started = time.perf_counter()
     say = stage or (lambda message: None)
     if not tasks:
@@ -92,8 +89,7 @@ def tune_weights(
         )
         if not examples[task.name]:
             raise MergeError(f"task {task.name} has no examples in split '{split}' to tune on")
-    backbone = shared_backbone(context, context.catalogue.get_backbone(backbone_id).name)
-    trainer = get_trainer(base_kind)
+    backbone = context.backbones.get(context.catalogue.get_backbone(backbone_id).name)
     uniform = 1.0 / len(parents)
     table = []
     for number, weights in enumerate(candidates, 1):
@@ -102,7 +98,7 @@ def tune_weights(
             path, config = write_merged_weights(
                 context, parents, base_kind, replace(spec, weights=weights), Path(scratch)
             )
-            model = trainer.load_expert(backbone, path, config)
+            model = load_expert(backbone, path, config, kind=base_kind)
             try:
                 scores = {
                     task.name: metric_score(
@@ -113,7 +109,7 @@ def tune_weights(
                     for task in tasks
                 }
             finally:
-                trainer.unload(backbone, model)
+                unload_expert(backbone, model)
         mean = sum(scores.values()) / len(scores)
         table.append(
             {

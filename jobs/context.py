@@ -1,0 +1,45 @@
+"""What a job handler gets (:class:`JobContext`), and how it learns that another worker took its job over."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from elmreg.registry.context import RegistryContext
+from elmreg.registry.errors import ElmregError
+from elmreg.registry.store.entities import Job
+
+
+class LeaseLost(ElmregError):
+    """Another worker took the job over (our lease expired); stop without publishing anything."""
+
+
+@dataclass
+class JobContext:
+    """What a handler gets: the registry, its job, and a way to check it still owns the job.
+
+    Attributes:
+        hooks: How the worker's caller watches jobs (``trainers.pipeline.TrainingHooks`` for ``train`` jobs; the
+            CLI draws progress bars with them), or ``None``.
+    """
+
+    registry: RegistryContext
+    job: Job
+    worker: str
+    hooks: Any = None
+    _lost: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def lease(self) -> tuple[int, str]:
+        return self.job.id, self.worker
+
+    def check_lease(self) -> None:
+        """Raise :class:`LeaseLost` if the heartbeat found the lease gone; call it at safe points."""
+        if self._lost.is_set():
+            raise LeaseLost(f"job {self.job.id} was taken over by another worker")
+
+
+# handler(job): does the job; raising fails it (a UserError for good, anything else to be retried).
+JobHandler = Callable[[JobContext], None]
