@@ -11,13 +11,12 @@ import click
 
 from elmreg.cli import catalogue, demo, experiment, inference, library, merge
 from elmreg.cli.errors import ElmregGroup
-from elmreg.registry.settings import load_settings, setting_docs
 
 if TYPE_CHECKING:
     from elmreg.api import Registry
 
-# The registry's modules (SQLAlchemy, Alembic, the service launchers) are imported inside the commands that use
-# them, so that `elmreg --help` answers at once.
+# The registry's modules (settings and pydantic, SQLAlchemy, Alembic, the service launchers) are imported inside
+# the commands that use them, so that `elmreg --help` answers at once.
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -57,6 +56,7 @@ def cli(ctx: click.Context, home: str | None, device: str | None, debug: bool, q
       elmreg status           services, URLs, schema revision and catalogue counts
     """
     from elmreg.api import Registry
+    from elmreg.registry.settings import load_settings
 
     settings = load_settings(home=home, device=device)
     logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.WARNING))
@@ -242,6 +242,8 @@ def config_command() -> None:
 
     Example: elmreg config
     """
+    from elmreg.registry.settings import setting_docs
+
     for name, default, help_text in setting_docs():
         click.echo(f"{name:<30} {default or '(empty)':<40} {help_text}")
 
