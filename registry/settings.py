@@ -233,7 +233,8 @@ def _validated(build: Callable[[], Settings], origin: Callable[[str], str]) -> S
             message = f"unknown setting '{name}' in {origin(name)}; known: {known}"
         else:
             # A validator's ValueError says how to fix it; pydantic's own messages say what type is expected.
-            problem = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"].lower()
+            problem = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"]
+            problem = problem[:1].lower() + problem[1:]
             message = (
                 f"invalid setting '{name}' = {_shown(name, first['input'])} (from {origin(name)}): {problem}"
             )
@@ -257,7 +258,8 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     env = os.environ if environ is None else environ
     overrides = {name: value for name, value in overrides.items() if value is not None}
     # The config file's place depends on the home, so the home comes from the arguments or the environment only.
-    home = Path(str(overrides.get("home") or env.get(ENV_PREFIX + "HOME") or "~/.elmreg")).expanduser()
+    default_home = Settings.model_fields["home"].default
+    home = Path(str(overrides.get("home") or env.get(ENV_PREFIX + "HOME") or default_home)).expanduser()
     config_path = Path(env.get(ENV_PREFIX + "CONFIG") or home / "config.toml").expanduser()
     config = _config_file_source(config_path, explicit=bool(env.get(ENV_PREFIX + "CONFIG")))
 
