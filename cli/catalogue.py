@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import TYPE_CHECKING
 
 import click
 
-from elmreg.api import Registry
 from elmreg.cli.output import echo_json, echo_record, echo_table
+
+if TYPE_CHECKING:
+    # Only for annotations: the API's imports are loaded when the root command builds the Registry.
+    from elmreg.api import Registry
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")

@@ -14,15 +14,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from elmreg.api import Registry
 from elmreg.cli.output import echo_table
 from elmreg.cli.progress import evaluation_progress, is_quiet, training_progress
 from elmreg.registry.errors import UserError
 from elmreg.registry.sources import DatasetSpec
+
+if TYPE_CHECKING:
+    # Only for annotations: the API's imports are loaded when the root command builds the Registry.
+    from elmreg.api import Registry
 
 # Six BIG-bench multiple-choice tasks of clearly different skills, each small enough to train on 2 CPU cores in
 # well under a minute at K=64, and a seventh, held out, that the library has never seen.

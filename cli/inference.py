@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from elmreg.api import Registry
 from elmreg.cli.output import echo_json, echo_table
 from elmreg.cli.progress import evaluation_progress, is_quiet
 from elmreg.registry.audit import AUDIT_QUERIES, AUDIT_VIEWS
 from elmreg.registry.kinds import expert_row_kinds
 from elmreg.registry.prompts import PromptTemplate
-from elmreg.registry.report import FIGURES
 from elmreg.registry.sources import DatasetSpec
+
+if TYPE_CHECKING:
+    # Only for annotations: the API's imports are loaded when the root command builds the Registry.
+    from elmreg.api import Registry
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -251,6 +254,8 @@ def report(ctx: click.Context, out, as_json) -> None:
 
     Example: elmreg report --out report.html
     """
+    from elmreg.registry.report import FIGURES  # the report module reaches the catalogue: loaded only here
+
     written = _registry(ctx).report(out)
     if as_json:
         return echo_json(written)

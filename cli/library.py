@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import click
 
-from elmreg.api import Registry
 from elmreg.cli.output import echo_json, echo_table
 from elmreg.cli.progress import is_quiet, training_progress
 from elmreg.registry.kinds import trainable_kinds
+
+if TYPE_CHECKING:
+    # Only for annotations: the API's imports are loaded when the root command builds the Registry.
+    from elmreg.api import Registry
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 

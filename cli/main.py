@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import click
 
-from elmreg.api import Registry
 from elmreg.cli import catalogue, demo, experiment, inference, library, merge
 from elmreg.cli.errors import ElmregGroup
-from elmreg.registry.services import services_down, services_status, services_up
-from elmreg.registry.settings import load_settings, setting_docs
-from elmreg.registry.store import schema
+
+if TYPE_CHECKING:
+    from elmreg.api import Registry
+
+# The registry's modules (settings and pydantic, SQLAlchemy, Alembic, the service launchers) are imported inside
+# the commands that use them, so that `elmreg --help` answers at once.
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -52,6 +55,9 @@ def cli(ctx: click.Context, home: str | None, device: str | None, debug: bool, q
       elmreg db upgrade       create or migrate the catalogue schema
       elmreg status           services, URLs, schema revision and catalogue counts
     """
+    from elmreg.api import Registry
+    from elmreg.registry.settings import load_settings
+
     settings = load_settings(home=home, device=device)
     logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.WARNING))
     ctx.ensure_object(dict)
@@ -84,6 +90,8 @@ def services_up_command(ctx: click.Context) -> None:
 
     Example: elmreg services up
     """
+    from elmreg.registry.services import services_up
+
     _echo_services(services_up(_registry(ctx).settings))
 
 
@@ -94,6 +102,8 @@ def services_down_command(ctx: click.Context) -> None:
 
     Example: elmreg services down
     """
+    from elmreg.registry.services import services_down
+
     stopped = services_down(_registry(ctx).settings)
     click.echo("stopped: " + ", ".join(stopped) if stopped else "nothing was running")
 
@@ -106,6 +116,8 @@ def services_status_command(ctx: click.Context, as_json: bool) -> None:
 
     Example: elmreg services status --json
     """
+    from elmreg.registry.services import services_status
+
     rows = services_status(_registry(ctx).settings)
     if as_json:
         _print_json([asdict(r) for r in rows])
@@ -160,6 +172,8 @@ def db_current(ctx: click.Context) -> None:
 
     Example: elmreg db current
     """
+    from elmreg.registry.store import schema
+
     current = _registry(ctx).context.schema_revision()
     head = schema.head_revision()
     note = "up to date" if current == head else "run 'elmreg db upgrade'"
@@ -175,6 +189,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
     Starts the embedded servers if they are down. Example: elmreg status
     """
+    from elmreg.registry.services import services_status
+
     registry = _registry(ctx)
     endpoints = registry.context.endpoints
     rows = services_status(registry.settings)
@@ -221,6 +237,8 @@ def config_command() -> None:
 
     Example: elmreg config
     """
+    from elmreg.registry.settings import setting_docs
+
     for name, default, help_text in setting_docs():
         click.echo(f"{name:<30} {default or '(empty)':<40} {help_text}")
 

@@ -2,14 +2,42 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
 import click
 
-from elmreg.api import Registry
 from elmreg.cli.output import echo_json, echo_table
 from elmreg.cli.progress import is_quiet
-from elmreg.merging.methods import ALL_METHODS, MergeError
+
+if TYPE_CHECKING:
+    # Only for annotations: the API's imports are loaded when the root command builds the Registry.
+    from elmreg.api import Registry
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+class _LazyChoice(click.Choice):
+    """A ``click.Choice`` whose choices are read on first use: the merge methods live beside the merge code,
+    which imports torch and PEFT, and building the command tree must not (``elmreg --help`` starts instantly).
+    """
+
+    def __init__(self, load: Callable[[], Sequence[str]]):
+        self._load = load
+        self._choices: tuple[str, ...] | None = None
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        if self._choices is None:
+            self._choices = tuple(self._load())
+        return self._choices
+
+
+def _merge_methods() -> Sequence[str]:
+    from elmreg.merging.methods import ALL_METHODS
+
+    return ALL_METHODS
 
 
 def _numbers(value: str | None, option: str) -> list[float] | None:
@@ -18,6 +46,8 @@ def _numbers(value: str | None, option: str) -> list[float] | None:
     try:
         return [float(v) for v in value.split(",") if v.strip()]
     except ValueError:
+        from elmreg.merging.methods import MergeError
+
         # A UserError, not click's BadParameter: one line and exit code 2, like every other refused merge.
         raise MergeError(f"{option}: expected numbers separated by commas, got '{value}'") from None
 
@@ -27,7 +57,7 @@ def _numbers(value: str | None, option: str) -> list[float] | None:
 @click.option("--weights", help="λ per expert, comma-separated, in the order given (default 1/N each).")
 @click.option(
     "--method",
-    type=click.Choice(ALL_METHODS),
+    type=_LazyChoice(_merge_methods),
     default="task_arithmetic",
     show_default=True,
     help="PEFT merge: task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune; LoRA also linear, cat, svd.",

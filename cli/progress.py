@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -16,7 +17,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from elmreg.trainers.pipeline import TrainingHooks
+if TYPE_CHECKING:
+    from elmreg.trainers.pipeline import TrainingHooks
 
 
 def is_quiet(ctx: click.Context, local: bool = False) -> bool:
@@ -27,6 +29,9 @@ def is_quiet(ctx: click.Context, local: bool = False) -> bool:
 @contextmanager
 def training_progress(quiet: bool = False) -> Iterator[TrainingHooks]:
     """Hooks that show each stage as a line and training steps as a bar with the running loss."""
+    # Here, not at the top: the training pipeline imports torch, and every verb imports this module.
+    from elmreg.trainers.pipeline import TrainingHooks
+
     if quiet:
         yield TrainingHooks()
         return

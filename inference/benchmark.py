@@ -19,6 +19,7 @@ from elmreg.inference.evaluation import Evaluator
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.errors import UserError
 from elmreg.registry.store.entities import Task
+from elmreg.registry.templating import render
 
 
 @dataclass
@@ -158,52 +159,45 @@ def _finish(context: RegistryContext, run_id: int, status: str, report: Benchmar
 
 
 def write_report(context: RegistryContext, report: BenchmarkReport, out_dir: Path | None = None) -> Path:
-    """``report.md`` plus ``heatmap.png`` (expert x task scores) in ``out_dir`` (default: HOME/reports/run-N)."""
+    """``report.md`` (``templates/benchmark.md.j2``) plus ``heatmap.png`` (expert x task scores) in ``out_dir``
+    (default: HOME/reports/benchmark-N)."""
+    out_dir = out_dir or context.settings.home / "reports" / f"benchmark-{report.run_id}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if report.matrix:
+        _draw_heatmap(report, out_dir / "heatmap.png")
+    path = out_dir / "report.md"
+    path.write_text(
+        render(
+            "elmreg.inference", "benchmark.md.j2", filters={"score": _score}, report=report, nan=float("nan")
+        )
+    )
+    return path
+
+
+def _score(value: float) -> str:
+    return f"{value:.1f}"
+
+
+def _draw_heatmap(report: BenchmarkReport, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
 
-    out_dir = out_dir or context.settings.home / "reports" / f"benchmark-{report.run_id}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lines = [f"# elmreg benchmark run {report.run_id}", ""]
-    if report.matrix:
-        experts = list(report.matrix)
-        tasks = report.tasks
-        values = [[report.matrix[e].get(t, float("nan")) for t in tasks] for e in experts]
-        figure, axis = plt.subplots(figsize=(1.2 + 0.9 * len(tasks), 1.0 + 0.5 * len(experts)))
-        image = axis.imshow(values, cmap="viridis", aspect="auto")
-        axis.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
-        axis.set_yticks(range(len(experts)), experts)
-        for i, row in enumerate(values):
-            for j, value in enumerate(row):
-                axis.text(j, i, f"{value:.0f}", ha="center", va="center", color="white", fontsize=8)
-        figure.colorbar(image, ax=axis, label="score")
-        axis.set_xlabel("task (validation split)")
-        axis.set_ylabel("expert")
-        axis.set_title("new experts x tasks")
-        figure.tight_layout()
-        figure.savefig(out_dir / "heatmap.png", dpi=120)
-        plt.close(figure)
-        lines += ["## New experts x tasks", "", "![expert x task scores](heatmap.png)", ""]
-        lines += ["| expert | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-        lines += [
-            f"| {e} | " + " | ".join(f"{report.matrix[e].get(t, float('nan')):.1f}" for t in tasks) + " |"
-            for e in experts
-        ]
-        lines.append("")
-    else:
-        lines += ["No new expert shares a backbone with the suite's tasks.", ""]
-    lines += [
-        "## RoE vs oracle vs base",
-        "",
-        "| task | RoE | RoE expert | oracle | base |",
-        "|---|---|---|---|---|",
-    ]
-    for task, row in report.routes.items():
-        lines.append(
-            f"| {task} | {row['roe']:.1f} | {row['roe_expert']} | {row['oracle']:.1f} | {row['base']:.1f} |"
-        )
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    experts = list(report.matrix)
+    tasks = report.tasks
+    values = [[report.matrix[e].get(t, float("nan")) for t in tasks] for e in experts]
+    figure, axis = plt.subplots(figsize=(1.2 + 0.9 * len(tasks), 1.0 + 0.5 * len(experts)))
+    image = axis.imshow(values, cmap="viridis", aspect="auto")
+    axis.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
+    axis.set_yticks(range(len(experts)), experts)
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            axis.text(j, i, f"{value:.0f}", ha="center", va="center", color="white", fontsize=8)
+    figure.colorbar(image, ax=axis, label="score")
+    axis.set_xlabel("task (validation split)")
+    axis.set_ylabel("expert")
+    axis.set_title("new experts x tasks")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,24 +1,28 @@
 """``elmreg report``: one self-contained HTML page about the library, its routing decisions and benchmarks.
 
 Every figure is a matplotlib PNG embedded as a data URI, so the file can be mailed or attached to a CI run and
-opens anywhere without the registry. The page reads the catalogue only through SQL that an auditor could run too
-(the audit views for routing), so what it shows is what ``psql`` shows.
+opens anywhere without the registry. The page reads the catalogue through its stores, routing decisions through the
+audit views, so what it shows is what an auditor sees in ``psql``.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
-import html
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from elmreg.registry.context import RegistryContext
+from elmreg.registry.templating import render
 
-# Figure ids, in page order; a test checks that the page holds every one of them.
-FIGURES = ("library-growth", "benchmark-heatmap", "routing-margins", "training-loss")
+
+class Figure(NamedTuple):
+    """One section of the page: its PNG (base64; None when there is nothing to draw) and what its tables show."""
+
+    png: str | None
+    data: dict[str, Any]
 
 
 @dataclass
@@ -47,11 +51,11 @@ def _pyplot():
     return plt
 
 
-# -- the figures: each returns (png as base64 or None, an HTML table or note) ---------------------------------
-def _library_growth(context: RegistryContext) -> tuple[str | None, str]:
+# -- the figures: each returns its Figure; templates/report.html.j2 lays out its tables or says why it is empty --
+def _library_growth(context: RegistryContext) -> Figure:
     changes = context.library.history()
     if not changes:
-        return None, "<p class=note>The library is empty: no expert has been published yet.</p>"
+        return Figure(None, {"changes": []})
     versions, experts, entries = [0], [0], [0]
     for row in changes:
         sign = 1 if row.change == "added" else -1
@@ -71,23 +75,13 @@ def _library_growth(context: RegistryContext) -> tuple[str | None, str]:
     right.step(versions, entries, where="post", color="tab:orange", linestyle="--", label="library entries")
     right.set_ylabel("library entries", color="tab:orange")
     left.set_title("Library growth")
-    table = _table(
-        ["version", "change", "expert", "kind", "entries", "when"],
-        [
-            [r.version, r.change, r.expert_name, r.expert_kind, r.entries, _when(r.created_at)]
-            for r in changes
-        ],
-    )
-    return _png(figure), table
+    return Figure(_png(figure), {"changes": changes})
 
 
-def _benchmark_heatmap(context: RegistryContext) -> tuple[str | None, str]:
+def _benchmark_heatmap(context: RegistryContext) -> Figure:
     latest = context.evaluations.latest_benchmark_scores()
     if latest is None:
-        return (
-            None,
-            "<p class=note>No benchmark has run yet: <code>elmreg benchmark</code> fills this in.</p>",
-        )
+        return Figure(None, {"run": None})
     run, cells = latest
     tasks = sorted({c.task for c in cells})
     matrix: dict[str, dict[str, float]] = {}
@@ -99,16 +93,9 @@ def _benchmark_heatmap(context: RegistryContext) -> tuple[str | None, str]:
             routes[c.task][c.route] = c.score
             if c.route == "roe":
                 routes[c.task]["roe_expert"] = c.expert
-    route_table = _table(
-        ["task", "RoE", "RoE expert", "oracle", "base"],
-        [
-            [t, _score(r.get("roe")), r.get("roe_expert", ""), _score(r.get("oracle")), _score(r.get("base"))]
-            for t, r in routes.items()
-        ],
-    )
-    caption = f"<p>Benchmark run {run.id} ({_when(run.started_at)}).</p>"
+    data = {"run": run, "routes": routes}
     if not matrix:
-        return None, caption + "<p class=note>That run had no new expert to score.</p>" + route_table
+        return Figure(None, data)
     experts = sorted(matrix)
     values = [[matrix[e].get(t, float("nan")) for t in tasks] for e in experts]
     plt = _pyplot()
@@ -124,17 +111,17 @@ def _benchmark_heatmap(context: RegistryContext) -> tuple[str | None, str]:
     axis.set_xlabel("task")
     axis.set_ylabel("expert")
     axis.set_title("Expert x task scores (latest benchmark)")
-    return _png(figure), caption + route_table
+    return Figure(_png(figure), data)
 
 
-def _routing_margins(context: RegistryContext) -> tuple[str | None, str]:
+def _routing_margins(context: RegistryContext) -> Figure:
     decisions = context.audit.audit_rows(
         "audit_decisions", order_by="decision_id", filters={}, limit=None, descending=False
     )
     for d in decisions:
         d["task"] = d["task"] or d["caller_label"] or "(unlabelled)"
     if not decisions:
-        return None, "<p class=note>No routing decision yet: <code>elmreg route</code> records one.</p>"
+        return Figure(None, {"decisions": []})
     tasks = sorted({d["task"] for d in decisions})
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 1.4 + 0.45 * len(tasks)))
@@ -145,73 +132,49 @@ def _routing_margins(context: RegistryContext) -> tuple[str | None, str]:
     axis.set_xlim(0, 1.02)
     axis.set_xlabel("vote margin (winner - runner-up) / Q")
     axis.set_title("Routing decisions per task")
-    recent = decisions[-30:]
-    table = _table(
-        ["decision", "when", "task", "chosen", "votes", "runner-up", "margin", "version", "ms"],
-        [
-            [
-                d["decision_id"],
-                _when(d["created_at"]),
-                d["task"],
-                d["chosen_expert"],
-                f"{d['winner_votes']}/{d['q']}",
-                f"{d['runner_up_expert'] or '-'} ({d['runner_up_votes']})",
-                d["vote_margin"],
-                d["library_version"],
-                d["latency_ms"],
-            ]
-            for d in reversed(recent)
-        ],
-    )
-    note = f"<p>The {len(recent)} most recent of {len(decisions)} decisions (view <code>audit_decisions</code>).</p>"
-    return _png(figure), note + table
+    return Figure(_png(figure), {"decisions": decisions, "recent": list(reversed(decisions[-30:]))})
 
 
-def _training_loss(context: RegistryContext) -> tuple[str | None, str]:
-    runs = context.jobs.list_training_runs(status="succeeded")
-    curves = [r for r in runs if r.metrics.get("loss_per_step")]
-    if not curves:
-        return None, "<p class=note>No finished training run with a loss curve yet.</p>"
+def _training_loss(context: RegistryContext) -> Figure:
     task_names = {t.id: t.name for t in context.catalogue.list_tasks()}
     expert_names = {e.id: e.name for e in context.catalogue.list_experts()}
+    curves = [
+        {
+            "id": r.id,
+            "task": task_names[r.task_id],
+            "expert": expert_names.get(r.expert_id),
+            "metrics": r.metrics,
+            "finished_at": r.finished_at,
+        }
+        for r in context.jobs.list_training_runs(status="succeeded")
+        if r.metrics.get("loss_per_step")
+    ]
+    if not curves:
+        return Figure(None, {"curves": []})
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 3.4))
     for run in curves:
-        losses = run.metrics["loss_per_step"]
-        label = expert_names.get(run.expert_id) or task_names[run.task_id]
-        axis.plot(range(1, len(losses) + 1), losses, label=label, linewidth=1.2)
+        losses = run["metrics"]["loss_per_step"]
+        axis.plot(range(1, len(losses) + 1), losses, label=run["expert"] or run["task"], linewidth=1.2)
     axis.set_xlabel("optimiser step")
     axis.set_ylabel("target-token loss")
     axis.set_title("Training loss")
     if len(curves) <= 12:
         axis.legend(fontsize=7, ncol=2)
-    table = _table(
-        ["run", "expert", "task", "steps", "final loss", "seconds", "finished"],
-        [
-            [
-                r.id,
-                expert_names.get(r.expert_id),
-                task_names[r.task_id],
-                r.metrics.get("steps"),
-                r.metrics.get("final_loss"),
-                r.metrics.get("seconds"),
-                _when(r.finished_at),
-            ]
-            for r in curves
-        ],
-    )
-    return _png(figure), table
+    return Figure(_png(figure), {"curves": curves})
 
 
-SECTIONS = {
-    "library-growth": ("Library growth", _library_growth),
-    "benchmark-heatmap": ("Latest benchmark: expert x task, RoE vs oracle vs base", _benchmark_heatmap),
-    "routing-margins": ("Routing decisions and vote margins", _routing_margins),
-    "training-loss": ("Training loss curves", _training_loss),
+# Figure id -> its builder, in page order (the template gives each section its title and tables).
+BUILDERS = {
+    "library-growth": _library_growth,
+    "benchmark-heatmap": _benchmark_heatmap,
+    "routing-margins": _routing_margins,
+    "training-loss": _training_loss,
 }
+# A test checks that the page holds every one of them.
+FIGURES = tuple(BUILDERS)
 
 
-# -- HTML ------------------------------------------------------------------------------------------------------
 def _when(value: dt.datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M") if value else ""
 
@@ -220,49 +183,22 @@ def _score(value: float | None) -> str:
     return "" if value is None else f"{value:.1f}"
 
 
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape('' if c is None else str(c))}</td>" for c in row) + "</tr>"
-        for row in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 980px; margin: 2em auto; padding: 0 1em; color: #222; }
-h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
-table { border-collapse: collapse; font-size: 0.85em; margin: 0.8em 0; }
-th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; }
-th { background: #f4f4f4; } img { max-width: 100%; } .note { color: #777; font-style: italic; }
-.summary span { display: inline-block; margin-right: 1.5em; }
-"""
-
-
 def write_report(context: RegistryContext, out: Path) -> Report:
-    """Write the HTML report to ``out`` and return which figures it holds."""
+    """Write the HTML report (``templates/report.html.j2``) to ``out`` and return which figures it holds."""
     summary = context.audit.summary()
-    report = Report(path=out, counts=dict(summary.row_counts))
-    sections = []
-    for figure_id, (title, build) in SECTIONS.items():
-        png, body = build(context)
-        if png is not None:
-            report.figures.append(figure_id)
-            image = f'<img id="{figure_id}" alt="{html.escape(title)}" src="data:image/png;base64,{png}">'
-        else:
-            image = ""
-        sections.append(f"<section><h2>{html.escape(title)}</h2>{image}{body}</section>")
-    counts = "".join(
-        f"<span><b>{html.escape(name)}</b> {value}</span>" for name, value in summary.row_counts.items()
+    figures = {figure_id: build(context) for figure_id, build in BUILDERS.items()}
+    page = render(
+        "elmreg.registry",
+        "report.html.j2",
+        filters={"when": _when, "score": _score},
+        summary=summary,
+        figures=figures,
+        written=dt.datetime.now(dt.UTC),
     )
-    page = (
-        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
-        "<title>elmreg report</title>"
-        f"<style>{STYLE}</style></head><body>"
-        "<h1>elmreg report</h1>"
-        f"<p>Library version {summary.library_version}, schema {html.escape(str(summary.schema_revision))},"
-        f" written {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}.</p>"
-        f"<p class=summary>{counts}</p>" + "".join(sections) + "</body></html>\n"
+    report = Report(
+        path=out,
+        figures=[figure_id for figure_id, figure in figures.items() if figure.png is not None],
+        counts=dict(summary.row_counts),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(out.name + ".tmp")

@@ -1,8 +1,10 @@
-"""Every setting elmreg reads, declared once.
+"""Every setting elmreg reads, declared once (a field of :class:`Settings` with a one-line description).
 
-Values come from, in order of precedence: ``ELMREG_*`` environment variables, then the optional TOML config
-file (``$ELMREG_HOME/config.toml`` unless ``ELMREG_CONFIG`` names another), then the defaults below. This is
-the only module that reads ``os.environ``; everything else receives a :class:`Settings`.
+Values come from, in order of precedence: keyword overrides (CLI options such as ``--home``), ``ELMREG_*``
+environment variables, the optional TOML config file (``$ELMREG_HOME/config.toml`` unless ``ELMREG_CONFIG``
+names another), then the defaults below. pydantic-settings merges those sources and pydantic validates the
+result; a bad value is a :class:`ConfigurationError` of one line naming the setting, where it came from and what
+to write instead. This is the only module that reads ``os.environ``; everything else receives a :class:`Settings`.
 
 The config file uses the setting names without the prefix, in lower case::
 
@@ -13,62 +15,132 @@ The config file uses the setting names without the prefix, in lower case::
 
 from __future__ import annotations
 
-import dataclasses
 import os
+import re
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from elmreg.registry.errors import ConfigurationError
 
 ENV_PREFIX = "ELMREG_"
 DEFAULT_BACKBONE = "google/gemma-3-270m"
 DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
+# Not a field: it says where the other settings are read from. (name, default, help) as in setting_docs().
+CONFIG_SETTING = (ENV_PREFIX + "CONFIG", "HOME/config.toml", "Path of the optional TOML config file.")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+# The environment and config-file sources of the load_settings() call in progress. BaseSettings asks its class
+# for sources (settings_customise_sources), so they are handed over here; a ContextVar keeps threads apart.
+_loading_sources: ContextVar[tuple[PydanticBaseSettingsSource, ...]] = ContextVar(
+    "elmreg_settings_sources", default=()
+)
 
 
-def _setting(default: Any, doc: str) -> Any:
-    return field(default=default, metadata={"help": doc})
+class Settings(BaseSettings):
+    """elmreg's configuration. Build it with :func:`load_settings`; ``Settings(...)`` itself only validates the
+    values it is given. Each field's ``description`` is its documentation (``elmreg config`` lists them)."""
 
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", validate_default=True)
 
-@dataclass(frozen=True)
-class Settings:
-    """elmreg's configuration. Build it with :func:`load_settings`; each field's ``help`` is its documentation."""
-
-    home: Path = _setting(
-        Path("~/.elmreg"), "Directory for embedded service data, caches and the config file."
+    home: Path = Field(
+        Path("~/.elmreg"), description="Directory for embedded service data, caches and the config file."
     )
-    database_url: str = _setting(
-        "", "SQLAlchemy URL of a PostgreSQL with pgvector >= 0.6. Empty: the embedded PostgreSQL."
+    database_url: str = Field(
+        "", description="SQLAlchemy URL of a PostgreSQL with pgvector >= 0.6. Empty: the embedded PostgreSQL."
     )
-    s3_endpoint_url: str = _setting(
-        "", "S3 API endpoint (MinIO, SeaweedFS, AWS). Empty: the embedded SeaweedFS server."
+    s3_endpoint_url: str = Field(
+        "", description="S3 API endpoint (MinIO, SeaweedFS, AWS). Empty: the embedded SeaweedFS server."
     )
-    s3_bucket: str = _setting("elmreg", "Bucket holding expert weights.")
-    s3_prefix: str = _setting("", "Key prefix inside the bucket, e.g. 'team-a/'.")
-    s3_region: str = _setting("us-east-1", "S3 region name (any value works for MinIO and SeaweedFS).")
-    s3_access_key_id: str = _setting(
-        "", "S3 access key. Empty with the embedded server: a key generated at first start."
+    s3_bucket: str = Field("elmreg", description="Bucket holding expert weights.")
+    s3_prefix: str = Field("", description="Key prefix inside the bucket, e.g. 'team-a/'.")
+    s3_region: str = Field(
+        "us-east-1", description="S3 region name (any value works for MinIO and SeaweedFS)."
     )
-    s3_secret_access_key: str = _setting(
-        "", "S3 secret key. Empty with the embedded server: a key generated at first start."
+    s3_access_key_id: str = Field(
+        "", description="S3 access key. Empty with the embedded server: a key generated at first start."
     )
-    cache_dir: Path | None = _setting(
-        None, "Cache for downloaded weights, converted backbones and datasets. Default: HOME/cache."
+    s3_secret_access_key: str = Field(
+        "", description="S3 secret key. Empty with the embedded server: a key generated at first start."
     )
-    embedder: str = _setting(
-        DEFAULT_EMBEDDER, "Sentence-transformers model for library samples and queries (name or path)."
+    cache_dir: Path | None = Field(
+        None,
+        description="Cache for downloaded weights, converted backbones and datasets. Default: HOME/cache.",
     )
-    backbone: str = _setting(
-        DEFAULT_BACKBONE, "Default backbone for new tasks: Hugging Face hub id or local path."
+    embedder: str = Field(
+        DEFAULT_EMBEDDER,
+        description="Sentence-transformers model for library samples and queries (name or path).",
     )
-    device: str = _setting("auto", "Torch device for training and inference: auto, cpu, cuda, cuda:N.")
-    manifest_dir: str = _setting(
+    backbone: str = Field(
+        DEFAULT_BACKBONE, description="Default backbone for new tasks: Hugging Face hub id or local path."
+    )
+    device: str = Field(
+        "auto", description="Torch device for training and inference: auto, cpu, cuda, cuda:N."
+    )
+    manifest_dir: str = Field(
         "",
-        "Folder of task manifests (YAML lists of add-task specs) for nightly ingestion. Default: HOME/manifests.",
+        description="Folder of task manifests (YAML lists of add-task specs) for nightly ingestion. Default: HOME/manifests.",
     )
-    log_level: str = _setting("WARNING", "Python logging level of elmreg's own loggers.")
+    log_level: str = Field("WARNING", description="Python logging level of elmreg's own loggers.")
+
+    @field_validator("home", "cache_dir")
+    @classmethod
+    def _expand_user(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgresql_url(cls, value: str) -> str:
+        if value and not value.startswith("postgresql"):
+            raise ValueError(
+                "use a PostgreSQL URL such as postgresql+psycopg://user@host/db, or nothing for the embedded server"
+            )
+        return value
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not re.match(r"https?://", value):
+            raise ValueError("use an http:// or https:// URL, or nothing for the embedded server")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _torch_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("use auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _logging_level(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"use one of {', '.join(LOG_LEVELS)}")
+        return value.upper()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Arguments win; then what load_settings() found. No .env file and no secrets directory: elmreg reads
+        # exactly the environment and the one config file it documents.
+        return (init_settings, *_loading_sources.get())
 
     @property
     def cache_path(self) -> Path:
@@ -87,24 +159,86 @@ class Settings:
         return not self.s3_endpoint_url
 
     def replace(self, **changes: Any) -> Settings:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` applied and validated (the environment and config file are not read again).
+
+        Raises:
+            ConfigurationError: A changed value is invalid or names no setting.
+        """
+        return _validated(lambda: type(self)(**{**dict(self), **changes}), lambda name: "the arguments")
+
+
+class _EnvironSource(PydanticBaseSettingsSource):
+    """The ``ELMREG_<NAME>`` variables of one environment mapping; an empty variable counts as unset."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]):
+        super().__init__(settings_cls)
+        self.environ = environ
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.environ.get(ENV_PREFIX + field_name.upper()) or None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values = {}
+        for name, field in self.settings_cls.model_fields.items():
+            value, key, _ = self.get_field_value(field, name)
+            if value is not None:
+                values[key] = value
+        return values
 
 
 def setting_docs() -> list[tuple[str, str, str]]:
     """Return ``(ENV_NAME, default, help)`` for every setting, for docs and ``--help`` output."""
-    rows = [(ENV_PREFIX + "CONFIG", "HOME/config.toml", "Path of the optional TOML config file.")]
-    for f in dataclasses.fields(Settings):
-        default = "" if f.default is None else str(f.default)
-        rows.append((ENV_PREFIX + f.name.upper(), default, f.metadata["help"]))
+    rows = [CONFIG_SETTING]
+    for name, field in Settings.model_fields.items():
+        default = "" if field.default is None else str(field.default)
+        rows.append((ENV_PREFIX + name.upper(), default, field.description or ""))
     return rows
 
 
-def _coerce(name: str, raw: Any, target: Any) -> Any:
-    if target in (Path, "Path", "Path | None"):
-        return Path(str(raw)).expanduser()
-    if not isinstance(raw, str):
-        raise ConfigurationError(f"setting '{name}' must be a string, got {raw!r}")
-    return raw
+def _config_file_source(path: Path, explicit: bool) -> TomlConfigSettingsSource | None:
+    if not path.is_file():
+        if explicit:
+            raise ConfigurationError(f"{ENV_PREFIX}CONFIG points to {path}, which is not a file")
+        return None
+    try:
+        source = TomlConfigSettingsSource(Settings, toml_file=path)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigurationError(f"cannot read config file {path}: {exc}") from exc
+    if "home" in source.toml_data:
+        raise ConfigurationError(
+            f"'home' cannot be set in {path}, which is read from the home: set {ENV_PREFIX}HOME or --home instead"
+        )
+    return source
+
+
+def _shown(name: str, value: Any) -> str:
+    """A value as an error message may show it: never a secret, nor the password inside a URL."""
+    if name in ("s3_access_key_id", "s3_secret_access_key"):
+        return "(hidden)"
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", repr(value))
+
+
+def _validated(build: Callable[[], Settings], origin: Callable[[str], str]) -> Settings:
+    """``build()``, with pydantic's validation errors turned into one line that names the setting, where its
+    value came from (``origin(name)``) and what to write instead."""
+    try:
+        return build()
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        name = str(first["loc"][0]) if first["loc"] else "?"
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        if first["type"] == "extra_forbidden":
+            known = ", ".join(n for n in Settings.model_fields if n != "home")
+            message = f"unknown setting '{name}' in {origin(name)}; known: {known}"
+        else:
+            # A validator's ValueError says how to fix it; pydantic's own messages say what type is expected.
+            problem = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"]
+            problem = problem[:1].lower() + problem[1:]
+            message = (
+                f"invalid setting '{name}' = {_shown(name, first['input'])} (from {origin(name)}): {problem}"
+            )
+        raise ConfigurationError(message + more) from None
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -112,42 +246,33 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
 
     Args:
         environ: The environment to read; ``os.environ`` when None (tests pass their own mapping).
-        **overrides: Field values that win over everything else (used by CLI options such as ``--home``).
+        **overrides: Field values that win over everything else (used by CLI options such as ``--home``);
+            None means "not given".
 
     Returns:
         The frozen settings.
 
     Raises:
-        ConfigurationError: The config file is unreadable or names an unknown setting.
+        ConfigurationError: The config file is unreadable or names an unknown setting, or a value is invalid.
     """
     env = os.environ if environ is None else environ
-    fields = {f.name: f for f in dataclasses.fields(Settings)}
-    values: dict[str, Any] = {}
-
-    home_raw = overrides.get("home") or env.get(ENV_PREFIX + "HOME") or str(Settings.home)
-    home = Path(str(home_raw)).expanduser()
+    overrides = {name: value for name, value in overrides.items() if value is not None}
+    # The config file's place depends on the home, so the home comes from the arguments or the environment only.
+    default_home = Settings.model_fields["home"].default
+    home = Path(str(overrides.get("home") or env.get(ENV_PREFIX + "HOME") or default_home)).expanduser()
     config_path = Path(env.get(ENV_PREFIX + "CONFIG") or home / "config.toml").expanduser()
-    if config_path.is_file():
-        try:
-            file_values = tomllib.loads(config_path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigurationError(f"cannot read config file {config_path}: {exc}") from exc
-        for key, raw in file_values.items():
-            if key not in fields or key == "home":
-                raise ConfigurationError(
-                    f"unknown setting '{key}' in {config_path}; known: {', '.join(sorted(set(fields) - {'home'}))}"
-                )
-            values[key] = _coerce(key, raw, fields[key].type)
-    elif ENV_PREFIX + "CONFIG" in env:
-        raise ConfigurationError(f"{ENV_PREFIX}CONFIG points to {config_path}, which is not a file")
+    config = _config_file_source(config_path, explicit=bool(env.get(ENV_PREFIX + "CONFIG")))
 
-    for name, f in fields.items():
-        raw = env.get(ENV_PREFIX + name.upper())
-        if raw is not None and raw != "":
-            values[name] = _coerce(name, raw, f.type)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    values["home"] = home
-    unknown = set(values) - set(fields)
-    if unknown:
-        raise ConfigurationError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-    return Settings(**values)
+    def origin(name: str) -> str:
+        if name in overrides:
+            return "the arguments"
+        if env.get(ENV_PREFIX + name.upper()):
+            return ENV_PREFIX + name.upper()
+        return str(config_path) if config is not None and name in config.toml_data else "the defaults"
+
+    sources = (_EnvironSource(Settings, env), *([config] if config is not None else []))
+    token = _loading_sources.set(sources)
+    try:
+        return _validated(lambda: Settings(**overrides), origin)
+    finally:
+        _loading_sources.reset(token)

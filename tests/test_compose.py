@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
@@ -27,7 +26,7 @@ def test_services_and_images():
 
 def test_elmreg_environment_names_are_settings_and_point_at_the_services():
     compose = _compose()
-    known = {"ELMREG_" + f.name.upper() for f in dataclasses.fields(Settings)}
+    known = {"ELMREG_" + name.upper() for name in Settings.model_fields}
     for name in ("worker", "scheduler", "migrate"):
         env = compose["services"][name]["environment"]
         assert set(env) <= known, f"{name} uses unknown settings {set(env) - known}"

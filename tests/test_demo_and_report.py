@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import base64
+import datetime
 from html.parser import HTMLParser
+from types import SimpleNamespace
 
 from click.testing import CliRunner
 from conftest import lab_environ
 from sqlalchemy import text
 
 from elmreg.cli.main import cli
-from elmreg.registry.report import FIGURES
+from elmreg.registry.report import FIGURES, Figure
+from elmreg.registry.templating import render
 
 
 class _PageParser(HTMLParser):
@@ -142,3 +145,34 @@ def test_report_draws_every_figure_from_the_catalogue(lab, tmp_path):
     html = written.path.read_text()
     # Tables carry the figures' numbers: both experts, their routing decisions and loss runs.
     assert html.count("<td>colours</td>") >= 3 and "audit_decisions" in html
+
+
+def test_report_template_escapes_catalogue_text():
+    figures = {figure_id: Figure(None, {}) for figure_id in FIGURES}
+    figures["library-growth"] = Figure(
+        None,
+        {
+            "changes": [
+                {
+                    "version": 1,
+                    "change": "added",
+                    "expert_name": "<b>x</b>",
+                    "expert_kind": "lora",
+                    "entries": 3,
+                }
+            ]
+        },
+    )
+    figures["benchmark-heatmap"] = Figure(None, {"run": None})
+    figures["routing-margins"] = Figure(None, {"decisions": []})
+    figures["training-loss"] = Figure(None, {"curves": []})
+    summary = SimpleNamespace(library_version=1, schema_revision="0002", row_counts={"tasks": 1})
+    page = render(
+        "elmreg.registry",
+        "report.html.j2",
+        filters={"when": lambda value: "", "score": str},
+        summary=summary,
+        figures=figures,
+        written=datetime.datetime(2026, 1, 1),
+    )
+    assert "<td>&lt;b&gt;x&lt;/b&gt;</td>" in page and "<b>x</b>" not in page

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -13,7 +14,7 @@ from elmreg.cli.main import cli
 from elmreg.experiments import compare_predictions, list_presets, load_config
 from elmreg.experiments.config import config_from_mapping
 from elmreg.experiments.harness import ExperimentResult, run_experiment
-from elmreg.experiments.report import SECTION_TITLES
+from elmreg.experiments.report import SECTION_TITLES, markdown
 from elmreg.registry.errors import ConfigurationError, UserError
 
 FAST = {"epochs": 1, "learning_rate": 1e-3, "batch_size": 8}
@@ -185,3 +186,11 @@ def test_presets_and_cli(lab, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "r" / "results.md").is_file() and "wrote" in result.output
+
+
+def test_committed_results_md_is_the_template_rendering_of_results_json():
+    # Any change to templates/results.md.j2 that alters the committed report shows here, byte for byte.
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "paper" / "results" / "cpu-small"
+    assert (
+        markdown(json.loads((results / "results.json").read_text())) == (results / "results.md").read_text()
+    )

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from elmreg.registry.artifacts.base import ArtifactRepository, StoredObject, sha256_file
-from elmreg.registry.artifacts.s3 import S3ArtifactRepository
 from elmreg.registry.errors import ConfigurationError
 from elmreg.registry.services import Endpoints
 from elmreg.registry.store.entities import StoredArtifact
+
+if TYPE_CHECKING:
+    from elmreg.registry.artifacts.s3 import S3ArtifactRepository
 
 __all__ = [
     "ArtifactCache",
@@ -24,6 +27,9 @@ __all__ = [
 
 def open_artifact_repository(endpoints: Endpoints, *, create_bucket: bool = True) -> ArtifactRepository:
     """The repository for the configured object store (any S3 API: the ``s3://`` scheme)."""
+    # boto3 takes a noticeable share of start-up and verbs that only read the catalogue never touch S3.
+    from elmreg.registry.artifacts.s3 import S3ArtifactRepository
+
     repository = S3ArtifactRepository(
         bucket=endpoints.s3_bucket,
         prefix=endpoints.s3_prefix,
@@ -35,6 +41,15 @@ def open_artifact_repository(endpoints: Endpoints, *, create_bucket: bool = True
     if create_bucket:
         repository.ensure_bucket()
     return repository
+
+
+def __getattr__(name: str):
+    # The public re-export of S3ArtifactRepository, loaded (with boto3) on first use.
+    if name == "S3ArtifactRepository":
+        from elmreg.registry.artifacts.s3 import S3ArtifactRepository
+
+        return S3ArtifactRepository
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ArtifactCache:
