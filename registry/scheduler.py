@@ -1,4 +1,4 @@
-"""``elmreg scheduler``: the clock of the registry (APScheduler 3, job store in the catalogue database).
+"""``elmreg scheduler``: the clock of the registry (APScheduler 3).
 
 It only *enqueues* work; workers do it. Three schedules:
 
@@ -8,7 +8,13 @@ It only *enqueues* work; workers do it. Three schedules:
 
 Only one scheduler is active at a time: each one tries to take a PostgreSQL advisory lock on a connection it
 keeps open and waits as a standby until it gets it. If the active one dies, its connection closes, the lock is
-released and a standby takes over. Missed runs (the machine was down at 02:00) are coalesced into one.
+released and a standby takes over.
+
+The schedules are code, kept in memory: nothing about them is written to the database, so no row holds the
+settings (credentials) and no row needs pickle to be read. A nightly run missed while no scheduler was active (the
+machine was down at 03:00) is run once when a scheduler starts within the misfire grace; both nightly jobs are
+idempotent per day (the benchmark job's dedupe key, ingestion skipping registered tasks), so a restart the same
+day repeats nothing.
 """
 
 from __future__ import annotations
@@ -18,20 +24,17 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from elmreg.registry.context import RegistryContext
-from elmreg.registry.settings import Settings
 from elmreg.registry.store.jobs import HeldLock
 
 _log = logging.getLogger(__name__)
 
 # Distinct from the library-version lock: this one is held for the whole life of the active scheduler.
 SCHEDULER_LOCK_KEY = "elmreg-scheduler"
-APSCHEDULER_TABLE = "apscheduler_jobs"
 
 
 @dataclass(frozen=True)
@@ -44,58 +47,50 @@ class ScheduleConfig:
     misfire_grace_seconds: int = 6 * 3600
 
 
-# -- the scheduled functions: module-level, so the persistent job store can refer to them by name -----------------
-def enqueue_untrained_tasks(settings: Settings) -> list[int]:
+# -- the scheduled functions: each takes the active scheduler's context (in memory, never persisted) --------------
+def enqueue_untrained_tasks(registry: RegistryContext) -> list[int]:
     """Queue a training job for each task with no expert and no training job; returns their job ids."""
-    registry = RegistryContext(settings)
-    try:
-        busy = {
-            e.task_id
-            for e in registry.catalogue.list_experts()
-            if e.status in ("pending", "training", "ready")
-        }
-        queued = {
-            j.payload.get("task_id")
-            for j in registry.jobs.list_jobs()
-            if j.kind == "train" and j.status in ("queued", "running")
-        }
-        jobs = []
-        for task in registry.catalogue.list_tasks():
-            if task.id in busy or task.id in queued:
-                continue
-            jobs.append(
-                registry.jobs.enqueue_job(
-                    "train", {"task_id": task.id}, dedupe_key=f"train-task:{task.id}"
-                ).id
-            )
-        return jobs
-    finally:
-        registry.close()
+    busy = {
+        e.task_id for e in registry.catalogue.list_experts() if e.status in ("pending", "training", "ready")
+    }
+    queued = {
+        j.payload.get("task_id")
+        for j in registry.jobs.list_jobs()
+        if j.kind == "train" and j.status in ("queued", "running")
+    }
+    jobs = []
+    for task in registry.catalogue.list_tasks():
+        if task.id in busy or task.id in queued:
+            continue
+        jobs.append(
+            registry.jobs.enqueue_job("train", {"task_id": task.id}, dedupe_key=f"train-task:{task.id}").id
+        )
+    return jobs
 
 
-def ingest_manifests_job(settings: Settings) -> None:
+def ingest_manifests_job(registry: RegistryContext) -> None:
     """Register the tasks listed in the manifest folder (already-registered ones are skipped)."""
     from elmreg.registry.tasks import ingest_manifests
 
-    registry = RegistryContext(settings)
-    try:
-        report = ingest_manifests(registry)
-        _log.warning("manifest ingestion: %s", report)
-    finally:
-        registry.close()
+    report = ingest_manifests(registry)
+    _log.warning("manifest ingestion: %s", report)
 
 
-def enqueue_benchmark(settings: Settings) -> int:
+def enqueue_benchmark(registry: RegistryContext) -> int:
     """Queue tonight's benchmark of the experts added since the previous one (one job per day)."""
-    registry = RegistryContext(settings)
-    try:
-        today = dt.datetime.now(dt.UTC).date().isoformat()
-        job = registry.jobs.enqueue_job(
-            "benchmark", {"requested_by": "scheduler"}, dedupe_key=f"benchmark:{today}"
-        )
-        return job.id
-    finally:
-        registry.close()
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    job = registry.jobs.enqueue_job(
+        "benchmark", {"requested_by": "scheduler"}, dedupe_key=f"benchmark:{today}"
+    )
+    return job.id
+
+
+def _missed(hour: int, grace_seconds: int, now: dt.datetime) -> bool:
+    """Whether a daily run at ``hour``:00 (local time) fell within the last ``grace_seconds``."""
+    last = now.replace(hour=hour, minute=0, second=0, microsecond=0)
+    if last > now:
+        last -= dt.timedelta(days=1)
+    return (now - last).total_seconds() <= grace_seconds
 
 
 class Scheduler:
@@ -114,30 +109,31 @@ class Scheduler:
         return self._lock is not None
 
     def start(self) -> BackgroundScheduler:
-        """Register the schedules (replacing stale copies in the job store) and start running them."""
-        settings = self.registry.settings
+        """Register the schedules, catch up a nightly run missed within the grace period, and start."""
         self.registry.jobs  # noqa: B018 - fails early with a clear message if the schema is not migrated
         scheduler = BackgroundScheduler(
-            jobstores={
-                "default": SQLAlchemyJobStore(engine=self.registry.engine, tablename=APSCHEDULER_TABLE)
-            },
             job_defaults={
                 "coalesce": True,
                 "max_instances": 1,
                 "misfire_grace_time": self.config.misfire_grace_seconds,
             },
         )
-        schedules = {
-            "enqueue-untrained-tasks": (
-                enqueue_untrained_tasks,
-                IntervalTrigger(seconds=self.config.new_task_interval_seconds),
-            ),
-            "nightly-ingest": (ingest_manifests_job, CronTrigger(hour=self.config.ingest_hour, minute=0)),
-            "nightly-benchmark": (enqueue_benchmark, CronTrigger(hour=self.config.benchmark_hour, minute=0)),
+        config, now = self.config, dt.datetime.now().astimezone()
+        scheduler.add_job(
+            enqueue_untrained_tasks,
+            IntervalTrigger(seconds=config.new_task_interval_seconds),
+            args=[self.registry],
+            id="enqueue-untrained-tasks",
+        )
+        nightly = {
+            "nightly-ingest": (ingest_manifests_job, config.ingest_hour),
+            "nightly-benchmark": (enqueue_benchmark, config.benchmark_hour),
         }
-        for job_id, (function, trigger) in schedules.items():
-            # replace_existing: the stored copy may carry settings from an earlier start.
-            scheduler.add_job(function, trigger, args=[settings], id=job_id, replace_existing=True)
+        for job_id, (function, hour) in nightly.items():
+            catch_up = {"next_run_time": now} if _missed(hour, config.misfire_grace_seconds, now) else {}
+            scheduler.add_job(
+                function, CronTrigger(hour=hour, minute=0), args=[self.registry], id=job_id, **catch_up
+            )
         scheduler.start()
         self._scheduler = scheduler
         return scheduler

@@ -66,7 +66,7 @@ def test_benchmark_run_stores_matrix_and_writes_report(lab, tmp_path):
 def test_scheduler_job_is_run_by_a_worker(lab):
     lab.add_task("bigbench:colours", max_examples=16, training=FAST)
     lab.train()
-    job_id = enqueue_benchmark(lab.settings)
+    job_id = enqueue_benchmark(lab.context)
     job = lab.worker().run_once(job_id=job_id)
     assert job.status == "succeeded", job.last_error
     with lab.context.engine.connect() as c:

@@ -16,12 +16,10 @@ import elmreg.migrations
 def include_object(obj, name, type_, reflected, compare_to) -> bool:
     """Alembic filter: what the declared schema owns.
 
-    Per-embedder HNSW indexes are created at run time by the store (their dimension is the embedder's), and
-    APScheduler creates and owns its job table: neither is part of the declared schema.
+    Per-embedder HNSW indexes are created at run time by the store (their dimension is the embedder's): they are
+    not part of the declared schema.
     """
-    if type_ == "index" and name and name.startswith("ix_library_entries_embedding_hnsw_e"):
-        return False
-    return not (type_ == "table" and name == "apscheduler_jobs")
+    return not (type_ == "index" and name and name.startswith("ix_library_entries_embedding_hnsw_e"))
 
 
 def alembic_config(engine: Engine | None = None) -> Config:
