@@ -15,7 +15,8 @@ by ``tests/test_promptsource_corpus.py``):
   template source (:func:`choice_seed`), so an example renders the same way for training, for the library sample
   and for evaluation, in any process.
 - ``|||`` inside example values is protected while rendering and restored after the split, so data cannot move
-  the input/target boundary; a column named ``answer_choices`` is refused; each part is stripped.
+  the input/target boundary; a column named ``answer_choices`` is refused; each part is stripped. (One deviation:
+  inside the data the answer choices read, ``|||`` separates choices; see ``PromptTemplate._choices``.)
 - Templates read from promptsource files cut each ``{{ ... }}`` output to 2048 characters (promptsource's
   ``TEXT_VAR_LENGTH``), as P3 was built; inline prompts and BIG-bench's default template are not cut.
 """
@@ -215,17 +216,18 @@ class PromptTemplate:
             TaskSpecError: The row has a column named ``answer_choices``, or the choices fail to render.
         """
         _refuse_reserved_column(row, self.name)
-        choices = self._protected_choices(_protect(row), seed, _example_key(row))
-        return None if choices is None else tuple(_restore(c) for c in choices)
+        choices = self._choices(row, seed, _example_key(row))
+        return None if choices is None else tuple(choices)
 
-    def _protected_choices(self, protected_row: dict[str, Any], seed: int, key: str) -> list[str] | None:
+    def _choices(self, row: dict[str, Any], seed: int, key: str) -> list[str] | None:
         if not self.answer_choices:
             return None
-        # Like promptsource, answer choices are rendered without truncation: they are the labels a target must
-        # equal, and BIG-bench's default joins all of them in one expression.
-        rendered = _render(
-            self.answer_choices, protected_row, self.name, _state(seed, key, self.answer_choices)
-        )
+        # Unlike promptsource, a '|||' inside the data the answer choices read separates choices: a column may hold
+        # a row's choices joined by '|||' (answer choices '{{options}}'; elmreg's experiment harness and existing
+        # tasks do that), while a single choice that contains '|||' does not occur in real data.
+        # Like promptsource, answer choices are not truncated: they are the labels a target must equal, and
+        # BIG-bench's default joins all of them in one expression.
+        rendered = _render(self.answer_choices, row, self.name, _state(seed, key, self.answer_choices))
         return [c.strip() for c in rendered.split(SEPARATOR)]
 
     def render(
@@ -249,10 +251,10 @@ class PromptTemplate:
         """
         _refuse_reserved_column(row, self.name)
         key = _example_key(row)
+        choices = self._choices(row, seed, key)
         context = _protect(row)
-        choices = self._protected_choices(context, seed, key)
-        # promptsource passes answer_choices=None to a template without them. The choices stay protected here,
-        # unlike promptsource's: a choice taken from the data that holds '|||' would otherwise split the target.
+        # promptsource passes answer_choices=None to a template without them. The choices hold no '|||' (they were
+        # split on it), so they cannot move the input/target split.
         context[RESERVED_COLUMN] = choices
         state = _state(seed, key, self.jinja, self.text_var_length)
         parts = _render(self.jinja, context, self.name, state).split(SEPARATOR)
@@ -265,7 +267,7 @@ class PromptTemplate:
         source, target = (_restore(part).strip() for part in parts)
         if not source or (require_target and not target):
             return None
-        answer_choices = None if choices is None else tuple(_restore(c) for c in choices)
+        answer_choices = None if choices is None else tuple(choices)
         return PromptedExample(input=source, target=target, answer_choices=answer_choices)
 
 

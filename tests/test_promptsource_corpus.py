@@ -19,7 +19,7 @@ generator elmreg documents, so that both renderers make the same draws.
 
 Rows: plain synthetic rows must render identically. Rows with '|||' inside their string values must render
 identically or as the reference does with elmreg's two documented deviations (one private-use character per
-protected pipe instead of a 32-character marker; answer choices stay protected inside the template). Rows with
+protected pipe instead of a 32-character marker; '|||' in the data the answer choices read separates choices). Rows with
 3000-character values check the 2048-character cut. A difference of another kind fails the test; the counts of each
 kind are printed (``pytest -s``). elmreg's strict undefined (a missing field is an error, not "") is why a
 synthetic row is only used when the reference renders it with a strict undefined too.
@@ -99,12 +99,13 @@ STRICT_REF_ENV = _reference_env(jinja2.StrictUndefined)
 
 @dataclass(frozen=True)
 class Reference:
-    """The reference renderer; the defaults are promptsource's. ``marker`` and ``protect_choices`` model elmreg's
-    two documented deviations (a 3-character marker; answer choices stay protected inside the template)."""
+    """The reference renderer; the defaults are promptsource's. ``marker`` and ``split_choices`` model elmreg's
+    two documented deviations (one character per protected pipe; '|||' in the data the answer choices read
+    separates choices)."""
 
     env: jinja2.Environment = REF_ENV
     marker: str = REF_MARKER
-    protect_choices: bool = False
+    split_choices: bool = False
     truncate: bool = True
 
     def _protect(self, example: dict[str, Any]) -> dict[str, Any]:
@@ -118,15 +119,13 @@ class Reference:
     def _compile(self, source: str) -> jinja2.Template:
         return _compiled(self.env, source)
 
-    def choices(
-        self, raw: dict[str, Any], example: dict[str, Any], keep_marker: bool = False
-    ) -> list[str] | None:
+    def choices(self, raw: dict[str, Any], example: dict[str, Any]) -> list[str] | None:
         if raw.get("answer_choices") is None:
             return None
         _ReferenceRandom.rng = random.Random(choice_seed(SEED, example, raw["answer_choices"]))
-        rendered = self._compile(raw["answer_choices"]).render(**self._protect(example))
-        choices = [c.strip() for c in rendered.split("|||")]
-        return choices if keep_marker else [self._restore(c) for c in choices]
+        context = example if self.split_choices else self._protect(example)
+        rendered = self._compile(raw["answer_choices"]).render(**context)
+        return [self._restore(c.strip()) for c in rendered.split("|||")]
 
     def apply(self, raw: dict[str, Any], example: dict[str, Any]) -> list[str]:
         jinja = raw["jinja"]
@@ -135,7 +134,7 @@ class Reference:
         protected = self._protect(example)
         if "answer_choices" in protected:
             raise ValueError("Example contains the restricted key 'answer_choices'.")
-        protected["answer_choices"] = self.choices(raw, example, keep_marker=self.protect_choices)
+        protected["answer_choices"] = self.choices(raw, example)
         _ReferenceRandom.rng = random.Random(choice_seed(SEED, example, raw["jinja"]))
         rendered = self._compile(jinja).render(**protected)
         return [self._restore(part).strip() for part in rendered.split("|||")]
@@ -161,8 +160,8 @@ PROMPTSOURCE = Reference()
 STRICT = Reference(env=STRICT_REF_ENV)
 # elmreg's deviations, one at a time and together (for rows with '|||' in their values).
 SHORT_MARKER = Reference(marker="\uf8ff" * 3)
-PROTECTED_CHOICES = Reference(protect_choices=True)
-ELMREG_DEVIATIONS = Reference(marker="\uf8ff" * 3, protect_choices=True)
+SPLIT_CHOICES = Reference(split_choices=True)
+ELMREG_DEVIATIONS = Reference(marker="\uf8ff" * 3, split_choices=True)
 NO_TRUNCATION = Reference(truncate=False)
 
 
@@ -475,8 +474,8 @@ def test_every_template_compiles_and_renders_like_promptsource(corpus):
                 counts["'|||' row lacks a field the template then reads"] += 1
             elif actual == _outcome(PROMPTSOURCE, raw, piped):
                 counts["rendered identically"] += 1  # plain rows and rows with '|||' in their values
-            elif actual == _outcome(PROTECTED_CHOICES, raw, piped):
-                counts["differ: promptsource lets '|||' in data-made answer choices split the template"] += 1
+            elif actual == _outcome(SPLIT_CHOICES, raw, piped):
+                counts["differ: '|||' in data the answer choices read separates choices"] += 1
             elif actual == _outcome(SHORT_MARKER, raw, piped):
                 counts["differ: promptsource's 32-character marker changes length/truncate"] += 1
             elif actual == _outcome(ELMREG_DEVIATIONS, raw, piped):

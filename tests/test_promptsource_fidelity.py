@@ -24,14 +24,14 @@ def test_separator_inside_data_does_not_move_the_split():
     plain = PromptTemplate.inline("Q: {{question}} A: {{options | join(', ')}} ||| {{answer}}")
     example = plain.render({"question": "is a ||| b?", "options": ["x ||| y", "z"], "answer": "no ||| yes"})
     assert example.input == "Q: is a ||| b? A: x ||| y, z" and example.target == "no ||| yes"
-    # A choice taken from the data keeps its pipes, and inside the template it cannot split the target either
-    # (promptsource hands the template unprotected choices there).
-    picked = PICK.render({"question": "which?", "a": "left ||| right", "b": "up", "label": 0})
-    assert picked.target == "left ||| right" and picked.answer_choices == ("left ||| right", "up")
-    listed = PromptTemplate.inline(
-        "{{answer_choices | join(' or ')}} ||| {{answer_choices[label]}}", "{{a}} ||| {{b}}"
+    # Inside the data the answer choices read, '|||' separates choices (a column may hold them joined by '|||');
+    # the choices then hold no '|||' that could split the template.
+    joined = PromptTemplate.inline("{{q}} {{answer_choices | join(' or ')}}? ||| {{target}}", "{{options}}")
+    example = joined.render({"q": "colour", "options": "red|||blue ||| green", "target": "blue"})
+    assert (
+        example.answer_choices == ("red", "blue", "green") and example.input == "colour red or blue or green?"
     )
-    assert listed.render({"a": "p ||| q", "b": "r", "label": 1}).input == "p ||| q or r"
+    assert PICK.render({"question": "which?", "a": "left", "b": "up", "label": 1}).target == "up"
 
 
 def test_protected_pipes_keep_the_data_s_length_and_case():
