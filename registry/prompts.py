@@ -5,11 +5,30 @@ A template is Jinja source in which ``|||`` separates the model input from the t
 is split on ``|||`` (``"no ||| yes"`` or ``"{{choice1}} ||| {{choice2}}"``); inside the main template it is
 available as the list ``answer_choices``. promptsource's ``templates.yaml`` files are read natively (the
 promptsource package itself needs Python < 3.10).
+
+Rendering follows promptsource's ``Template.apply`` (checked over every template of the promptsource 0.2.3 sdist
+by ``tests/test_promptsource_corpus.py``):
+
+- promptsource's filters ``choice``, ``most_frequent`` and ``highlight`` and its global ``zip`` are available.
+  ``choice`` (and Jinja's ``random``, which a few templates use the same way) is *seeded*: promptsource draws from
+  Python's global ``random``, elmreg from a generator seeded by the task's seed, the example's content and the
+  template source (:func:`choice_seed`), so an example renders the same way for training, for the library sample
+  and for evaluation, in any process.
+- ``|||`` inside example values is protected while rendering and restored after the split, so data cannot move
+  the input/target boundary; a column named ``answer_choices`` is refused; each part is stripped. (One deviation:
+  inside the data the answer choices read, ``|||`` separates choices; see ``PromptTemplate._choices``.)
+- Templates read from promptsource files cut each ``{{ ... }}`` output to 2048 characters (promptsource's
+  ``TEXT_VAR_LENGTH``), as P3 was built; inline prompts and BIG-bench's default template are not cut.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import hashlib
+import json
 import random
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,12 +37,87 @@ from typing import Any
 import jinja2
 import yaml
 from jinja2 import meta
+from jinja2.filters import do_truncate
 from jinja2.sandbox import SandboxedEnvironment
 
 from elmreg.registry.errors import TaskSpecError
 
 SEPARATOR = "|||"
-_ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined)
+# promptsource's TEXT_VAR_LENGTH: Template.apply cuts every {{ ... }} output of a template to this many characters
+# (Jinja's truncate: at a word boundary, with "..."). P3, the data T0 and the paper's experts were trained on, was
+# rendered that way, so templates read from promptsource files do the same.
+PROMPTSOURCE_TEXT_VAR_LENGTH = 2048
+# Stands in for each '|' of a '|||' inside example values while a template renders, so that data cannot move the
+# input/target split. promptsource puts a 32-character hex string in place of the whole '|||'; one private-use
+# character per pipe instead keeps every value its own length (``length``, slicing and truncation see what the
+# data holds), a template that cuts through one gets back the pipes it kept, and case filters leave it alone.
+_PROTECTED_PIPE = "\ue000"
+RESERVED_COLUMN = "answer_choices"
+
+
+@dataclass(frozen=True)
+class _RenderState:
+    """What the custom filters and the finalizer need for the one rendering in progress."""
+
+    rng: random.Random
+    text_var_length: int | None
+
+
+# A context variable rather than a template variable: a template cannot read or shadow it, and renderings in
+# other threads or tasks keep their own state.
+_STATE: contextvars.ContextVar[_RenderState | None] = contextvars.ContextVar(
+    "elmreg_prompt_state", default=None
+)
+
+
+# pass_context keeps Jinja's optimizer from evaluating the filter at compile time on constant input
+# (``["Question", "Problem"] | choice``): compiled templates are cached, so a folded draw would be the same for
+# every row. promptsource compiles the template again for every example, so there each example draws anew.
+@jinja2.pass_context
+def _choice(context: jinja2.runtime.Context, sequence: Sequence[Any]) -> Any:
+    """promptsource's ``choice`` filter (a random element), drawn from the rendering's seeded generator.
+
+    Jinja's own ``random`` filter (two templates of the collection use it) is replaced by this one too: it draws
+    from Python's global generator, which would make those prompts differ from run to run.
+    """
+    state = _STATE.get()
+    # Only a caller bypassing PromptTemplate gets here without state; it still gets a reproducible draw.
+    rng = state.rng if state is not None else random.Random(0)
+    return rng.choice(sequence)
+
+
+def _most_frequent(items: Sequence[Any]) -> list[Any] | None:
+    """promptsource's ``most_frequent`` filter: every item of the highest count, in order of first appearance
+    (None for an empty input)."""
+    if not items:
+        return None
+    counts = Counter(items)
+    top = max(counts.values())
+    return [item for item, count in counts.items() if count == top]
+
+
+def _highlight(text: Any) -> str:
+    """promptsource's ``highlight`` filter (its browser app colours substituted text)."""
+    return f"<span style='color: #F08080'>{text}</span>"
+
+
+# pass_context makes Jinja call the finalizer at render time only; a plain function would also be applied to
+# constant output at compile time, and compiled templates are cached across renderings with different limits.
+@jinja2.pass_context
+def _finalize(context: jinja2.runtime.Context, value: Any) -> Any:
+    state = _STATE.get()
+    if state is None or state.text_var_length is None:
+        return value
+    # promptsource appends "| string | truncate(TEXT_VAR_LENGTH)" to every expression; this is that, applied to
+    # the expression's value as a whole (see the notes in tests/test_promptsource_corpus.py).
+    text = value if isinstance(value, str) else str(value)
+    return do_truncate(context.environment, text, state.text_var_length)
+
+
+_ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, finalize=_finalize)
+_ENV.filters.update(choice=_choice, random=_choice, most_frequent=_most_frequent, highlight=_highlight)
+# promptsource's environment has zip() as a global (16 templates of the 0.2.3 collection call it).
+_ENV.globals["zip"] = zip
 
 
 @dataclass(frozen=True)
@@ -46,12 +140,16 @@ class PromptTemplate:
     original_task: bool | None = None
     choices_in_prompt: bool | None = None
     metrics: tuple[str, ...] = field(default_factory=tuple)
+    # Cut each {{ ... }} output to this many characters (promptsource's TEXT_VAR_LENGTH for templates read from
+    # promptsource files); None cuts nothing. Tasks stored before this field existed read back as None, so
+    # their examples render exactly as their experts were trained on.
+    text_var_length: int | None = None
 
     @classmethod
     def inline(cls, jinja: str, answer_choices: str | None = None, name: str = "inline") -> PromptTemplate:
         """A template given on the command line; checked for syntax at once."""
         template = cls(jinja=jinja, name=name, answer_choices=answer_choices or None)
-        template.required_fields()
+        template.compile()
         return template
 
     @classmethod
@@ -60,6 +158,24 @@ class PromptTemplate:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "metrics": list(self.metrics)}
+
+    def compile(self) -> None:
+        """Compile the template and its answer choices in elmreg's sandbox (syntax, known filters and tests).
+
+        Raises:
+            TaskSpecError: Not valid Jinja, or it uses a filter or test elmreg does not have.
+        """
+        for source in (self.jinja, self.answer_choices):
+            if not source:
+                continue
+            try:
+                _compile(source)
+            except (
+                jinja2.TemplateSyntaxError
+            ) as exc:  # also unknown filters and tests (TemplateAssertionError)
+                raise TaskSpecError(
+                    f"template '{self.name}' is not valid Jinja: {exc.message} (line {exc.lineno})"
+                ) from exc
 
     def required_fields(self) -> set[str]:
         """Dataset columns the template (and its answer choices) read.
@@ -77,11 +193,15 @@ class PromptTemplate:
                 raise TaskSpecError(
                     f"template '{self.name}' is not valid Jinja: {exc.message} (line {exc.lineno})"
                 ) from exc
-        return names - {"answer_choices"}
+        return names - {RESERVED_COLUMN}
 
     def validate_against(self, columns: Iterable[str], dataset: str = "the dataset") -> None:
-        """Raise TaskSpecError naming the first field the template reads that the dataset lacks."""
+        """Raise TaskSpecError naming the first field the template reads that the dataset lacks, or a column
+        named ``answer_choices`` (the name a template reads its answer choices by)."""
+        self.compile()
         available = set(columns)
+        if RESERVED_COLUMN in available:
+            raise TaskSpecError(_reserved_column_message(self.name, dataset))
         missing = sorted(self.required_fields() - available)
         if missing:
             raise TaskSpecError(
@@ -89,40 +209,139 @@ class PromptTemplate:
                 f"(columns: {', '.join(sorted(available))}); fix the template or pick another dataset"
             )
 
-    def choices(self, row: dict[str, Any]) -> tuple[str, ...] | None:
+    def choices(self, row: dict[str, Any], *, seed: int = 0) -> tuple[str, ...] | None:
+        """The answer choices for one row (None for a template without them).
+
+        Raises:
+            TaskSpecError: The row has a column named ``answer_choices``, or the choices fail to render.
+        """
+        _refuse_reserved_column(row, self.name)
+        choices = self._choices(row, seed, _example_key(row))
+        return None if choices is None else tuple(choices)
+
+    def _choices(self, row: dict[str, Any], seed: int, key: str) -> list[str] | None:
         if not self.answer_choices:
             return None
-        rendered = _render(self.answer_choices, row, self.name)
-        return tuple(c.strip() for c in rendered.split(SEPARATOR))
+        # Unlike promptsource, a '|||' inside the data the answer choices read separates choices: a column may hold
+        # a row's choices joined by '|||' (answer choices '{{options}}'; elmreg's experiment harness and existing
+        # tasks do that), while a single choice that contains '|||' does not occur in real data.
+        # Like promptsource, answer choices are not truncated: they are the labels a target must equal, and
+        # BIG-bench's default joins all of them in one expression.
+        rendered = _render(self.answer_choices, row, self.name, _state(seed, key, self.answer_choices))
+        return [c.strip() for c in rendered.split(SEPARATOR)]
 
-    def render(self, row: dict[str, Any], *, require_target: bool = True) -> PromptedExample | None:
+    def render(
+        self, row: dict[str, Any], *, require_target: bool = True, seed: int = 0
+    ) -> PromptedExample | None:
         """Render one dataset row; None when the template yields no input (or, with ``require_target``, no
         target) for it. Unlabeled instances to route or predict are rendered with ``require_target=False``.
 
-        promptsource templates legitimately skip rows (e.g. a template for rows with a given label);
-        such rows are left out of training rather than trained on an empty target.
+        promptsource templates legitimately skip rows (e.g. a template for rows with a given label, which
+        renders nothing at all for the others); such rows are left out of training rather than trained on an
+        empty target, as T0's data pipeline left them out. So is a row for which a template renders more than one
+        ``|||`` (only the template can put them there: separators inside values are protected).
+
+        Args:
+            seed: Seeds promptsource's ``choice`` filter, together with the row's content and the template source
+                (:func:`choice_seed`); the task's training seed, so that every rendering of a row agrees.
 
         Raises:
-            TaskSpecError: The template reads a field the row lacks or fails to render.
+            TaskSpecError: The template has no ``|||``, reads a field the row lacks, fails to render, or the row
+                has a column named ``answer_choices``.
         """
-        choices = self.choices(row)
-        context = dict(row)
-        if choices is not None:
-            context["answer_choices"] = list(choices)
-        parts = _render(self.jinja, context, self.name).split(SEPARATOR)
-        if len(parts) < 2:
-            raise TaskSpecError(
-                f"template '{self.name}' has no '{SEPARATOR}' between input and target; write 'input ||| target'"
-            )
-        source, target = parts[0].strip(), parts[1].strip()
+        _refuse_reserved_column(row, self.name)
+        key = _example_key(row)
+        choices = self._choices(row, seed, key)
+        context = _protect(row)
+        # promptsource passes answer_choices=None to a template without them. The choices hold no '|||' (they were
+        # split on it), so they cannot move the input/target split.
+        context[RESERVED_COLUMN] = choices
+        state = _state(seed, key, self.jinja, self.text_var_length)
+        parts = _render(self.jinja, context, self.name, state).split(SEPARATOR)
+        if len(parts) != 2:
+            if SEPARATOR not in self.jinja:
+                raise TaskSpecError(
+                    f"template '{self.name}' has no '{SEPARATOR}' between input and target; write 'input ||| target'"
+                )
+            return None
+        source, target = (_restore(part).strip() for part in parts)
         if not source or (require_target and not target):
             return None
-        return PromptedExample(input=source, target=target, answer_choices=choices)
+        answer_choices = None if choices is None else tuple(choices)
+        return PromptedExample(input=source, target=target, answer_choices=answer_choices)
 
 
-def _render(source: str, context: dict[str, Any], name: str) -> str:
+def choice_seed(seed: int, row: dict[str, Any], source: str) -> int:
+    """The seed of the generator that promptsource's ``choice`` filter draws from while ``source`` (a template's
+    Jinja, or its answer choices) renders ``row`` under a task's ``seed``.
+
+    It depends on nothing else (not on the process, the row's position or what was rendered before), so
+    training, the library sample, evaluation and a later re-rendering all draw the same choices for a row.
+    """
+    return _seed_from_key(seed, _example_key(row), source)
+
+
+def _seed_from_key(seed: int, key: str, source: str) -> int:
+    digest = hashlib.sha256(f"{seed}\0{key}\0{source}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def _example_key(row: dict[str, Any]) -> str:
+    """The row's content as stable text (key order does not matter)."""
     try:
-        return _ENV.from_string(source).render(**context)
+        return json.dumps(row, sort_keys=True, default=str, ensure_ascii=False)
+    except (TypeError, ValueError):
+        # Keys that cannot be sorted or serialised: the row's repr (in insertion order) is still stable.
+        return repr(row)
+
+
+def _state(seed: int, key: str, source: str, text_var_length: int | None = None) -> _RenderState:
+    return _RenderState(random.Random(_seed_from_key(seed, key, source)), text_var_length)
+
+
+def _protect(value: Any) -> Any:
+    """A copy of an example value with '|||' replaced inside every string, nested ones included.
+
+    promptsource protects top-level string columns only; nested ones (``answers.text``, dialogue turns) can hold
+    a '|||' just as well. The copy also keeps a template that mutates a list (``.append``) off the caller's row.
+    """
+    if isinstance(value, str):
+        return value.replace(SEPARATOR, _PROTECTED_PIPE * len(SEPARATOR))
+    if isinstance(value, dict):
+        return {k: _protect(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_protect(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_protect(v) for v in value)
+    return value
+
+
+def _restore(text: str) -> str:
+    return text.replace(_PROTECTED_PIPE, "|")
+
+
+def _reserved_column_message(template: str, dataset: str) -> str:
+    return (
+        f"{dataset} has a column named '{RESERVED_COLUMN}', the name template '{template}' reads its answer "
+        "choices by (promptsource refuses it too); rename the column"
+    )
+
+
+def _refuse_reserved_column(row: dict[str, Any], template: str) -> None:
+    if RESERVED_COLUMN in row:
+        raise TaskSpecError(_reserved_column_message(template, "the row"))
+
+
+@functools.lru_cache(maxsize=512)
+def _compile(source: str) -> jinja2.Template:
+    # Compiling costs far more than rendering; a task renders thousands of rows with one or a few templates.
+    return _ENV.from_string(source)
+
+
+def _render(source: str, context: dict[str, Any], name: str, state: _RenderState) -> str:
+    token = _STATE.set(state)
+    try:
+        return _compile(source).render(**context)
     except jinja2.UndefinedError as exc:
         raise TaskSpecError(
             f"template '{name}' failed on a row: {exc.message}; check the field names"
@@ -131,6 +350,8 @@ def _render(source: str, context: dict[str, Any], name: str) -> str:
         raise TaskSpecError(f"template '{name}' failed to render: {exc}") from exc
     except (IndexError, KeyError, TypeError, ValueError) as exc:
         raise TaskSpecError(f"template '{name}' failed to render a row: {type(exc).__name__}: {exc}") from exc
+    finally:
+        _STATE.reset(token)
 
 
 # -- promptsource's templates.yaml --------------------------------------------------------------------------------
@@ -173,6 +394,7 @@ def load_promptsource_templates(path: Path) -> list[PromptTemplate]:
                 original_task=metadata.get("original_task"),
                 choices_in_prompt=metadata.get("choices_in_prompt"),
                 metrics=tuple(metadata.get("metrics") or ()),
+                text_var_length=PROMPTSOURCE_TEXT_VAR_LENGTH,
             )
         )
     return templates
@@ -213,7 +435,8 @@ def render_examples(
     With one template (a prompt-level task: one Prompt Expert) every row is rendered with it. With several (a
     dataset-level task: one Dataset Expert over all prompts of the dataset) each row is rendered with one
     template drawn by a seeded RNG, so the expert sees every prompt without multiplying the data.
-    Rows a template skips (empty input or target) are left out.
+    Rows a template skips (empty input or target) are left out. ``seed`` also seeds promptsource's ``choice``
+    filter (per row, see :func:`choice_seed`), so the same rows and seed always give the same examples.
     """
     if not templates:
         raise TaskSpecError("a task needs at least one prompt template")
@@ -221,7 +444,7 @@ def render_examples(
     examples = []
     for row in rows:
         template = templates[0] if len(templates) == 1 else rng.choice(templates)
-        example = template.render(row)
+        example = template.render(row, seed=seed)
         if example is not None:
             examples.append(example)
     return examples

@@ -79,7 +79,9 @@ def test_a_missed_nightly_run_is_caught_up_at_start(fresh_registry):
             deadline = time.monotonic() + 20
             while not benchmark_jobs() and time.monotonic() < deadline:
                 time.sleep(0.2)
-            assert scheduler.next_runs()["nightly-ingest"] > dt.datetime.now().astimezone() + dt.timedelta(hours=1)
+            assert scheduler.next_runs()["nightly-ingest"] > dt.datetime.now().astimezone() + dt.timedelta(
+                hours=1
+            )
         finally:
             scheduler.shutdown()
         assert len(benchmark_jobs()) == 1
