@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 from typing import TYPE_CHECKING
 
@@ -158,20 +159,23 @@ def worker(
 ) -> None:
     """Train queued experts. Run several, on several machines, against the same catalogue and bucket.
 
+    SIGTERM or Ctrl-C stops it gracefully: it claims nothing more, hands a job it is training back to the queue at
+    the next training step (another worker takes it at once; the attempt does not count), and exits 0.
+
     Example: elmreg worker --once
     """
     with training_progress(is_quiet(ctx, quiet)) as hooks:
         runner = _registry(ctx).worker(hooks=hooks, name=name, lease_seconds=lease)
+        for stop_signal in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(stop_signal, lambda *_: runner.stop())
         if once:
             jobs = [job] if (job := runner.run_once()) else []
         elif drain:
             jobs = runner.drain()
         else:
-            click.echo(f"worker {runner.name} waiting for jobs (Ctrl-C to stop)", err=True)
-            try:
-                runner.run_forever(poll_seconds=poll)
-            except KeyboardInterrupt:
-                return
+            click.echo(f"worker {runner.name} waiting for jobs (Ctrl-C or SIGTERM to stop)", err=True)
+            runner.run_forever(poll_seconds=poll)
+            click.echo(f"worker {runner.name} stopped", err=True)
             return
     if not jobs:
         click.echo("no queued jobs")

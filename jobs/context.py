@@ -16,6 +16,10 @@ class LeaseLost(ElmregError):
     """Another worker took the job over (our lease expired); stop without publishing anything."""
 
 
+class Interrupted(ElmregError):
+    """The worker was asked to stop (SIGTERM): stop without publishing; the job goes back to the queue."""
+
+
 @dataclass
 class JobContext:
     """What a handler gets: the registry, its job, and a way to check it still owns the job.
@@ -30,15 +34,19 @@ class JobContext:
     worker: str
     hooks: Any = None
     _lost: threading.Event = field(default_factory=threading.Event)
+    _stop: threading.Event = field(default_factory=threading.Event)
 
     @property
     def lease(self) -> tuple[int, str]:
         return self.job.id, self.worker
 
     def check_lease(self) -> None:
-        """Raise :class:`LeaseLost` if the heartbeat found the lease gone; call it at safe points."""
+        """Call at safe points (between training steps, before publishing): raises :class:`LeaseLost` if the
+        heartbeat found the lease gone, :class:`Interrupted` if the worker is stopping."""
         if self._lost.is_set():
             raise LeaseLost(f"job {self.job.id} was taken over by another worker")
+        if self._stop.is_set():
+            raise Interrupted(f"job {self.job.id} interrupted: worker {self.worker} is stopping")
 
 
 # handler(job): does the job; raising fails it (a UserError for good, anything else to be retried).

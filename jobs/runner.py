@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Mapping
 from typing import Any
 
-from elmreg.jobs.context import JobContext, JobHandler, LeaseLost
+from elmreg.jobs.context import Interrupted, JobContext, JobHandler, LeaseLost
 from elmreg.jobs.handlers import registered_handlers
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.errors import ElmregError, UserError, first_line
@@ -75,15 +75,34 @@ class Worker:
         self.name = name or default_worker_name()
         self.lease_seconds = lease_seconds
         self.retry_delay_seconds = retry_delay_seconds
+        self._stopping = threading.Event()
+        self._current: JobContext | None = None
+
+    def stop(self) -> None:
+        """Stop soon (safe from a signal handler): claim nothing more, and hand the running job back to the queue
+        at its next safe point (a training step), so another worker takes it at once instead of after its lease."""
+        self._stopping.set()
+        if (current := self._current) is not None:
+            current._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
     def run_once(self, job_id: int | None = None) -> Job | None:
-        """Claim and run one job (``job_id``: that one); returns it as it ended, or None if none was runnable."""
+        """Claim and run one job (``job_id``: that one); returns it as it ended, or None if none was runnable
+        (or the worker is stopping)."""
+        if self.stopping:
+            return None
         job = self.registry.jobs.claim_job(
             self.name, lease_seconds=self.lease_seconds, kinds=list(self.handlers), job_id=job_id
         )
         if job is None:
             return None
         context = JobContext(self.registry, job, self.name, self.hooks)
+        self._current = context
+        if self.stopping:  # stop() came between the claim and now
+            context._stop.set()
         heartbeat = _Heartbeat(context, self.lease_seconds)
         heartbeat.start()
         try:
@@ -92,6 +111,9 @@ class Worker:
         except LeaseLost as exc:
             _log.warning("%s", exc)
             return self.registry.jobs.get_job(job.id)
+        except Interrupted as exc:
+            _log.warning("%s", exc)
+            return self.registry.jobs.release_job(job.id, self.name, str(exc))
         except Exception as exc:  # noqa: BLE001 - any failure is recorded on the job and retried
             # A user error (bad data) will not fix itself: no retries. Anything else may be transient.
             message = str(exc) if isinstance(exc, UserError) else traceback.format_exc()
@@ -104,6 +126,7 @@ class Worker:
                 permanent=isinstance(exc, UserError),
             )
         finally:
+            self._current = None
             heartbeat.stopped.set()
             heartbeat.join()
         return self.registry.jobs.finish_job(job.id, self.name)
@@ -111,9 +134,13 @@ class Worker:
     def run_forever(self, *, poll_seconds: float = 5.0, stop: threading.Event | None = None) -> None:
         """Run jobs until ``stop`` is set; sleeps ``poll_seconds`` whenever the queue is empty."""
         stop = stop or threading.Event()
-        while not stop.is_set():
+        while not stop.is_set() and not self.stopping:
             if self.run_once() is None:
-                stop.wait(poll_seconds)
+                # Wake within a second of stop(): an orchestrator's grace period is short.
+                for _ in range(max(1, int(poll_seconds))):
+                    if stop.is_set() or self.stopping:
+                        break
+                    stop.wait(min(1.0, poll_seconds))
 
     def drain(self, *, max_jobs: int | None = None) -> list[Job]:
         """Run jobs until none is runnable (or ``max_jobs`` ran); returns them as they ended."""

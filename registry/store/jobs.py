@@ -71,6 +71,15 @@ class JobStore(ABC):
         (at once when ``permanent``: a failure that retrying cannot fix, such as bad task data)."""
 
     @abstractmethod
+    def release_job(self, job_id: int, worker: str, reason: str) -> Job:
+        """Give a held job back to the queue at once (the worker is stopping): it is runnable again now, and the
+        interrupted attempt does not count against ``max_attempts``.
+
+        Raises:
+            CatalogueError: ``worker`` no longer holds the job.
+        """
+
+    @abstractmethod
     def get_job(self, job_id: int) -> Job:
         """Look a job up. Raises NotFoundError."""
 

@@ -190,6 +190,16 @@ class SqlJobStore(JobStore):
             session.flush()
             return records.job(row)
 
+    def release_job(self, job_id: int, worker: str, reason: str) -> Job:
+        with self.sessions() as session:
+            row = held_lease(session, job_id, worker)
+            row.status, row.lease_owner, row.lease_expires_at = "queued", None, None
+            row.attempts = max(row.attempts - 1, 0)
+            row.run_after = dt.datetime.now(dt.UTC)
+            row.last_error = reason
+            session.flush()
+            return records.job(row)
+
     def get_job(self, job_id: int) -> Job:
         with self.sessions() as session:
             row = session.get(JobRow, job_id)
