@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import PeftModel
 
 from elmreg.experts.base import AdapterLoader
@@ -50,18 +51,17 @@ class LoraLoader(AdapterLoader):
         # memory while loading, so the folder can go right after.
         with tempfile.TemporaryDirectory(prefix="elmreg-lora-") as folder:
             export_peft_folder(weights_path, config, Path(folder), link=True)
-            # low_cpu_mem_usage creates the LoRA layers empty instead of randomly initialising them only to
-            # overwrite them (which would also draw from torch's global random generator).
-            if model is None:
-                return PeftModel.from_pretrained(
-                    backbone.model,
-                    folder,
-                    adapter_name=adapter_name,
-                    is_trainable=False,
-                    low_cpu_mem_usage=True,
-                )
-            model.load_adapter(folder, adapter_name=adapter_name, is_trainable=False, low_cpu_mem_usage=True)
-            return model
+            # Not low_cpu_mem_usage: that path (PEFT 0.21) casts the saved float32 adapter to the base layer's
+            # dtype and back, so on a bf16 backbone every attached LoRA weight was rounded (up to 1e-3). The
+            # normal path initialises the LoRA layers randomly before loading the saved weights over them
+            # exactly; forking the generator keeps that draw from changing anyone else's random stream.
+            with torch.random.fork_rng(devices=_cuda_devices(backbone)):
+                if model is None:
+                    return PeftModel.from_pretrained(
+                        backbone.model, folder, adapter_name=adapter_name, is_trainable=False
+                    )
+                model.load_adapter(folder, adapter_name=adapter_name, is_trainable=False)
+                return model
 
     def detach(self, backbone: Backbone, model: PeftModel) -> None:
         # unload() swaps every LoRA layer back for the module it wrapped, without merging: the backbone's
@@ -69,6 +69,11 @@ class LoraLoader(AdapterLoader):
         backbone.model = model.unload()
         backbone.model.eval()
         backbone.model.requires_grad_(False)
+
+
+def _cuda_devices(backbone: Backbone) -> list[int]:
+    device = next(backbone.model.parameters()).device
+    return [device.index or 0] if device.type == "cuda" else []
 
 
 def export_peft_folder(
