@@ -16,7 +16,7 @@ import yaml
 
 from elmreg.registry.backbones import backbone_family
 from elmreg.registry.context import RegistryContext
-from elmreg.registry.errors import AlreadyExistsError, NotFoundError, TaskSpecError, UserError
+from elmreg.registry.errors import AlreadyExistsError, NotFoundError, TaskSpecError, UserError, first_line
 from elmreg.registry.kinds import get_expert_kind, trainable_kinds
 from elmreg.registry.prompts import (
     PromptTemplate,
@@ -227,22 +227,28 @@ class IngestReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
-def read_manifests(folder: Path) -> list[tuple[str, TaskRequest]]:
-    """Task requests from every ``*.yaml``/``*.yml`` in ``folder`` (each a YAML list of add-task specs)."""
-    requests = []
+def read_manifests(folder: Path) -> list[tuple[str, TaskRequest | UserError]]:
+    """Task requests from every ``*.yaml``/``*.yml`` in ``folder`` (each a YAML list of add-task specs), each
+    labelled ``file#entry``; an unreadable file or entry comes back as its error, so that the others still count."""
+    requests: list[tuple[str, TaskRequest | UserError]] = []
     for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
         try:
-            entries = yaml.safe_load(path.read_text()) or []
-        except yaml.YAMLError as exc:
-            raise TaskSpecError(f"manifest {path} is not valid YAML: {exc}") from exc
+            entries = yaml.safe_load(path.read_text(encoding="utf-8")) or []
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            requests.append((path.name, TaskSpecError(f"not valid YAML: {first_line(exc)}")))
+            continue
         if not isinstance(entries, list):
-            raise TaskSpecError(f"manifest {path} must be a YAML list of tasks")
+            requests.append((path.name, TaskSpecError("must be a YAML list of tasks")))
+            continue
         for i, entry in enumerate(entries):
+            where = f"{path.name}#{i + 1}"
             if not isinstance(entry, dict):
-                raise TaskSpecError(f"{path} entry {i + 1} is not a mapping")
-            requests.append(
-                (f"{path.name}#{i + 1}", TaskRequest.from_mapping(entry, f"{path.name} entry {i + 1}"))
-            )
+                requests.append((where, TaskSpecError("not a mapping of add-task options")))
+                continue
+            try:
+                requests.append((where, TaskRequest.from_mapping(entry, f"{path.name} entry {i + 1}")))
+            except UserError as exc:
+                requests.append((where, exc))
     return requests
 
 
@@ -254,6 +260,9 @@ def ingest_manifests(context: RegistryContext, folder: Path | None = None) -> In
     existing = {t.name for t in context.catalogue.list_tasks()}
     report = IngestReport()
     for where, request in read_manifests(folder):
+        if isinstance(request, UserError):
+            report.failed.append((where, str(request)))
+            continue
         name = request.name or default_task_name(request)
         if name in existing:
             report.skipped.append(name)

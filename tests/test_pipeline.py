@@ -237,8 +237,30 @@ def test_manifest_ingestion_adds_new_tasks_only(lab, tmp_path):
         "- dataset: bigbench:moods\n  max-examples: 8\n  kind: ffn_adapter\n"
         "- dataset: bigbench:nope\n  name: nope\n"
     )
+    # Bad entries of every sort: each is one line in the report and writes nothing; the good ones still count.
+    (manifests / "broken.yaml").write_text(
+        "- dataset: bigbench:echo\n  name: bad-epochs\n  training: {epochs: -1}\n"
+        "- dataset: bigbench:echo\n  name: bad-key\n  max_exampels: 8\n"
+        "- just a string\n"
+        "- dataset: bigbench:echo\n  name: bad-kind\n  kind: prefix_tuning\n"
+    )
+    (manifests / "garbled.yml").write_text("- dataset: [unclosed\n")
+    (manifests / "latin1.yaml").write_bytes("- dataset: caf\xe9\n".encode("latin-1"))
     first = lab.ingest(manifests)
-    assert sorted(first.added) == ["colours", "moods"] and [w for w, _ in first.failed] == ["nightly.yaml#3"]
+    assert sorted(first.added) == ["colours", "moods"]
+    assert [w for w, _ in first.failed] == [
+        "broken.yaml#1",
+        "broken.yaml#2",
+        "broken.yaml#3",
+        "broken.yaml#4",
+        "garbled.yml",
+        "latin1.yaml",
+        "nightly.yaml#3",
+    ]
+    assert all("\n" not in error and error for _, error in first.failed)
+    assert "epochs" in dict(first.failed)["broken.yaml#1"]
+    assert {t.name for t in lab.tasks()} == {"colours", "moods"}
+    assert len(lab.jobs()) == 2
     second = lab.ingest(manifests)
     assert second.added == [] and sorted(second.skipped) == ["colours", "moods"]
     assert lab.task("moods").expert_kind == "ffn_adapter"
