@@ -258,7 +258,9 @@ class EmbeddedS3:
         _write_private(self.identities_file, json.dumps(identities))
 
         ports = self._ports()
-        environ = {**os.environ, **_jwt_keys(), **_make_tls(self.tls_dir)}
+        # Only these variables: the server's security comes from us, not from WEED_* variables that happen to
+        # be set in the caller's environment.
+        environ = {**_jwt_keys(), **_make_tls(self.tls_dir)}
         args = [
             str(find_weed()),
             "server",
