@@ -250,11 +250,14 @@ def gc(ctx: click.Context, delete: bool, min_age_hours: float, as_json: bool) ->
     report = _registry(ctx).gc(delete=delete, min_age=dt.timedelta(hours=min_age_hours))
     if as_json:
         return echo_json(report)
+    deleted = set(report.deleted)
     for obj in report.unreferenced:
-        click.echo(f"{'deleted' if delete else 'unreferenced'}  {obj.uri}  {obj.size} bytes")
+        # An object published or reused while GC ran is kept: GC checks again under the publishers' lock.
+        state = "deleted" if obj.uri in deleted else "kept (in use now)" if delete else "unreferenced"
+        click.echo(f"{state}  {obj.uri}  {obj.size} bytes")
     click.echo(
         f"{len(report.unreferenced)} unreferenced object(s), {report.reclaimable_bytes} bytes"
-        + (" deleted" if delete else " (dry run: add --delete to remove them)")
+        + (f", {len(report.deleted)} deleted" if delete else " (dry run: add --delete to remove them)")
         + (
             f"; {len(report.too_young)} younger than {min_age_hours:g} h left alone"
             if report.too_young

@@ -468,4 +468,6 @@ class Registry:
 
     def gc(self, *, delete: bool = False, min_age: dt.timedelta = DEFAULT_MIN_AGE) -> GcReport:
         """Report (and with ``delete``, remove) bucket objects that no expert references."""
-        return collect_garbage(self.context.catalogue, self.context.artifacts, delete=delete, min_age=min_age)
+        return collect_garbage(
+            self.context.catalogue, self.context.artifacts, self.context.jobs, delete=delete, min_age=min_age
+        )

@@ -28,6 +28,7 @@ from elmreg.merging.tuning import tune_weights
 from elmreg.merging.weights import Stage, scratch_dir, write_merged_weights
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.errors import NotFoundError
+from elmreg.registry.gc import publishing_artifacts
 from elmreg.registry.kinds import get_expert_kind, weights_kind
 from elmreg.registry.store.entities import Expert, LibraryEntry
 
@@ -235,30 +236,32 @@ def merge_experts(
             merge_started = time.perf_counter()
             path, config = write_merged_weights(context, parents, base_kind, spec, Path(scratch))
             merge_seconds = time.perf_counter() - merge_started
-            say("uploading the merged weights")
-            artifact = context.artifacts.put_file(path)
-        entries = _union_entries(context, parents, embedder_id) if embedder_id is not None else []
-        params: dict[str, Any] = {
-            **spec.params(),
-            "signature": signature,
-            "library": library,
-            "merge_seconds": round(merge_seconds, 3),
-        }
-        if get_expert_kind(base_kind).merge == "lora_factors":
-            params["peft_combination"] = peft_combination(spec.method)
-        if tuning is not None:
-            params["tuning"] = tuning
-        expert = context.catalogue.create_merged_expert(
-            name=name or _default_name(context, parents, spec, signature),
-            backbone_id=parents[0].backbone_id,
-            config={**config, "base_kind": base_kind, "parents": [p.name for p in parents]},
-            merge_method=spec.method,
-            merge_params=params,
-            parents=[(p.id, w) for p, w in zip(parents, spec.weights, strict=True)],
-            artifact=artifact,
-            embedder_id=embedder_id,
-            entries=entries,
-        )
+            # From the upload until the merged expert references it, GC must not delete it: see registry/gc.py.
+            with publishing_artifacts(context.jobs):
+                say("uploading the merged weights")
+                artifact = context.artifacts.put_file(path)
+                entries = _union_entries(context, parents, embedder_id) if embedder_id is not None else []
+                params: dict[str, Any] = {
+                    **spec.params(),
+                    "signature": signature,
+                    "library": library,
+                    "merge_seconds": round(merge_seconds, 3),
+                }
+                if get_expert_kind(base_kind).merge == "lora_factors":
+                    params["peft_combination"] = peft_combination(spec.method)
+                if tuning is not None:
+                    params["tuning"] = tuning
+                expert = context.catalogue.create_merged_expert(
+                    name=name or _default_name(context, parents, spec, signature),
+                    backbone_id=parents[0].backbone_id,
+                    config={**config, "base_kind": base_kind, "parents": [p.name for p in parents]},
+                    merge_method=spec.method,
+                    merge_params=params,
+                    parents=[(p.id, w) for p, w in zip(parents, spec.weights, strict=True)],
+                    artifact=artifact,
+                    embedder_id=embedder_id,
+                    entries=entries,
+                )
     say(f"merged expert {expert.name} (id {expert.id}) is ready at library version {expert.library_version}")
     return MergeResult(expert, False, time.perf_counter() - started, merge_seconds, tuning)
 

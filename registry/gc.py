@@ -1,16 +1,37 @@
-"""Garbage collection of the bucket: objects no catalogue row points to."""
+"""Garbage collection of the bucket: objects no catalogue row points to.
+
+Weights are content-addressed and an upload is skipped when the object already exists, so a publisher may rely
+on an object that GC is about to delete. Two rules keep the pair safe:
+
+- A publisher holds the artifacts lock (shared; many publish at once) from its upload, or its decision to skip
+  the upload, until the transaction that makes its expert ready has committed; a skipped upload also touches the
+  object, so that it is young again.
+- GC deletes under the same lock held exclusively, and only objects that, at that moment, no expert references
+  and whose last modification is older than the grace period.
+
+A publisher that has checked the object therefore either commits its reference before GC looks again, or starts
+after GC has deleted the object and uploads it anew.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 from elmreg.registry.artifacts import ArtifactRepository, StoredObject
 from elmreg.registry.store.catalogue import CatalogueStore
+from elmreg.registry.store.jobs import JobStore
 
 # An upload becomes referenced only when its expert is published, moments later; objects younger than this
 # may belong to a publish in flight and are never collected.
 DEFAULT_MIN_AGE = dt.timedelta(hours=1)
+ARTIFACTS_LOCK = "elmreg-artifacts"
+
+
+def publishing_artifacts(jobs: JobStore) -> AbstractContextManager[None]:
+    """Hold this around uploading weights and publishing the expert that references them (see the module doc)."""
+    return jobs.exclusive(ARTIFACTS_LOCK, shared=True)
 
 
 @dataclass(frozen=True)
@@ -27,6 +48,7 @@ class GcReport:
 def collect_garbage(
     catalogue: CatalogueStore,
     artifacts: ArtifactRepository,
+    jobs: JobStore,
     *,
     delete: bool = False,
     min_age: dt.timedelta = DEFAULT_MIN_AGE,
@@ -35,6 +57,7 @@ def collect_garbage(
     """Find (and with ``delete``, remove) objects under the configured prefix that no expert references.
 
     Args:
+        jobs: The store whose lock publishers hold; ``delete`` waits for publishes in flight.
         delete: Remove the objects; without it this is a dry run that only reports them.
         min_age: Leave objects younger than this alone (an expert may be about to point at them).
     """
@@ -47,9 +70,15 @@ def collect_garbage(
         if obj.uri in referenced:
             continue
         (too_young if now - obj.last_modified < min_age else unreferenced).append(obj)
-    deleted = []
-    if delete:
-        for obj in unreferenced:
-            artifacts.delete(obj.uri)
-            deleted.append(obj.uri)
+    deleted: list[str] = []
+    if delete and unreferenced:
+        with jobs.exclusive(ARTIFACTS_LOCK):
+            # No publish is in flight now: what the catalogue and the store say at this moment is final.
+            referenced = catalogue.referenced_artifact_uris()
+            for obj in unreferenced:
+                current = artifacts.stat(obj.uri)
+                if obj.uri in referenced or current is None or now - current.last_modified < min_age:
+                    continue
+                artifacts.delete(obj.uri)
+                deleted.append(obj.uri)
     return GcReport(unreferenced=unreferenced, too_young=too_young, deleted=deleted)

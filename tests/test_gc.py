@@ -27,15 +27,16 @@ def test_gc_dry_run_then_delete(settings, scratch_database, tmp_path, unique):
             expert.id, artifact=kept, embedder_id=embedder.id, entries=[LibraryEntry(0, "x", np.ones(4))]
         )
 
-        young = collect_garbage(catalogue, artifacts, delete=True)  # both objects are seconds old
+        # Both objects are seconds old.
+        young = collect_garbage(catalogue, artifacts, context.jobs, delete=True)
         assert young.deleted == [] and [o.uri for o in young.too_young] == [orphan.uri]
 
         later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)
-        dry = collect_garbage(catalogue, artifacts, now=later)
+        dry = collect_garbage(catalogue, artifacts, context.jobs, now=later)
         assert [o.uri for o in dry.unreferenced] == [orphan.uri] and dry.deleted == []
         assert artifacts.exists(orphan.uri)
 
-        done = collect_garbage(catalogue, artifacts, delete=True, now=later)
+        done = collect_garbage(catalogue, artifacts, context.jobs, delete=True, now=later)
         assert done.deleted == [orphan.uri]
         assert not artifacts.exists(orphan.uri) and artifacts.exists(kept.uri)
     finally:

@@ -30,6 +30,7 @@ from elmreg.registry.errors import (
     first_line,
 )
 from elmreg.registry.examples import task_examples
+from elmreg.registry.gc import publishing_artifacts
 from elmreg.registry.kinds import LORA, weights_kind
 from elmreg.registry.library import SAMPLES_PER_EXPERT, embed_entries, register_embedder, sample_indices
 from elmreg.registry.prompts import PromptedExample, library_text
@@ -183,23 +184,26 @@ def publish(
 ) -> Expert:
     """Upload the weights (verified), embed S library samples of ``examples``, and make the expert ready."""
     hooks = hooks or TrainingHooks()
-    hooks.stage("uploading weights")
-    artifact = context.artifacts.put_file(weights_path)
-    hooks.stage(f"embedding {min(SAMPLES_PER_EXPERT, len(examples))} library samples")
-    embedder = load_embedder(context.settings.embedder)
-    chosen = sample_indices(len(examples), SAMPLES_PER_EXPERT, seed=seed)
-    entries = embed_entries(embedder, [library_text(examples[i]) for i in chosen])
-    if check_lease is not None:
-        check_lease()
-    return context.catalogue.publish_expert(
-        expert.id,
-        artifact=artifact,
-        embedder_id=register_embedder(context.catalogue, embedder).id,
-        entries=entries,
-        metrics=metrics,
-        config=config,
-        lease=lease,
-    )
+    # From the upload (or the decision to skip it) until the expert references the object, garbage collection
+    # must not delete it: see registry/gc.py.
+    with publishing_artifacts(context.jobs):
+        hooks.stage("uploading weights")
+        artifact = context.artifacts.put_file(weights_path)
+        hooks.stage(f"embedding {min(SAMPLES_PER_EXPERT, len(examples))} library samples")
+        embedder = load_embedder(context.settings.embedder)
+        chosen = sample_indices(len(examples), SAMPLES_PER_EXPERT, seed=seed)
+        entries = embed_entries(embedder, [library_text(examples[i]) for i in chosen])
+        if check_lease is not None:
+            check_lease()
+        return context.catalogue.publish_expert(
+            expert.id,
+            artifact=artifact,
+            embedder_id=register_embedder(context.catalogue, embedder).id,
+            entries=entries,
+            metrics=metrics,
+            config=config,
+            lease=lease,
+        )
 
 
 def _tmp_dir(context: RegistryContext) -> Path:

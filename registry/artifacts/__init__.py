@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,12 +23,16 @@ __all__ = [
 ]
 
 
-def open_artifact_repository(endpoints: Endpoints, *, create_bucket: bool = True) -> ArtifactRepository:
-    """The repository for the configured object store (any S3 API: the ``s3://`` scheme)."""
+def open_artifact_repository(endpoints: Endpoints) -> ArtifactRepository:
+    """The repository for the configured object store (any S3 API: the ``s3://`` scheme).
+
+    Opening it touches nothing; the first upload creates the configured bucket if it is missing, reads never do
+    (a mistyped bucket name must be an error, not a new bucket).
+    """
     # boto3 takes a noticeable share of start-up and verbs that only read the catalogue never touch S3.
     from elmreg.registry.artifacts.s3 import S3ArtifactRepository
 
-    repository = S3ArtifactRepository(
+    return S3ArtifactRepository(
         bucket=endpoints.s3_bucket,
         prefix=endpoints.s3_prefix,
         endpoint_url=endpoints.s3_endpoint_url or None,
@@ -38,9 +40,6 @@ def open_artifact_repository(endpoints: Endpoints, *, create_bucket: bool = True
         secret_access_key=endpoints.s3_secret_access_key or None,
         region=endpoints.s3_region,
     )
-    if create_bucket:
-        repository.ensure_bucket()
-    return repository
 
 
 def __getattr__(name: str):
@@ -55,42 +54,37 @@ def __getattr__(name: str):
 class ArtifactCache:
     """A local cache of downloaded weights, keyed by sha256.
 
-    Every download is verified against the catalogue's sha256 and size. A cached file is trusted only while a
-    sidecar record of that verification still matches its size and modification time; anything else (a file
-    edited or truncated on disk) is fetched and verified again.
+    Every download is verified against the catalogue's sha256 and size, and so is every cached copy each time it
+    is handed out: a file damaged on disk, or left short by a full disk, is never used; it is fetched again.
+    Hashing costs about a second per gigabyte, small next to loading the weights it guards.
     """
 
     def __init__(self, root: Path, repository: ArtifactRepository):
         self.root = root
         self.repository = repository
 
-    def _paths(self, artifact: StoredArtifact) -> tuple[Path, Path]:
-        base = self.root / "sha256" / artifact.sha256[:2] / artifact.sha256
-        return base, base.with_name(base.name + ".verified.json")
+    def _path(self, artifact: StoredArtifact) -> Path:
+        return self.root / "sha256" / artifact.sha256[:2] / artifact.sha256
 
     def fetch(self, artifact: StoredArtifact) -> Path:
-        """A verified local copy of the artifact, downloading it if needed."""
+        """A verified local copy of the artifact, downloading it if needed.
+
+        Raises:
+            ArtifactError: The download failed (the store is unreachable, or no room in the cache directory).
+            ArtifactIntegrityError: The stored bytes do not match the catalogue.
+        """
         scheme = artifact.uri.split("://", 1)[0]
         if scheme != self.repository.scheme:
             raise ConfigurationError(
                 f"{artifact.uri} is a '{scheme}' artifact but the configured store serves '{self.repository.scheme}'"
             )
-        path, record = self._paths(artifact)
-        if path.exists() and record.exists():
-            stat = path.stat()
-            try:
-                seen = json.loads(record.read_text())
-            except ValueError:
-                seen = {}
-            if seen == {"sha256": artifact.sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns} and (
-                stat.st_size == artifact.size
-            ):
-                return path
-        self.repository.download(artifact, path)
-        stat = path.stat()
-        tmp = record.with_name(record.name + f".{os.getpid()}")
-        tmp.write_text(
-            json.dumps({"sha256": artifact.sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
-        )
-        os.replace(tmp, record)
-        return path
+        path = self._path(artifact)
+        try:
+            cached = sha256_file(path) if path.is_file() else None
+        except OSError:
+            cached = None
+        if cached == (artifact.sha256, artifact.size):
+            return path
+        # The download writes a temporary file and renames it only once verified, so no reader ever sees a
+        # partial or unverified copy under this name.
+        return self.repository.download(artifact, path)

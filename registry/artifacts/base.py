@@ -64,6 +64,10 @@ class ArtifactRepository(ABC):
         """Whether an object exists at ``uri``."""
 
     @abstractmethod
+    def stat(self, uri: str) -> StoredObject | None:
+        """The object at ``uri`` as the store describes it now (None when it is missing)."""
+
+    @abstractmethod
     def delete(self, uri: str) -> None:
         """Delete the object at ``uri`` (no error if it is already gone)."""
 

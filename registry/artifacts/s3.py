@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -41,6 +42,15 @@ _CREDENTIAL_ERRORS = {
     "ExpiredToken",
 }
 _MISSING = {"404", "NoSuchKey", "NotFound"}
+_SINGLE_COPY_LIMIT = 5 * 1024**3
+# The file system said it has no room for the download (EFBIG: a per-process file size limit).
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# An outage, 5xx answers, throttling and timeouts are retried by botocore with exponential backoff and jitter
+# ("standard" mode), a bounded number of times; then the error reaches the caller as one ArtifactError and a
+# job is retried later by the queue.
+DEFAULT_MAX_ATTEMPTS = 5
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+DEFAULT_READ_TIMEOUT_S = 60.0
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -64,10 +74,19 @@ class S3ArtifactRepository(ArtifactRepository):
         access_key_id: str | None = None,
         secret_access_key: str | None = None,
         region: str = "us-east-1",
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+        read_timeout: float = DEFAULT_READ_TIMEOUT_S,
     ):
+        """Args:
+        max_attempts: Tries per request (the first one included) before an error is raised.
+        connect_timeout, read_timeout: Seconds to wait for a connection, and for each read of an answer.
+        """
         self.bucket = bucket
         self.prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
         self.endpoint_url = endpoint_url
+        self.max_attempts = max_attempts
+        self._bucket_ready = False
         self.client = boto3.client(
             "s3",
             endpoint_url=endpoint_url or None,
@@ -75,9 +94,9 @@ class S3ArtifactRepository(ArtifactRepository):
             aws_secret_access_key=secret_access_key or None,
             region_name=region,
             config=Config(
-                retries={"max_attempts": 3, "mode": "standard"},
-                connect_timeout=5,
-                read_timeout=60,
+                retries={"max_attempts": max_attempts, "mode": "standard"},
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
                 # Path-style works with SeaweedFS, MinIO and AWS alike; virtual-host style needs DNS for buckets.
                 s3={"addressing_style": "path"},
             ),
@@ -98,7 +117,9 @@ class S3ArtifactRepository(ArtifactRepository):
             if code == "NoSuchBucket":
                 return ArtifactNotFoundError(f"bucket '{self.bucket}' does not exist at {where}")
             return ArtifactError(f"S3 at {where} refused to {action}: {code} {exc}")
-        return ArtifactError(f"cannot reach S3 at {where} to {action}: {exc}")
+        return ArtifactError(
+            f"cannot reach S3 at {where} to {action} (tried {self.max_attempts} times): {exc}"
+        )
 
     def uri_for(self, sha256: str, suffix: str) -> str:
         return f"s3://{self.bucket}/{self.prefix}blobs/sha256/{sha256[:2]}/{sha256}{suffix}"
@@ -120,9 +141,13 @@ class S3ArtifactRepository(ArtifactRepository):
             raise self._error(exc, "read object metadata") from exc
 
     def ensure_bucket(self) -> None:
-        """Create the bucket if it does not exist (idempotent)."""
+        """Create the bucket if it does not exist (idempotent). Only writes call this: a read of a mistyped
+        bucket must fail, not create it."""
+        if self._bucket_ready:
+            return
         try:
             self.client.head_bucket(Bucket=self.bucket)
+            self._bucket_ready = True
             return
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
@@ -138,14 +163,27 @@ class S3ArtifactRepository(ArtifactRepository):
                 "BucketAlreadyExists",
             ):
                 raise self._error(exc, f"create bucket '{self.bucket}'") from exc
+        except BotoCoreError as exc:
+            raise self._error(exc, f"create bucket '{self.bucket}'") from exc
+        self._bucket_ready = True
 
     # -- interface -----------------------------------------------------------------------------------------
     def put_file(self, path: Path, *, suffix: str = ".safetensors") -> StoredArtifact:
         sha256, size = sha256_file(path)
         uri = self.uri_for(sha256, suffix)
         key = self._key(uri)
+        self.ensure_bucket()
         head = self._head(key)
-        if head is None or head["ContentLength"] != size or head.get("Metadata", {}).get("sha256") != sha256:
+        if (
+            head is not None
+            and head["ContentLength"] == size
+            and head.get("Metadata", {}).get("sha256") == sha256
+        ):
+            # The same bytes are stored already. Touch the object so that it is young again: garbage collection
+            # only deletes objects older than its grace period (see registry/gc.py).
+            self._touch(key, sha256, size, uri)
+            head = self._head(key)
+        else:
             try:
                 self.client.upload_file(
                     str(path), self.bucket, key, ExtraArgs={"Metadata": {"sha256": sha256}}, Config=_TRANSFER
@@ -162,6 +200,31 @@ class S3ArtifactRepository(ArtifactRepository):
             )
         return StoredArtifact(uri=uri, sha256=sha256, size=size)
 
+    def _touch(self, key: str, sha256: str, size: int, uri: str) -> None:
+        # A copy onto itself with replaced metadata is done server side and sets Last-Modified to now; S3 refuses
+        # a self-copy that changes nothing, hence REPLACE. One CopyObject takes up to 5 GiB; a larger task
+        # vector goes through the transfer manager's multipart copy.
+        source = {"Bucket": self.bucket, "Key": key}
+        try:
+            if size <= _SINGLE_COPY_LIMIT:
+                self.client.copy_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    CopySource=source,
+                    Metadata={"sha256": sha256},
+                    MetadataDirective="REPLACE",
+                )
+            else:
+                self.client.copy(
+                    source,
+                    self.bucket,
+                    key,
+                    ExtraArgs={"Metadata": {"sha256": sha256}, "MetadataDirective": "REPLACE"},
+                    Config=_TRANSFER,
+                )
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "refresh a stored object", uri) from exc
+
     def _translate_upload_failure(self, exc: S3UploadFailedError, uri: str) -> Exception:
         # boto3's transfer manager flattens the ClientError into a message; recover the error code from it.
         text = str(exc)
@@ -176,8 +239,11 @@ class S3ArtifactRepository(ArtifactRepository):
 
     def download(self, artifact: StoredArtifact, destination: Path) -> Path:
         key = self._key(artifact.uri)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        handle = tempfile.NamedTemporaryFile(dir=destination.parent, prefix=".part-", delete=False)  # noqa: SIM115 - closed below, renamed on success
+        try:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            handle = tempfile.NamedTemporaryFile(dir=destination.parent, prefix=".part-", delete=False)  # noqa: SIM115 - closed below, renamed on success
+        except OSError as exc:
+            raise self._local_error(exc, destination) from exc
         partial = Path(handle.name)
         try:
             digest, size = hashlib.sha256(), 0
@@ -190,6 +256,8 @@ class S3ArtifactRepository(ArtifactRepository):
                         handle.write(chunk)
             except (ClientError, BotoCoreError) as exc:
                 raise self._error(exc, "download weights", artifact.uri) from exc
+            except OSError as exc:
+                raise self._local_error(exc, destination) from exc
             if size != artifact.size or digest.hexdigest() != artifact.sha256:
                 raise ArtifactIntegrityError(
                     f"{artifact.uri} does not match the catalogue (sha256 {digest.hexdigest()[:12]}…, {size} bytes;"
@@ -201,8 +269,25 @@ class S3ArtifactRepository(ArtifactRepository):
         finally:
             partial.unlink(missing_ok=True)
 
+    @staticmethod
+    def _local_error(exc: OSError, destination: Path) -> ArtifactError:
+        if exc.errno in _NO_ROOM:
+            return ArtifactError(
+                f"no room to download weights into {destination.parent} ({exc.strerror}): free space there or "
+                "set ELMREG_CACHE_DIR to a larger disk; nothing partial was kept"
+            )
+        return ArtifactError(
+            f"cannot write downloaded weights to {destination.parent}: {exc.strerror or exc}"
+        )
+
     def exists(self, uri: str) -> bool:
         return self._head(self._key(uri)) is not None
+
+    def stat(self, uri: str) -> StoredObject | None:
+        head = self._head(self._key(uri))
+        if head is None:
+            return None
+        return StoredObject(uri, int(head["ContentLength"]), head["LastModified"])
 
     def delete(self, uri: str) -> None:
         try:
@@ -211,6 +296,7 @@ class S3ArtifactRepository(ArtifactRepository):
             raise self._error(exc, "delete an object", uri) from exc
 
     def list_objects(self) -> Iterator[StoredObject]:
+        # A read: a missing bucket is an error here (NoSuchBucket), never created.
         paginator = self.client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + "blobs/"):

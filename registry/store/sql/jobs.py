@@ -268,15 +268,20 @@ class SqlJobStore(JobStore):
 
     # -- locks across processes ----------------------------------------------------------------------------
     @contextmanager
-    def exclusive(self, key: str) -> Iterator[None]:
+    def exclusive(self, key: str, *, shared: bool = False) -> Iterator[None]:
         # A session-level advisory lock on its own autocommit connection: held for the whole block (a merge
         # takes seconds to minutes) without keeping a transaction open meanwhile.
+        mode = "_shared" if shared else ""
         with self.sessions.connect(autocommit=True) as connection:
-            connection.execute(text("SELECT pg_advisory_lock(hashtextextended(:key, 0))"), {"key": key})
+            connection.execute(
+                text(f"SELECT pg_advisory_lock{mode}(hashtextextended(:key, 0))"), {"key": key}
+            )
             try:
                 yield
             finally:
-                connection.execute(text("SELECT pg_advisory_unlock(hashtextextended(:key, 0))"), {"key": key})
+                connection.execute(
+                    text(f"SELECT pg_advisory_unlock{mode}(hashtextextended(:key, 0))"), {"key": key}
+                )
 
     def try_lock(self, key: str) -> HeldLock | None:
         connection = self.sessions.open_connection()
