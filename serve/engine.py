@@ -223,6 +223,10 @@ class Engine:
         elif not experts:
             with self.pool.use(None) as model:
                 self._run_batch(model, live, None)
+        elif len(experts) == 1 and all(w.expert is not None for w in live):
+            # One adapter for every row: the active adapter alone, without PEFT's per-row dispatch.
+            with self.pool.use(experts[0]) as model:
+                self._run_batch(model, live, None)
         else:
             with self.pool.use_mixed(experts) as (model, names):
                 adapters = [names[w.expert.id] if w.expert else BASE_ADAPTER for w in live]

@@ -6,6 +6,7 @@ thread is the only one that runs the model, its audit writer the only one that w
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -83,6 +84,9 @@ class ServingService:
             self.context, self.backbone_name, capacity=pool_capacity, device=resolve_device(device)
         )
         self.backbone = self.pool.backbone
+        # The request side counts tokens and renders chat templates on a copy: the engine thread changes its
+        # tokenizer's padding settings, and a fast tokenizer used from two threads at once can fail mid-call.
+        self.tokenizer = copy.deepcopy(self.backbone.tokenizer)
         # Experts trained on another copy of the weights are not this backbone's (fingerprints must match).
         self.backbone_id = self._catalogue_backbone_id()
         self.router = registry.router()
@@ -203,7 +207,7 @@ class ServingService:
 
     # -- limits --------------------------------------------------------------------------------------------
     def count_tokens(self, text: str, *, add_special_tokens: bool = True) -> int:
-        return len(self.backbone.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        return len(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def check_prompt(self, text: str, *, param: str, add_special_tokens: bool = True) -> None:
         tokens = self.count_tokens(text, add_special_tokens=add_special_tokens)
@@ -221,7 +225,7 @@ class ServingService:
         With a chat template the template writes the special tokens (and the assistant's turn opening); without
         one, the messages are joined as text, the way a base model reads a transcript.
         """
-        tokenizer = self.backbone.tokenizer
+        tokenizer = self.tokenizer
         if getattr(tokenizer, "chat_template", None):
             rendered = tokenizer.apply_chat_template(
                 [{"role": role, "content": content} for role, content in messages],
