@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from elmreg.cli import catalogue, demo, experiment, inference, library, merge
+from elmreg.cli import catalogue, demo, experiment, inference, library, merge, serve
 from elmreg.cli.errors import ElmregGroup
 
 if TYPE_CHECKING:
@@ -250,6 +250,7 @@ inference.register(cli)
 cli.add_command(demo.demo)
 cli.add_command(merge.merge)
 cli.add_command(experiment.experiment)
+cli.add_command(serve.serve)
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """Answering instances that each name their own expert, with one loaded backbone.
 
 Experts of mixable kinds (LoRA, merged LoRA included) and the plain backbone share work: for generation, batches
-mix adapters through PEFT's ``adapter_names`` (each row runs its own adapter in the same forward pass); rank
-classification scores one instance at a time anyway, so it switches the active adapter between instances, which
-costs no reload. Experts of the other kinds change the backbone itself and are answered group by group.
+mix adapters through PEFT's ``adapter_names`` (each row runs its own adapter in the same forward pass), and so
+do rank classification's (instance, choice) pairs: all instances' choices share forward passes. Experts of the
+other kinds change the backbone itself and are answered group by group.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from elmreg.inference.pool import BASE_ADAPTER, AdapterPool
-from elmreg.inference.scoring import generate, rank_classify
+from elmreg.inference.scoring import best_choice, choice_log_likelihoods_batch, generate, rank_classify
 from elmreg.registry.kinds import get_expert_kind, weights_kind
 from elmreg.registry.prompts import PromptedExample
 from elmreg.registry.store.entities import Expert
@@ -38,9 +38,9 @@ def answer_each(
         with pool.use_mixed(group) as (model, names):
             adapters = [names[experts[i].id] if experts[i] else BASE_ADAPTER for i in rows]
             if classify:
-                results = []
-                for row, adapter in zip(rows, adapters, strict=True):
-                    results += _classify_with(model, pool, examples[row], adapter)
+                subset = [examples[i] for i in rows]
+                scores = choice_log_likelihoods_batch(model, pool.backbone, subset, adapter_names=adapters)
+                results = [best_choice(e, s) for e, s in zip(subset, scores, strict=True)]
             else:
                 results = generate(model, pool.backbone, [examples[i] for i in rows], adapter_names=adapters)
         for row, result in zip(rows, results, strict=True):
@@ -69,11 +69,3 @@ def _mixable_groups(experts: Sequence[Expert], capacity: int) -> list[list[Exper
     if not distinct:
         return [[]]
     return [distinct[start : start + capacity] for start in range(0, len(distinct), capacity)]
-
-
-def _classify_with(model, pool: AdapterPool, example: PromptedExample, adapter: str) -> list[str]:
-    if adapter == BASE_ADAPTER:
-        with model.disable_adapter():
-            return rank_classify(model, pool.backbone, [example])
-    model.set_adapter(adapter)
-    return rank_classify(model, pool.backbone, [example])

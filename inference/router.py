@@ -14,7 +14,7 @@ candidates, so a decision made at version v is reproduced exactly after new expe
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -128,6 +128,7 @@ class Router:
         task_id: int | None = None,
         record: bool = True,
         seed: int = 0,
+        recorder: Callable[[RoutingDecisionRecord, Sequence[RoutingVote]], int] | None = None,
     ) -> RoutingDecision:
         """Choose an expert for a set of unlabeled instances of one task.
 
@@ -142,6 +143,8 @@ class Router:
             caller_label: Free text stored with the decision (who or what asked).
             task_id: The registered task the instances come from, if any (for the audit views).
             record: Write the decision and its votes to the audit tables.
+            recorder: Writes them instead of the library store and returns the decision id (a server's batched
+                audit writer, which answers before the rows are inserted).
 
         Raises:
             UserError: No queries, Q larger than the number given, or nothing routable.
@@ -177,7 +180,7 @@ class Router:
         winner = tallies[0]
         decision_id = None
         if record:
-            decision_id = self.context.library.record_decision(
+            decision_id = (recorder or self.context.library.record_decision)(
                 RoutingDecisionRecord(
                     embedder_id=embedder.id,
                     library_version=version,

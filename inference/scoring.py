@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -136,14 +137,83 @@ def _summed_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> list[float]
     return [float(v) for v in (picked * keep).sum(dim=1)]
 
 
+# Rows ((example, choice) pairs) per forward pass of the batched scorer: bounds activation memory.
+BATCH_SCORING_ROWS = 64
+
+
+@contextmanager
+def mixed_adapters(model, adapter_names: Sequence[str] | None) -> Iterator[None]:
+    """Every forward pass in the block runs row i through PEFT adapter ``adapter_names[i]`` (``"__base__"``: none).
+
+    ``PeftModel.forward`` and ``generate`` take ``adapter_names`` themselves, but the scorers call the inner model
+    directly (to run the LM head only where needed); PEFT's forward hooks, which its own forward installs, pass
+    the names down to every LoRA layer either way.
+    """
+    if adapter_names is None:
+        yield
+        return
+    with model.base_model._enable_peft_forward_hooks(adapter_names=list(adapter_names)):
+        yield
+
+
+@torch.no_grad()
+def choice_log_likelihoods_batch(
+    model,
+    backbone: Backbone,
+    examples: Sequence[PromptedExample],
+    *,
+    adapter_names: Sequence[str] | None = None,
+    max_source_length: int = 512,
+    rows_per_pass: int = BATCH_SCORING_ROWS,
+) -> list[list[float]]:
+    """:func:`choice_log_likelihoods` for many examples at once, each with its own adapter if given.
+
+    Every (example, choice) pair is one row of a padded batch, so the choices of all examples (of many requests,
+    for many LoRA experts) share forward passes; the values equal the per-example computation up to float
+    rounding (tests/test_serve_scoring.py).
+
+    Args:
+        adapter_names: One PEFT adapter name per example (a mixed batch, see :func:`mixed_adapters`).
+        rows_per_pass: Pairs per forward pass.
+    """
+    if any(not e.answer_choices for e in examples):
+        raise UserError("rank classification needs answer choices for every instance")
+    if adapter_names is not None and len(adapter_names) != len(examples):
+        raise UserError(f"{len(adapter_names)} adapter names for {len(examples)} examples")
+    pairs = [(index, choice) for index, e in enumerate(examples) for choice in e.answer_choices]
+    flat: list[float] = []
+    for start in range(0, len(pairs), rows_per_pass):
+        chunk = pairs[start : start + rows_per_pass]
+        batch = encode(
+            backbone.family,
+            backbone.tokenizer,
+            [examples[index].input for index, _ in chunk],
+            [choice for _, choice in chunk],
+            max_source_length=max_source_length,
+            max_target_length=_MAX_CHOICE_TOKENS,
+        ).to(backbone.device)
+        names = None if adapter_names is None else [adapter_names[index] for index, _ in chunk]
+        with mixed_adapters(model, names):
+            losses = target_token_loss(model, backbone.family, batch, reduction="none")
+        flat.extend(-float(v) for v in losses)
+    scores: list[list[float]] = [[] for _ in examples]
+    for (index, _), value in zip(pairs, flat, strict=True):
+        scores[index].append(value)
+    return scores
+
+
+def best_choice(example: PromptedExample, scores: Sequence[float]) -> str:
+    """The answer choice with the highest log-likelihood (the first of equals)."""
+    return example.answer_choices[max(range(len(scores)), key=scores.__getitem__)]
+
+
 def rank_classify(
     model, backbone: Backbone, examples: Sequence[PromptedExample], *, progress: Progress | None = None
 ) -> list[str]:
     """The most likely answer choice of each example."""
     answers = []
     for example in examples:
-        scores = choice_log_likelihoods(model, backbone, example)
-        answers.append(example.answer_choices[max(range(len(scores)), key=scores.__getitem__)])
+        answers.append(best_choice(example, choice_log_likelihoods(model, backbone, example)))
         if progress is not None:
             progress(len(answers))
     return answers

@@ -27,8 +27,8 @@ LAYERS: list[set[str]] = [
     {"merging", "jobs"},
     # The Python API (elmreg/api.py), which wires everything below.
     {"elmreg"},
-    # The experiment harness, a client of the API.
-    {"experiments"},
+    # The experiment harness | the HTTP server (elmreg serve): clients of the API.
+    {"experiments", "serve"},
     {"cli"},
 ]
 # migrations/ holds the registry's Alembic scripts: registry.store.schema points Alembic at the folder and the

@@ -227,3 +227,23 @@ class BenchmarkCell:
     route: str
     metric: str
     score: float
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A key of the HTTP API (``elmreg serve``); the key itself is never stored, only its hash."""
+
+    id: int
+    name: str
+    prefix: str
+    created_at: dt.datetime
+    revoked_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class PendingDecision:
+    """A routing decision whose id was reserved when it was made, written later with others in one batch."""
+
+    decision_id: int
+    record: RoutingDecisionRecord
+    votes: tuple[RoutingVote, ...]

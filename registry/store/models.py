@@ -289,6 +289,20 @@ class EvaluationRow(Base):
     created_at: Mapped[dt.datetime] = _now()
 
 
+class ApiKeyRow(Base):
+    """A key of ``elmreg serve``'s HTTP API: only the key's sha256 is kept, so a leaked catalogue leaks no key."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    # The key's first characters, to tell keys apart in listings without being able to use one.
+    prefix: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[dt.datetime] = _now()
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 def hnsw_index_name(embedder_id: int) -> str:
     """Name of the per-embedder HNSW index over ``library_entries.embedding``."""
     return f"ix_library_entries_embedding_hnsw_e{embedder_id}"

@@ -1,0 +1,236 @@
+"""What the server does, apart from HTTP: resolve ``model``, route by RoE, hand prompts to the engine.
+
+One :class:`ServingService` serves one backbone (the registry's configured one) on one adapter pool; its engine
+thread is the only one that runs the model, its audit writer the only one that writes decisions.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from elmreg.inference.pool import AdapterPool
+from elmreg.registry.backbones import resolve_device
+from elmreg.registry.errors import NotFoundError
+from elmreg.registry.prompts import PromptedExample
+from elmreg.registry.store.entities import Expert
+from elmreg.serve.audit import DecisionWriter
+from elmreg.serve.auth import KeyChecker
+from elmreg.serve.engine import Engine
+from elmreg.serve.metrics import ServeMetrics
+from elmreg.serve.protocol import ApiError, Limits
+
+if TYPE_CHECKING:
+    from elmreg.api import Registry
+
+_log = logging.getLogger(__name__)
+
+AUTO, BASE = "auto", "base"
+# How long a resolved model name is trusted: a retired expert stops being served within this time.
+_EXPERT_CACHE_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Routed:
+    """The experts that answer a request's prompts (None: the plain backbone), and the decisions that chose them."""
+
+    experts: list[Expert | None]
+    decision_ids: list[int | None]
+
+    @property
+    def expert_header(self) -> str:
+        return ",".join(e.name if e else BASE for e in self.experts_in_order)
+
+    @property
+    def decision_header(self) -> str | None:
+        ids = [str(i) for i in dict.fromkeys(self.decision_ids) if i is not None]
+        return ",".join(ids) or None
+
+    @property
+    def experts_in_order(self) -> list[Expert | None]:
+        """Each distinct expert once, in prompt order."""
+        seen: dict[int | None, Expert | None] = {}
+        for expert in self.experts:
+            seen.setdefault(expert.id if expert else None, expert)
+        return list(seen.values())
+
+
+class ServingService:
+    """The registry's experts on one loaded backbone, for HTTP requests."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        device: str = "auto",
+        max_batch: int = 8,
+        pool_capacity: int = 8,
+        limits: Limits | None = None,
+        auth: bool = True,
+    ):
+        self.registry = registry
+        self.context = registry.context
+        self.limits = limits or Limits()
+        self.metrics = ServeMetrics()
+        self.auth = auth
+        self.keys = KeyChecker(self.context.keys) if auth else None
+        self.backbone_name = registry.settings.backbone
+        self.pool = AdapterPool(
+            self.context, self.backbone_name, capacity=pool_capacity, device=resolve_device(device)
+        )
+        self.backbone = self.pool.backbone
+        # The request side counts tokens and renders chat templates on a copy: the engine thread changes its
+        # tokenizer's padding settings, and a fast tokenizer used from two threads at once can fail mid-call.
+        self.tokenizer = copy.deepcopy(self.backbone.tokenizer)
+        # Experts trained on another copy of the weights are not this backbone's (fingerprints must match).
+        self.backbone_id = self._catalogue_backbone_id()
+        self.router = registry.router()
+        self._route_lock = (
+            threading.Lock()
+        )  # one embedding + vote at a time: they share the CPU with the engine
+        self.writer = DecisionWriter(
+            self.context.decisions,
+            spill_dir=registry.settings.home / "serve",
+            on_written=self.metrics.decisions_written.inc,
+        )
+        self.engine = Engine(self.pool, max_batch=max_batch, observer=self.metrics)
+        self._experts: dict[str, tuple[Expert, float]] = {}
+        self.engine.start()
+
+    def _catalogue_backbone_id(self) -> int | None:
+        try:
+            return self.context.catalogue.get_backbone(self.backbone_name).id
+        except NotFoundError:
+            return None  # nothing trained on it yet: only 'base' answers
+
+    def close(self) -> None:
+        """Answer what is queued, then write every routing decision (graceful shutdown)."""
+        self.engine.close()
+        self.writer.close()
+
+    # -- models --------------------------------------------------------------------------------------------
+    def ready_experts(self) -> list[Expert]:
+        if self.backbone_id is None:
+            self.backbone_id = self._catalogue_backbone_id()
+        return [
+            e
+            for e in self.context.catalogue.list_experts(status="ready")
+            if e.backbone_id == self.backbone_id
+        ]
+
+    def expert(self, model: str) -> Expert | None:
+        """The expert ``model`` names (name or id; ``base``: None).
+
+        Raises:
+            ApiError: 404 for an unknown, unready or other-backbone expert.
+        """
+        if model == BASE:
+            return None
+        now = time.monotonic()
+        cached = self._experts.get(model)
+        if cached is not None and now - cached[1] < _EXPERT_CACHE_SECONDS:
+            return cached[0]
+        try:
+            expert = self.context.catalogue.get_expert(model)
+        except NotFoundError:
+            raise ApiError(
+                404,
+                f"model '{model}' does not exist: GET /v1/models lists them",
+                param="model",
+                code="model_not_found",
+            ) from None
+        if self.backbone_id is None:
+            self.backbone_id = self._catalogue_backbone_id()
+        if expert.status != "ready":
+            raise ApiError(
+                404,
+                f"expert '{expert.name}' is {expert.status}, not ready",
+                param="model",
+                code="model_not_found",
+            )
+        if expert.backbone_id != self.backbone_id:
+            raise ApiError(
+                404,
+                f"expert '{expert.name}' is trained on another backbone than this server's ({self.backbone_name})",
+                param="model",
+                code="model_not_found",
+            )
+        self._experts[model] = (expert, now)
+        return expert
+
+    # -- routing -------------------------------------------------------------------------------------------
+    def route(
+        self, model: str, instances: Sequence[PromptedExample], *, per_prompt: bool, caller_label: str
+    ) -> Routed:
+        """The expert of every instance: named, ``base``, or by RoE (``auto``) on the request's instances as
+        Q (one decision), or on each instance alone (``per_prompt``). Blocking: run it off the event loop."""
+        if model != AUTO:
+            expert = self.expert(model)
+            return Routed([expert] * len(instances), [None] * len(instances))
+        if self.backbone_id is None:
+            self.backbone_id = self._catalogue_backbone_id()
+            if self.backbone_id is None:
+                raise ApiError(
+                    404,
+                    f"model 'auto': no expert is trained on this server's backbone ({self.backbone_name})",
+                    param="model",
+                    code="model_not_found",
+                )
+        groups = [[i] for i in instances] if per_prompt else [list(instances)]
+        experts: list[Expert | None] = []
+        decision_ids: list[int | None] = []
+        for group in groups:
+            started = time.perf_counter()
+            with self._route_lock:
+                try:
+                    decision = self.router.route(
+                        group,
+                        q=None,
+                        backbone_id=self.backbone_id,
+                        caller_label=caller_label,
+                        recorder=self.writer.record,
+                    )
+                except NotFoundError as error:
+                    raise ApiError(
+                        404, f"model 'auto': {error}", param="model", code="model_not_found"
+                    ) from None
+            self.metrics.routing_latency.observe(time.perf_counter() - started)
+            expert = self.expert(str(decision.chosen_expert_id))
+            experts += [expert] * len(group)
+            decision_ids += [decision.decision_id] * len(group)
+        return Routed(experts, decision_ids)
+
+    # -- limits --------------------------------------------------------------------------------------------
+    def count_tokens(self, text: str, *, add_special_tokens: bool = True) -> int:
+        return len(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def check_prompt(self, text: str, *, param: str, add_special_tokens: bool = True) -> None:
+        tokens = self.count_tokens(text, add_special_tokens=add_special_tokens)
+        if tokens > self.limits.max_prompt_tokens:
+            raise ApiError(
+                400,
+                f"the prompt has {tokens} tokens; this server takes at most {self.limits.max_prompt_tokens}",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    def chat_prompt(self, messages: list[tuple[str, str]]) -> tuple[str, bool]:
+        """The prompt for a conversation, and whether the tokenizer should add special tokens to it.
+
+        With a chat template the template writes the special tokens (and the assistant's turn opening); without
+        one, the messages are joined as text, the way a base model reads a transcript.
+        """
+        tokenizer = self.tokenizer
+        if getattr(tokenizer, "chat_template", None):
+            rendered = tokenizer.apply_chat_template(
+                [{"role": role, "content": content} for role, content in messages],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            return rendered, False
+        return "\n".join(f"{role}: {content}" for role, content in messages) + "\nassistant:", True
