@@ -77,11 +77,14 @@ class Worker:
         self.retry_delay_seconds = retry_delay_seconds
         self._stopping = threading.Event()
         self._current: JobContext | None = None
+        self._idle_wait: threading.Event | None = None
 
     def stop(self) -> None:
         """Stop soon (safe from a signal handler): claim nothing more, and hand the running job back to the queue
         at its next safe point (a training step), so another worker takes it at once instead of after its lease."""
         self._stopping.set()
+        if self._idle_wait is not None:
+            self._idle_wait.set()
         if (current := self._current) is not None:
             current._stop.set()
 
@@ -134,13 +137,11 @@ class Worker:
     def run_forever(self, *, poll_seconds: float = 5.0, stop: threading.Event | None = None) -> None:
         """Run jobs until ``stop`` is set; sleeps ``poll_seconds`` whenever the queue is empty."""
         stop = stop or threading.Event()
+        # stop() sets this event too, so an idle wait ends at once: an orchestrator's grace period is short.
+        self._idle_wait = stop
         while not stop.is_set() and not self.stopping:
             if self.run_once() is None:
-                # Wake within a second of stop(): an orchestrator's grace period is short.
-                for _ in range(max(1, int(poll_seconds))):
-                    if stop.is_set() or self.stopping:
-                        break
-                    stop.wait(min(1.0, poll_seconds))
+                stop.wait(poll_seconds)
 
     def drain(self, *, max_jobs: int | None = None) -> list[Job]:
         """Run jobs until none is runnable (or ``max_jobs`` ran); returns them as they ended."""

@@ -15,7 +15,6 @@ from elmreg.registry.settings import Settings, load_settings
 from elmreg.registry.store import schema
 from elmreg.registry.store.audit import AuditStore
 from elmreg.registry.store.catalogue import CatalogueStore
-from elmreg.registry.store.decisions import DecisionLogStore
 from elmreg.registry.store.entities import CatalogueSummary
 from elmreg.registry.store.evaluations import EvaluationStore
 from elmreg.registry.store.jobs import JobStore
@@ -24,7 +23,6 @@ from elmreg.registry.store.library import LibraryStore
 from elmreg.registry.store.session import ManagedSessions, create_catalogue_engine
 from elmreg.registry.store.sql.audit import SqlAuditStore
 from elmreg.registry.store.sql.catalogue import SqlCatalogueStore
-from elmreg.registry.store.sql.decisions import SqlDecisionLogStore
 from elmreg.registry.store.sql.evaluations import SqlEvaluationStore
 from elmreg.registry.store.sql.jobs import SqlJobStore
 from elmreg.registry.store.sql.keys import SqlKeyStore
@@ -90,11 +88,6 @@ class RegistryContext:
     def keys(self) -> KeyStore:
         """API keys of the HTTP server (``elmreg serve``)."""
         return SqlKeyStore(self._migrated)
-
-    @cached_property
-    def decisions(self) -> DecisionLogStore:
-        """Routing decisions written in batches with ids reserved up front (the server's audit writer)."""
-        return SqlDecisionLogStore(self._migrated)
 
     # -- the schema (these work on an empty or out-of-date catalogue) --------------------------------------
     def summary(self) -> CatalogueSummary:

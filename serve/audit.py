@@ -19,8 +19,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from elmreg.registry.store.decisions import DecisionLogStore
 from elmreg.registry.store.entities import PendingDecision, RoutingDecisionRecord, RoutingVote
+from elmreg.registry.store.library import LibraryStore
 
 _log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class DecisionWriter:
 
     def __init__(
         self,
-        store: DecisionLogStore,
+        store: LibraryStore,
         *,
         spill_dir: Path,
         flush_interval_s: float = 0.2,

@@ -94,7 +94,7 @@ class ServingService:
             threading.Lock()
         )  # one embedding + vote at a time: they share the CPU with the engine
         self.writer = DecisionWriter(
-            self.context.decisions,
+            self.context.library,
             spill_dir=registry.settings.home / "serve",
             on_written=self.metrics.decisions_written.inc,
         )

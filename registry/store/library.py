@@ -14,6 +14,7 @@ from elmreg.registry.store.entities import (
     LibraryChange,
     LibraryEntry,
     LibraryHit,
+    PendingDecision,
     RoutingDecisionRecord,
     RoutingVote,
 )
@@ -84,6 +85,15 @@ class LibraryStore(ABC):
     @abstractmethod
     def record_decision(self, decision: RoutingDecisionRecord, votes: Sequence[RoutingVote]) -> int:
         """Write a routing decision and its votes to the audit tables; returns the decision id."""
+
+    @abstractmethod
+    def reserve_decision_ids(self, count: int) -> list[int]:
+        """``count`` unused decision ids (never handed out twice, even across processes), for callers that must
+        answer with the id before the decision is stored (a server writes its decisions later, in batches)."""
+
+    @abstractmethod
+    def record_decisions(self, decisions: Sequence[PendingDecision]) -> None:
+        """Insert decisions with their reserved ids and all their votes, in one transaction."""
 
     @abstractmethod
     def annotate_decision(self, decision_id: int, details: dict[str, Any]) -> None:

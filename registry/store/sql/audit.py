@@ -10,8 +10,9 @@ from elmreg.registry.errors import UserError
 from elmreg.registry.store import schema
 from elmreg.registry.store.audit import AuditStore
 from elmreg.registry.store.entities import CatalogueSummary
-from elmreg.registry.store.models import Base, LibraryChangeRow
+from elmreg.registry.store.models import Base
 from elmreg.registry.store.session import ManagedSessions
+from elmreg.registry.store.sql.library import current_library_version
 
 
 class SqlAuditStore(AuditStore):
@@ -33,7 +34,7 @@ class SqlAuditStore(AuditStore):
             if revision is not None:
                 for table in Base.metadata.sorted_tables:
                     counts[table.name] = session.scalar(select(func.count()).select_from(table)) or 0
-                library_version = session.scalar(select(func.max(LibraryChangeRow.version))) or 0
+                library_version = current_library_version(session)
         return CatalogueSummary(
             schema_revision=revision,
             head_revision=schema.head_revision(),

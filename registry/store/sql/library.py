@@ -13,12 +13,13 @@ from sqlalchemy import func, insert, literal, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
-from elmreg.registry.errors import CatalogueError, NotFoundError
+from elmreg.registry.errors import CatalogueError, NotFoundError, UserError
 from elmreg.registry.store.entities import (
     ExpertTally,
     LibraryChange,
     LibraryEntry,
     LibraryHit,
+    PendingDecision,
     RoutingDecisionRecord,
     RoutingVote,
 )
@@ -60,10 +61,15 @@ def create_hnsw_index_sql(embedder_id: int, dimension: int) -> str:
     )
 
 
+def current_library_version(session: Session) -> int:
+    """The latest library version (0 for an empty library)."""
+    return session.scalar(select(func.max(LibraryChangeRow.version))) or 0
+
+
 def next_library_version(session: Session) -> int:
     """The version the caller's transaction publishes; later publishers wait for it to commit."""
     session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LIBRARY_VERSION_LOCK})
-    return (session.scalar(select(func.max(LibraryChangeRow.version))) or 0) + 1
+    return current_library_version(session) + 1
 
 
 def copy_entries(session: Session, expert_id: int, embedder_id: int, entries: Iterable[LibraryEntry]) -> int:
@@ -152,6 +158,41 @@ def vote_sql(dimension: int, embedder_id: int, kinds: bool, backbone: bool) -> s
     """
 
 
+# The BIGSERIAL behind routing_decisions.id: nextval() hands each id out once, whoever asks, so ids reserved for a
+# batch never collide with those single inserts take.
+_DECISION_ID_SEQUENCE = "routing_decisions_id_seq"
+
+
+def _decision_row(decision: RoutingDecisionRecord) -> dict[str, Any]:
+    return {
+        "caller_label": decision.caller_label,
+        "task_id": decision.task_id,
+        "embedder_id": decision.embedder_id,
+        "backbone_id": decision.backbone_id,
+        "library_version": decision.library_version,
+        "q": decision.q,
+        "top_k": decision.top_k,
+        "kinds": list(decision.kinds) if decision.kinds else None,
+        "chosen_expert_id": decision.chosen_expert_id,
+        "latency_ms": decision.latency_ms,
+        "details": decision.details,
+    }
+
+
+def _vote_rows(decision_id: int, votes: Sequence[RoutingVote]) -> list[dict[str, Any]]:
+    return [
+        {
+            "decision_id": decision_id,
+            "query_index": v.query_index,
+            "rank": v.rank,
+            "library_entry_id": v.entry_id,
+            "expert_id": v.expert_id,
+            "score": v.score,
+        }
+        for v in votes
+    ]
+
+
 class SqlLibraryStore(LibraryStore):
     """:class:`LibraryStore` on PostgreSQL with pgvector (one partial HNSW index per embedder)."""
 
@@ -160,7 +201,7 @@ class SqlLibraryStore(LibraryStore):
 
     def library_version(self) -> int:
         with self.sessions() as session:
-            return session.scalar(select(func.max(LibraryChangeRow.version))) or 0
+            return current_library_version(session)
 
     def history(self) -> list[LibraryChange]:
         entry_counts = (
@@ -220,11 +261,7 @@ class SqlLibraryStore(LibraryStore):
     ) -> list[LibraryHit]:
         with self.sessions() as session:
             dimension = records.by_key(session, EmbedderRow, embedder_id, "embedder").dimension
-            version = (
-                library_version
-                if library_version is not None
-                else session.scalar(select(func.max(LibraryChangeRow.version))) or 0
-            )
+            version = library_version if library_version is not None else current_library_version(session)
             vector = "[" + ",".join(repr(float(x)) for x in query) + "]"
             # <#> is the NEGATIVE inner product, so ascending order is most similar first and score = -distance.
             sql = text(
@@ -291,37 +328,32 @@ class SqlLibraryStore(LibraryStore):
 
     def record_decision(self, decision: RoutingDecisionRecord, votes: Sequence[RoutingVote]) -> int:
         with self.sessions() as session:
-            row = RoutingDecisionRow(
-                caller_label=decision.caller_label,
-                task_id=decision.task_id,
-                embedder_id=decision.embedder_id,
-                backbone_id=decision.backbone_id,
-                library_version=decision.library_version,
-                q=decision.q,
-                top_k=decision.top_k,
-                kinds=list(decision.kinds) if decision.kinds else None,
-                chosen_expert_id=decision.chosen_expert_id,
-                latency_ms=decision.latency_ms,
-                details=decision.details,
+            decision_id = session.scalar(
+                insert(RoutingDecisionRow).values(**_decision_row(decision)).returning(RoutingDecisionRow.id)
             )
-            session.add(row)
-            session.flush()
             if votes:
-                session.execute(
-                    insert(RoutingVoteRow),
-                    [
-                        {
-                            "decision_id": row.id,
-                            "query_index": v.query_index,
-                            "rank": v.rank,
-                            "library_entry_id": v.entry_id,
-                            "expert_id": v.expert_id,
-                            "score": v.score,
-                        }
-                        for v in votes
-                    ],
+                session.execute(insert(RoutingVoteRow), _vote_rows(decision_id, votes))
+            return decision_id
+
+    def reserve_decision_ids(self, count: int) -> list[int]:
+        if count < 1:
+            raise UserError(f"reserve at least one decision id, not {count}")
+        with self.sessions() as session:
+            return list(
+                session.scalars(
+                    select(func.nextval(_DECISION_ID_SEQUENCE)).select_from(func.generate_series(1, count))
                 )
-            return row.id
+            )
+
+    def record_decisions(self, decisions: Sequence[PendingDecision]) -> None:
+        if not decisions:
+            return
+        decision_rows = [{"id": d.decision_id, **_decision_row(d.record)} for d in decisions]
+        vote_rows = [row for d in decisions for row in _vote_rows(d.decision_id, d.votes)]
+        with self.sessions() as session:
+            session.execute(insert(RoutingDecisionRow), decision_rows)
+            if vote_rows:
+                session.execute(insert(RoutingVoteRow), vote_rows)
 
     def annotate_decision(self, decision_id: int, details: dict[str, Any]) -> None:
         with self.sessions() as session:
