@@ -15,7 +15,7 @@ from elmreg.registry.settings import Settings, load_settings
 from elmreg.registry.store import schema
 from elmreg.registry.store.audit import AuditStore
 from elmreg.registry.store.catalogue import CatalogueStore
-from elmreg.registry.store.entities import CatalogueSummary
+from elmreg.registry.store.entities import CatalogueSummary, LibrarySearchOptions
 from elmreg.registry.store.evaluations import EvaluationStore
 from elmreg.registry.store.jobs import JobStore
 from elmreg.registry.store.library import LibraryStore
@@ -64,11 +64,22 @@ class RegistryContext:
     # -- the stores ----------------------------------------------------------------------------------------
     @cached_property
     def catalogue(self) -> CatalogueStore:
-        return SqlCatalogueStore(self._migrated)
+        return SqlCatalogueStore(self._migrated, index_type=self.settings.library_index_type)
 
     @cached_property
     def library(self) -> LibraryStore:
-        return SqlLibraryStore(self._migrated)
+        s = self.settings
+        return SqlLibraryStore(
+            self._migrated,
+            LibrarySearchOptions(
+                index_type=s.library_index_type,
+                iterative_scan=s.routing_iterative_scan,
+                max_scan_tuples=s.routing_max_scan_tuples,
+                parallel_connections=s.routing_parallel_connections,
+                build_memory=s.library_build_memory,
+                build_workers=s.library_build_workers,
+            ),
+        )
 
     @cached_property
     def jobs(self) -> JobStore:
