@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
@@ -102,6 +103,14 @@ class LibraryStore(ABC):
     @abstractmethod
     def record_decision(self, decision: RoutingDecisionRecord, votes: Sequence[RoutingVote]) -> int:
         """Write a routing decision and its votes to the audit tables; returns the decision id."""
+
+    @abstractmethod
+    def prune_decisions(self, before: dt.datetime, *, dry_run: bool = True) -> tuple[int, int]:
+        """Delete routing decisions made before ``before`` with their votes (nothing with ``dry_run``).
+
+        Returns:
+            How many decisions and votes were (or, with ``dry_run``, would be) deleted.
+        """
 
     @abstractmethod
     def annotate_decision(self, decision_id: int, details: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -10,7 +11,7 @@ from typing import Any
 
 import numpy as np
 from pgvector.psycopg import register_vector
-from sqlalchemy import func, insert, literal, select, text, update
+from sqlalchemy import delete, func, insert, literal, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
@@ -218,6 +219,20 @@ def vote_sql(
     FROM queries CROSS JOIN LATERAL ({nearest}
     ) nearest
     """
+
+
+def _margin(chosen_expert_id: int | None, votes: Sequence[RoutingVote]) -> dict[str, int | None]:
+    """The winner's and the runner-up's votes (most votes among the others, then the lower expert id), kept
+    with the decision for the audit views."""
+    counts: dict[int, int] = {}
+    for vote in votes:
+        counts[vote.expert_id] = counts.get(vote.expert_id, 0) + 1
+    others = sorted((-n, expert_id) for expert_id, n in counts.items() if expert_id != chosen_expert_id)
+    return {
+        "winner_votes": counts.get(chosen_expert_id, 0) if chosen_expert_id is not None else None,
+        "runner_up_votes": -others[0][0] if others else None,
+        "runner_up_expert_id": others[0][1] if others else None,
+    }
 
 
 class SqlLibraryStore(LibraryStore):
@@ -508,6 +523,7 @@ class SqlLibraryStore(LibraryStore):
                 chosen_expert_id=decision.chosen_expert_id,
                 latency_ms=decision.latency_ms,
                 details=decision.details,
+                **_margin(decision.chosen_expert_id, votes),
             )
             session.add(row)
             session.flush()
@@ -527,6 +543,20 @@ class SqlLibraryStore(LibraryStore):
                     ],
                 )
             return row.id
+
+    def prune_decisions(self, before: dt.datetime, *, dry_run: bool = True) -> tuple[int, int]:
+        with self.sessions() as session:
+            decisions = session.scalar(select(func.count()).where(RoutingDecisionRow.created_at < before))
+            votes = session.scalar(
+                select(func.count())
+                .select_from(RoutingVoteRow)
+                .join(RoutingDecisionRow, RoutingDecisionRow.id == RoutingVoteRow.decision_id)
+                .where(RoutingDecisionRow.created_at < before)
+            )
+            if not dry_run:
+                # Votes go with their decision (ON DELETE CASCADE).
+                session.execute(delete(RoutingDecisionRow).where(RoutingDecisionRow.created_at < before))
+        return int(decisions or 0), int(votes or 0)
 
     def annotate_decision(self, decision_id: int, details: dict[str, Any]) -> None:
         with self.sessions() as session:

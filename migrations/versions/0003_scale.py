@@ -1,0 +1,101 @@
+"""The audit trail at scale: each decision keeps its vote margin, and indexes serve the audit queries.
+
+With 1e5 decisions and 3.2e6 votes, the audit views' per-decision counts over ``routing_votes`` made every query
+that filters or sorts on the margin read all votes (seconds). The winner's and runner-up's vote counts are now
+columns of ``routing_decisions``, written with the decision (and backfilled here); ``audit_decisions`` reads them.
+Indexes: decisions by time (newest first, pruning) and votes by library entry (deleting entries).
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-11-30
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+AUDITOR_ROLE = "elmreg_auditor"
+
+AUDIT_DECISIONS = """
+    SELECT d.id AS decision_id, d.created_at, d.caller_label, t.name AS task, e.name AS chosen_expert,
+           e.kind AS chosen_kind, d.library_version, d.q, d.top_k, round(d.latency_ms::numeric, 2) AS latency_ms,
+           d.winner_votes, coalesce(d.runner_up_votes, 0) AS runner_up_votes,
+           d.winner_votes - coalesce(d.runner_up_votes, 0) AS vote_margin, r.name AS runner_up_expert
+    FROM routing_decisions d
+    LEFT JOIN tasks t ON t.id = d.task_id
+    LEFT JOIN experts e ON e.id = d.chosen_expert_id
+    LEFT JOIN experts r ON r.id = d.runner_up_expert_id
+"""
+
+
+# 0002's view, restored on downgrade.
+PREVIOUS_AUDIT_DECISIONS = """
+        SELECT d.id AS decision_id, d.created_at, d.caller_label, t.name AS task, e.name AS chosen_expert,
+               e.kind AS chosen_kind, d.library_version, d.q, d.top_k, round(d.latency_ms::numeric, 2) AS latency_ms,
+               winner.votes AS winner_votes, coalesce(runner_up.votes, 0) AS runner_up_votes,
+               winner.votes - coalesce(runner_up.votes, 0) AS vote_margin, runner_up.expert AS runner_up_expert
+        FROM routing_decisions d
+        LEFT JOIN tasks t ON t.id = d.task_id
+        LEFT JOIN experts e ON e.id = d.chosen_expert_id
+        LEFT JOIN LATERAL (
+            SELECT count(*)::int AS votes FROM routing_votes v
+            WHERE v.decision_id = d.id AND v.expert_id = d.chosen_expert_id
+        ) winner ON true
+        LEFT JOIN LATERAL (
+            SELECT count(*)::int AS votes, min(x.name) AS expert FROM routing_votes v JOIN experts x ON x.id = v.expert_id
+            WHERE v.decision_id = d.id AND v.expert_id <> d.chosen_expert_id
+            GROUP BY v.expert_id ORDER BY count(*) DESC, v.expert_id LIMIT 1
+        ) runner_up ON true
+"""
+
+
+def upgrade() -> None:
+    op.add_column("routing_decisions", sa.Column("winner_votes", sa.Integer(), nullable=True))
+    op.add_column("routing_decisions", sa.Column("runner_up_votes", sa.Integer(), nullable=True))
+    op.add_column("routing_decisions", sa.Column("runner_up_expert_id", sa.Integer(), nullable=True))
+    op.create_foreign_key(
+        op.f("fk_routing_decisions_runner_up_expert_id_experts"),
+        "routing_decisions",
+        "experts",
+        ["runner_up_expert_id"],
+        ["id"],
+    )
+    # Backfill with the rule the view used: the runner-up has the most votes among the others, then lower id.
+    op.execute(
+        """
+        UPDATE routing_decisions d SET
+            winner_votes = (SELECT count(*) FROM routing_votes v
+                            WHERE v.decision_id = d.id AND v.expert_id = d.chosen_expert_id),
+            runner_up_votes = r.votes, runner_up_expert_id = r.expert_id
+        FROM routing_decisions d2 LEFT JOIN LATERAL (
+            SELECT v.expert_id, count(*)::int AS votes FROM routing_votes v
+            WHERE v.decision_id = d2.id AND v.expert_id <> d2.chosen_expert_id
+            GROUP BY v.expert_id ORDER BY count(*) DESC, v.expert_id LIMIT 1
+        ) r ON true
+        WHERE d2.id = d.id
+        """
+    )
+    op.create_index(op.f("ix_routing_decisions_created_at"), "routing_decisions", ["created_at"])
+    op.create_index(op.f("ix_routing_votes_library_entry_id"), "routing_votes", ["library_entry_id"])
+    op.execute("DROP VIEW audit_decisions")
+    op.execute(f"CREATE VIEW audit_decisions AS {AUDIT_DECISIONS}")
+    op.execute(f"GRANT SELECT ON audit_decisions TO {AUDITOR_ROLE}")
+
+
+def downgrade() -> None:
+    op.execute("DROP VIEW audit_decisions")
+    op.execute(f"CREATE VIEW audit_decisions AS {PREVIOUS_AUDIT_DECISIONS}")
+    op.execute(f"GRANT SELECT ON audit_decisions TO {AUDITOR_ROLE}")
+    op.drop_index(op.f("ix_routing_votes_library_entry_id"), table_name="routing_votes")
+    op.drop_index(op.f("ix_routing_decisions_created_at"), table_name="routing_decisions")
+    op.drop_constraint(
+        op.f("fk_routing_decisions_runner_up_expert_id_experts"), "routing_decisions", type_="foreignkey"
+    )
+    for column in ("runner_up_expert_id", "runner_up_votes", "winner_votes"):
+        op.drop_column("routing_decisions", column)
