@@ -50,6 +50,9 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=300)
     parser.add_argument("--days", type=int, default=180)
     parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument(
+        "--explain", action="store_true", help="Print the plan of queries slower than 100 ms."
+    )
     args = parser.parse_args()
     settings = load_settings()
     base = RegistryContext(settings)
@@ -117,18 +120,39 @@ def main() -> None:
                 ),
                 {"days": args.days},
             )
+        library.recount_audit_summary()
+        with context.engine.begin() as c:
             c.execute(text("ANALYZE"))
 
-        print(f"\n| query ({args.decisions:,} decisions, {args.decisions * Q:,} votes) | median ms |")
-        print("|---|---:|")
-        with context.engine.connect() as c:
-            for title, sql in AUDIT_QUERIES.items():
-                ms = timed(lambda sql=sql: c.execute(text(sql)).all())
-                print(f"| {title}: `{sql}` | {ms:.0f} |")
+        # The same queries on the previous schema (0002: margins counted from the votes), then on head.
+        started = time.perf_counter()
+        schema.downgrade(context.engine, "0002")
+        print(f"downgrade to 0002: {time.perf_counter() - started:.0f} s")
+        before = {title: timed(lambda sql=sql: run(context, sql), 3) for title, sql in AUDIT_QUERIES.items()}
+        started = time.perf_counter()
+        schema.upgrade(context.engine)
+        print(
+            f"upgrade to head (backfill of margins and daily counts): {time.perf_counter() - started:.0f} s"
+        )
+        with context.engine.begin() as c:
+            c.execute(text("ANALYZE"))
+
+        print(
+            f"\n| query ({args.decisions:,} decisions, {args.decisions * Q:,} votes) | median ms, head "
+            "| median ms, schema 0002 |"
+        )
+        print("|---|---:|---:|")
+        for title, sql in AUDIT_QUERIES.items():
+            ms = timed(lambda sql=sql: run(context, sql))
+            print(f"| {title}: `{sql}` | {ms:.0f} | {before[title]:.0f} |")
+            if args.explain and ms > 100:
+                with context.engine.connect() as c:
+                    plan = c.execute(text(f"EXPLAIN ANALYZE {sql.rstrip(';')}")).scalars().all()
+                print("\n".join("    " + line for line in plan))
         for view in AUDIT_VIEWS:
             filters = {"decision_id": args.decisions // 2} if view == "votes" else {}
             ms = timed(lambda view=view, filters=filters: base_audit(context, view, filters))
-            print(f"| elmreg audit --view {view}{' --decision N' if filters else ''} | {ms:.0f} |")
+            print(f"| elmreg audit --view {view}{' --decision N' if filters else ''} | {ms:.0f} | |")
         cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=args.days - 30)
         ms = timed(lambda: library.prune_decisions(cutoff, dry_run=True))
         decisions, votes = library.prune_decisions(cutoff, dry_run=True)
@@ -137,12 +161,18 @@ def main() -> None:
         )
         started = time.perf_counter()
         library.prune_decisions(cutoff, dry_run=False)
-        print(f"| elmreg audit prune --yes, same month | {(time.perf_counter() - started) * 1000:.0f} |")
+        print(f"| elmreg audit prune --yes, same month | {(time.perf_counter() - started) * 1000:.0f} | |")
     finally:
         context.close()
         with base.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
             c.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         base.close()
+
+
+def run(context: RegistryContext, sql: str) -> None:
+    """One of the README's audit queries, as a user runs it in psql."""
+    with context.engine.connect() as c:
+        c.execute(text(sql)).all()
 
 
 def base_audit(context: RegistryContext, view: str, filters: dict) -> None:

@@ -58,7 +58,7 @@ class Settings(BaseSettings):
         Path("~/.elmreg"), description="Directory for embedded service data, caches and the config file."
     )
     database_url: str = Field(
-        "", description="SQLAlchemy URL of a PostgreSQL with pgvector >= 0.6. Empty: the embedded PostgreSQL."
+        "", description="SQLAlchemy URL of a PostgreSQL with pgvector >= 0.8. Empty: the embedded PostgreSQL."
     )
     s3_endpoint_url: str = Field(
         "", description="S3 API endpoint (MinIO, SeaweedFS, AWS). Empty: the embedded SeaweedFS server."

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import text
-from test_filtered_routing import Q, Library, _FixedEmbedder
+from test_filtered_routing import Library, Q, _FixedEmbedder
 
 from elmreg.cli.main import cli
 from elmreg.inference.router import Router
@@ -21,7 +21,9 @@ def decided(fresh_registry):
     for i in range(3):
         library.publish(f"e-{i}", crowd=i == 0, count=30)
     router = Router(fresh_registry, _FixedEmbedder(library.queries()))
-    decisions = [router.route([f"q{i}" for i in range(Q)], q=None, caller_label="audit-test") for _ in range(3)]
+    decisions = [
+        router.route([f"q{i}" for i in range(Q)], q=None, caller_label="audit-test") for _ in range(3)
+    ]
     return fresh_registry, decisions
 
 
@@ -43,15 +45,31 @@ def test_audit_decisions_margin_is_stored_and_equals_the_votes(decided):
         assert row["vote_margin"] == decision.margin
 
 
-def test_migration_0003_backfills_margins_of_earlier_decisions(decided):
+VIEWS = {
+    "audit_decisions": "decision_id",
+    "audit_choices_by_task": "task, day, chosen_expert",
+    "audit_experts_never_chosen": "expert_id",
+}
+
+
+def _views(context):
+    with context.engine.begin() as c:
+        return {
+            view: [dict(r) for r in c.execute(text(f"SELECT * FROM {view} ORDER BY {order}")).mappings()]
+            for view, order in VIEWS.items()
+        }
+
+
+def test_migration_0003_views_answer_as_0002s(decided):
+    """0002's views counted from every vote and decision; 0003's read kept counts: same rows, before and after
+    the upgrade backfills them."""
     context, decisions = decided
-    with context.engine.begin() as c:
-        before = c.execute(text("SELECT * FROM audit_decisions ORDER BY decision_id")).mappings().all()
+    now = _views(context)
     schema.downgrade(context.engine, "0002")
+    counted = _views(context)
     schema.upgrade(context.engine)
-    with context.engine.begin() as c:
-        after = c.execute(text("SELECT * FROM audit_decisions ORDER BY decision_id")).mappings().all()
-    assert [dict(r) for r in after] == [dict(r) for r in before]
+    assert _views(context) == now == counted
+    assert counted["audit_choices_by_task"][0]["decisions"] == 3
 
 
 def test_audit_prune_is_a_dry_run_unless_yes(decided):
@@ -71,5 +89,6 @@ def test_audit_prune_is_a_dry_run_unless_yes(decided):
         assert c.execute(text("SELECT count(*) FROM routing_votes")).scalar_one() == 0
     bad = runner.invoke(cli, ["audit", "prune", "--before", "last tuesday"], env=environ)
     assert bad.exit_code == 2 and "Traceback" not in bad.output
-    # The views still answer as before.
+    # The views still answer as before, and the kept daily counts went with the decisions.
     assert runner.invoke(cli, ["audit", "--view", "decisions"], env=environ).exit_code == 0
+    assert _views(context)["audit_choices_by_task"] == []

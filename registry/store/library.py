@@ -113,6 +113,11 @@ class LibraryStore(ABC):
         """
 
     @abstractmethod
+    def recount_audit_summary(self) -> None:
+        """Recount the per-day choice counts the audit views read from the decisions themselves (after
+        decisions were written or changed other than through :meth:`record_decision`)."""
+
+    @abstractmethod
     def annotate_decision(self, decision_id: int, details: dict[str, Any]) -> None:
         """Add ``details`` (top-level keys) to a recorded routing decision's ``details``, e.g. that its experts
         were composed into a merged one.

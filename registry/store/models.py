@@ -252,6 +252,27 @@ class RoutingDecisionRow(Base):
     runner_up_expert_id: Mapped[int | None] = mapped_column(ForeignKey("experts.id"))
 
 
+class RoutingDailyChoiceRow(Base):
+    """Decisions per day, task (or caller label) and chosen expert, kept as decisions are recorded (migration
+    0003): ``audit_choices_by_task`` and ``audit_experts_never_chosen`` read this instead of every decision."""
+
+    __tablename__ = "routing_daily_choices"
+    __table_args__ = (
+        UniqueConstraint(
+            "day", "task_id", "caller_label", "chosen_expert_id", postgresql_nulls_not_distinct=True
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    day: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    task_id: Mapped[int | None] = mapped_column(ForeignKey("tasks.id"))
+    caller_label: Mapped[str | None] = mapped_column(String(200))
+    chosen_expert_id: Mapped[int | None] = mapped_column(ForeignKey("experts.id"), index=True)
+    decisions: Mapped[int] = mapped_column(Integer)
+    first_version: Mapped[int] = mapped_column(Integer)
+    last_version: Mapped[int] = mapped_column(Integer)
+
+
 class RoutingVoteRow(Base):
     __tablename__ = "routing_votes"
 

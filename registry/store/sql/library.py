@@ -13,6 +13,7 @@ import numpy as np
 from pgvector.psycopg import register_vector
 from sqlalchemy import delete, func, insert, literal, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from elmreg.registry.errors import CatalogueError, NotFoundError
@@ -33,6 +34,7 @@ from elmreg.registry.store.models import (
     ExpertRow,
     LibraryChangeRow,
     LibraryEntryRow,
+    RoutingDailyChoiceRow,
     RoutingDecisionRow,
     RoutingVoteRow,
     hnsw_index_name,
@@ -219,6 +221,68 @@ def vote_sql(
     FROM queries CROSS JOIN LATERAL ({nearest}
     ) nearest
     """
+
+
+_DAILY_CHOICES_KEY = ["day", "task_id", "caller_label", "chosen_expert_id"]
+
+
+def _count_daily_choice(session: Session, decision: RoutingDecisionRow) -> None:
+    """Count a new decision in ``routing_daily_choices`` (same transaction, so the counts never drift)."""
+    table = RoutingDailyChoiceRow.__table__
+    statement = pg_insert(table).values(
+        day=func.date_trunc("day", func.now()),
+        task_id=decision.task_id,
+        caller_label=decision.caller_label,
+        chosen_expert_id=decision.chosen_expert_id,
+        decisions=1,
+        first_version=decision.library_version,
+        last_version=decision.library_version,
+    )
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=_DAILY_CHOICES_KEY,
+            set_={
+                "decisions": table.c.decisions + 1,
+                "first_version": func.least(table.c.first_version, statement.excluded.first_version),
+                "last_version": func.greatest(table.c.last_version, statement.excluded.last_version),
+            },
+        )
+    )
+
+
+def _daily_choices_of(decisions: Any) -> Any:
+    """INSERT ... SELECT of the daily choice counts of the decisions ``decisions`` (a WHERE clause) selects."""
+    day = func.date_trunc("day", RoutingDecisionRow.created_at)
+    key = (
+        day,
+        RoutingDecisionRow.task_id,
+        RoutingDecisionRow.caller_label,
+        RoutingDecisionRow.chosen_expert_id,
+    )
+    counted = (
+        select(
+            *key,
+            func.count(),
+            func.min(RoutingDecisionRow.library_version),
+            func.max(RoutingDecisionRow.library_version),
+        )
+        .where(decisions)
+        .group_by(*key)
+    )
+    return insert(RoutingDailyChoiceRow).from_select(
+        [*_DAILY_CHOICES_KEY, "decisions", "first_version", "last_version"], counted
+    )
+
+
+def _recount_daily_choices_of_day(session: Session, moment: dt.datetime) -> None:
+    day = func.date_trunc("day", literal(moment))
+    session.execute(delete(RoutingDailyChoiceRow).where(RoutingDailyChoiceRow.day == day))
+    session.execute(
+        _daily_choices_of(
+            (RoutingDecisionRow.created_at >= day)
+            & (RoutingDecisionRow.created_at < day + text("interval '1 day'"))
+        )
+    )
 
 
 def _margin(chosen_expert_id: int | None, votes: Sequence[RoutingVote]) -> dict[str, int | None]:
@@ -527,6 +591,7 @@ class SqlLibraryStore(LibraryStore):
             )
             session.add(row)
             session.flush()
+            _count_daily_choice(session, row)
             if votes:
                 session.execute(
                     insert(RoutingVoteRow),
@@ -554,9 +619,21 @@ class SqlLibraryStore(LibraryStore):
                 .where(RoutingDecisionRow.created_at < before)
             )
             if not dry_run:
-                # Votes go with their decision (ON DELETE CASCADE).
+                # Votes go with their decision (ON DELETE CASCADE); the daily counts of the days before go too,
+                # and the cut-off's own day (partly pruned) is recounted.
                 session.execute(delete(RoutingDecisionRow).where(RoutingDecisionRow.created_at < before))
+                session.execute(
+                    delete(RoutingDailyChoiceRow).where(
+                        RoutingDailyChoiceRow.day < func.date_trunc("day", literal(before))
+                    )
+                )
+                _recount_daily_choices_of_day(session, before)
         return int(decisions or 0), int(votes or 0)
+
+    def recount_audit_summary(self) -> None:
+        with self.sessions() as session:
+            session.execute(delete(RoutingDailyChoiceRow))
+            session.execute(_daily_choices_of(literal(True)))
 
     def annotate_decision(self, decision_id: int, details: dict[str, Any]) -> None:
         with self.sessions() as session:
