@@ -163,9 +163,15 @@ def measure_sql(store, library: Library, decisions, exact, ef_search: int) -> di
     }
 
 
-def bench_size(library: Library, size: int, args, faiss, router: Router | None) -> dict:
+def bench_size(
+    library: Library, size: int, args, faiss, router: Router | None, save=lambda row: None
+) -> dict:
+    """Grow the library to ``size`` and measure it; ``save(row)`` is called as the row fills in (a long run
+    keeps what it measured if it is stopped)."""
     print(f"\n== {size} entries ({size // PER_EXPERT} experts)", flush=True)
     row: dict = {"size": size, **library.grow(size)}
+    # The machine may be shared: the load average says how busy it was while this size was measured.
+    row["load_average_start"] = os.getloadavg()[0]
     print(f"   ingest {row['ingest_per_s']:.0f} entries/s", flush=True)
     context, embedder_id = library.context, library.embedder.id
     decisions = library.decisions(args.decisions, args.q)
@@ -181,7 +187,8 @@ def bench_size(library: Library, size: int, args, faiss, router: Router | None) 
     builds = []
     if size <= args.serial_max:
         builds.append(("vector", 0))
-    builds += [("halfvec", args.workers), ("vector", args.workers)]  # vector last: routing runs on it after
+    # vector last: the end-to-end measurement routes on it.
+    builds += [(index_type, args.workers) for index_type in args.index_types]
     row["builds"], row["routing"] = {}, {}
     for index_type, workers in builds:
         store = store_with(
@@ -195,6 +202,7 @@ def bench_size(library: Library, size: int, args, faiss, router: Router | None) 
         row["builds"][key] = {"build_s": build_s, "index_bytes": storage.index_bytes}
         row["table_bytes"] = storage.table_bytes
         print(f"   build {key}: {build_s:.1f} s, index {storage.index_bytes / 2**20:.0f} MiB", flush=True)
+        save(row)
         if workers == 0:
             continue
         for ef in args.ef_search:
@@ -203,6 +211,7 @@ def bench_size(library: Library, size: int, args, faiss, router: Router | None) 
                 name = f"{index_type} ef={ef} conn={connections}"
                 row["routing"][name] = measure_sql(search, library, decisions, exact, ef)
                 r = row["routing"][name]
+                save(row)
                 print(
                     f"   SQL {name}: p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, recall {r['recall']:.3f}, "
                     f"vote {r['vote_agreement']:.3f}",
@@ -220,6 +229,7 @@ def bench_size(library: Library, size: int, args, faiss, router: Router | None) 
             latencies.append((time.perf_counter() - started) * 1000)
         row["end_to_end"] = {"p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95)}
         print(f"   end to end (embed 32 + vote): p50 {row['end_to_end']['p50_ms']:.1f} ms", flush=True)
+        save(row)
 
     if faiss is not None:
         index = faiss.IndexHNSWFlat(DIM, 16, faiss.METRIC_INNER_PRODUCT)
@@ -249,32 +259,47 @@ def bench_size(library: Library, size: int, args, faiss, router: Router | None) 
         }
         print(f"   FAISS: build {build_s:.1f} s, p50 {row['faiss']['p50_ms']:.2f} ms", flush=True)
         del index
+    row["load_average_end"] = os.getloadavg()[0]
     return row
+
+
+def _build(row: dict, index_type: str, parallel: bool = True) -> dict | None:
+    return next(
+        (
+            v
+            for k, v in row["builds"].items()
+            if k.startswith(index_type + "/") and k.endswith("/0w") != parallel
+        ),
+        None,
+    )
+
+
+def _ms(measure: dict | None, key: str = "p50_ms", fmt: str = "{:.0f}") -> str:
+    return fmt.format(measure[key]) if measure else "–"
 
 
 def table(rows: list[dict], ef: int) -> str:
     lines = [
-        "| entries | ingest/s | build vector serial / parallel, halfvec parallel (s) | table + index (MiB) "
-        f"| SQL Q=32 p50 / p95 (ms), ef={ef} | 2 connections p50 | halfvec p50 | end to end p50 | recall@1 "
-        "| vote = exact | numpy exact p50 | FAISS HNSW p50 (recall, vote) |",
+        "| entries | ingest/s | HNSW build (s): vector serial / parallel, halfvec parallel | table + index (MiB) "
+        f"| SQL Q=32 p50 / p95 (ms), ef_search={ef} | split over 2 connections, p50 | halfvec p50 | end to end p50 "
+        "| recall@1 | vote = exact | numpy exact p50 | FAISS HNSW p50 (recall, vote = exact) |",
         "|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        b = r["builds"]
-        serial = next((f"{v['build_s']:.0f}" for k, v in b.items() if k.endswith("/0w")), "–")
-        vec = next(v for k, v in b.items() if k.startswith("vector/") and not k.endswith("/0w"))
-        half = next(v for k, v in b.items() if k.startswith("halfvec/"))
-        main = r["routing"][f"vector ef={ef} conn=1"]
-        split = r["routing"][f"vector ef={ef} conn=2"]
-        halfr = r["routing"][f"halfvec ef={ef} conn=1"]
-        e2e = f"{r['end_to_end']['p50_ms']:.0f}" if "end_to_end" in r else "–"
+        serial, vec, half = _build(r, "vector", False), _build(r, "vector"), _build(r, "halfvec")
+        main = r["routing"].get(f"vector ef={ef} conn=1")
+        split = r["routing"].get(f"vector ef={ef} conn=2")
+        halfr = r["routing"].get(f"halfvec ef={ef} conn=1")
         f = r.get("faiss")
         faiss_cell = f"{f['p50_ms']:.1f} ({f['recall']:.3f}, {f['vote_agreement']:.0%})" if f else "–"
+        half_size = f" (halfvec {half['index_bytes'] / 2**20:,.0f})" if half else ""
+        vec_size = f"{vec['index_bytes'] / 2**20:,.0f}" if vec else "–"
         lines.append(
-            f"| {r['size']:,} | {r['ingest_per_s']:,.0f} | {serial} / {vec['build_s']:.0f}, {half['build_s']:.0f} "
-            f"| {r['table_bytes'] / 2**20:,.0f} + {vec['index_bytes'] / 2**20:,.0f} (halfvec {half['index_bytes'] / 2**20:,.0f}) "
-            f"| {main['p50_ms']:.1f} / {main['p95_ms']:.1f} | {split['p50_ms']:.1f} | {halfr['p50_ms']:.1f} | {e2e} "
-            f"| {main['recall']:.3f} | {main['vote_agreement']:.0%} | {r['numpy']['p50_ms']:.0f} | {faiss_cell} |"
+            f"| {r['size']:,} | {r['ingest_per_s']:,.0f} | {_ms(serial, 'build_s')} / {_ms(vec, 'build_s')}, "
+            f"{_ms(half, 'build_s')} | {r['table_bytes'] / 2**20:,.0f} + {vec_size}{half_size} "
+            f"| {_ms(main)} / {_ms(main, 'p95_ms')} | {_ms(split)} | {_ms(halfr)} | {_ms(r.get('end_to_end'))} "
+            f"| {_ms(main, 'recall', '{:.3f}')} | {_ms(main, 'vote_agreement', '{:.0%}')} | {r['numpy']['p50_ms']:.0f} "
+            f"| {faiss_cell} |"
         )
     return "\n".join(lines)
 
@@ -285,60 +310,33 @@ def figure(rows: list[dict], path: Path, ef: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = [r["size"] for r in rows]
+    def curve(ax, values, style, label):
+        points = [(r["size"], v) for r, v in zip(rows, values, strict=True) if v is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=label)
+
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(
-        sizes, [r["routing"][f"vector ef={ef} conn=1"]["p50_ms"] for r in rows], "o-", label="SQL p50"
-    )
-    axes[0].plot(
-        sizes, [r["routing"][f"vector ef={ef} conn=1"]["p95_ms"] for r in rows], "o--", label="SQL p95"
-    )
-    axes[0].plot(sizes, [r["numpy"]["p50_ms"] for r in rows], "s-", label="numpy exact p50")
-    if all("faiss" in r for r in rows):
-        axes[0].plot(sizes, [r["faiss"]["p50_ms"] for r in rows], "^-", label="FAISS HNSW p50")
-    axes[0].set(title="routing, Q=32 (ms)", xscale="log", yscale="log")
-    axes[1].plot(
-        sizes,
-        [
-            next(
-                v["build_s"]
-                for k, v in r["builds"].items()
-                if k.startswith("vector/") and not k.endswith("/0w")
-            )
-            for r in rows
-        ],
-        "o-",
-        label="vector, parallel",
-    )
-    axes[1].plot(
-        sizes,
-        [next(v["build_s"] for k, v in r["builds"].items() if k.startswith("halfvec/")) for r in rows],
-        "o-",
-        label="halfvec, parallel",
-    )
-    axes[1].plot(
-        sizes, [r["entries_added"] / r["ingest_per_s"] for r in rows], "s--", label="ingest of the step"
-    )
+    for key, style, label in (("p50_ms", "o-", "SQL p50"), ("p95_ms", "o--", "SQL p95")):
+        curve(axes[0], [r["routing"].get(f"vector ef={ef} conn=1", {}).get(key) for r in rows], style, label)
+    curve(axes[0], [r["numpy"]["p50_ms"] for r in rows], "s-", "numpy exact p50")
+    curve(axes[0], [r.get("faiss", {}).get("p50_ms") for r in rows], "^-", "FAISS HNSW p50")
+    axes[0].set(title=f"routing, Q=32, ef_search={ef} (ms)", xscale="log", yscale="log")
+    for index_type in ("vector", "halfvec"):
+        curve(
+            axes[1],
+            [(_build(r, index_type) or {}).get("build_s") for r in rows],
+            "o-",
+            f"{index_type}, parallel",
+        )
+        curve(
+            axes[2],
+            [((_build(r, index_type) or {}).get("index_bytes") or 0) / 2**20 or None for r in rows],
+            "o-",
+            f"{index_type} index",
+        )
+    curve(axes[1], [r["entries_added"] / r["ingest_per_s"] for r in rows], "s--", "ingest of the step")
     axes[1].set(title="HNSW build and ingest (s)", xscale="log", yscale="log")
-    axes[2].plot(sizes, [r["table_bytes"] / 2**20 for r in rows], "o-", label="table")
-    axes[2].plot(
-        sizes,
-        [
-            next(v["index_bytes"] for k, v in r["builds"].items() if k.startswith("vector/")) / 2**20
-            for r in rows
-        ],
-        "o-",
-        label="vector index",
-    )
-    axes[2].plot(
-        sizes,
-        [
-            next(v["index_bytes"] for k, v in r["builds"].items() if k.startswith("halfvec/")) / 2**20
-            for r in rows
-        ],
-        "o-",
-        label="halfvec index",
-    )
+    curve(axes[2], [r["table_bytes"] / 2**20 for r in rows], "o-", "table")
     axes[2].set(title="size (MiB)", xscale="log", yscale="log")
     for ax in axes:
         ax.set_xlabel("library entries")
@@ -347,6 +345,19 @@ def figure(rows: list[dict], path: Path, ef: int) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+
+
+def report(paths: list[Path], figure_path: Path | None, ef: int) -> None:
+    """The table (and figure) of earlier runs' JSON files, rows by size."""
+    rows = sorted(
+        (row for path in paths for row in json.loads(path.read_text())["rows"]), key=lambda r: r["size"]
+    )
+    for path in paths:
+        meta = json.loads(path.read_text())["meta"]
+        print(f"{path}: PostgreSQL {meta['server']}, pgvector {meta['pgvector']}; {meta['machine']}")
+    print(table(rows, ef))
+    if figure_path:
+        figure(rows, figure_path, ef)
 
 
 def main() -> None:
@@ -360,11 +371,20 @@ def main() -> None:
         "--serial-max", type=int, default=300000, help="Also time a serial build up to this size."
     )
     parser.add_argument("--build-memory", default="3GB", help="maintenance_work_mem for the builds.")
+    parser.add_argument(
+        "--index-types", default="halfvec,vector", help="Index types to build and route on, vector last."
+    )
     parser.add_argument("--no-embedder", action="store_true", help="Skip the end-to-end measurement.")
     parser.add_argument("--out", type=Path, help="Write every number as JSON here.")
     parser.add_argument("--figure", type=Path, help="Draw the growth curves here (PNG).")
+    parser.add_argument(
+        "--report", type=Path, nargs="+", help="Only print the table (and figure) of these JSONs."
+    )
     args = parser.parse_args()
     args.ef_search = [int(e) for e in args.ef_search.split(",")]
+    if args.report:
+        return report(args.report, args.figure, args.ef_search[0])
+    args.index_types = args.index_types.split(",")
     try:
         import faiss
     except ImportError:
@@ -389,25 +409,22 @@ def main() -> None:
         print(
             f"PostgreSQL {summary.server_version}, pgvector {summary.pgvector_version}; {machine}", flush=True
         )
-        for size in (int(s) for s in args.sizes.split(",")):
-            rows.append(bench_size(library, size, args, faiss, router))
+        meta = {"server": summary.server_version, "pgvector": summary.pgvector_version, "machine": machine}
+
+        def save(row: dict | None = None) -> None:
             if args.out:
                 args.out.parent.mkdir(parents=True, exist_ok=True)
-                meta = {
-                    "server": summary.server_version,
-                    "pgvector": summary.pgvector_version,
-                    "machine": machine,
+                settings_used = vars(args) | {
+                    "out": str(args.out),
+                    "figure": str(args.figure),
+                    "report": None,
                 }
-                args.out.write_text(
-                    json.dumps(
-                        {
-                            "meta": meta,
-                            "args": vars(args) | {"out": str(args.out), "figure": str(args.figure)},
-                            "rows": rows,
-                        },
-                        indent=1,
-                    )
-                )
+                done = rows + ([row] if row is not None else [])
+                args.out.write_text(json.dumps({"meta": meta, "args": settings_used, "rows": done}, indent=1))
+
+        for size in (int(s) for s in args.sizes.split(",")):
+            rows.append(bench_size(library, size, args, faiss, router, save))
+            save()
         print("\n" + table(rows, args.ef_search[0]))
         if args.figure:
             figure(rows, args.figure, args.ef_search[0])

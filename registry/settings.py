@@ -107,7 +107,10 @@ class Settings(BaseSettings):
         description="Index tuples such a query may visit before an exact scan answers it instead.",
     )
     routing_parallel_connections: int = Field(
-        1, ge=1, le=64, description="Pooled connections the Q queries of one decision are split over."
+        2,
+        ge=1,
+        le=64,
+        description="Pooled connections the Q queries of one decision are split over (1: no split).",
     )
     library_index_type: Literal["vector", "halfvec"] = Field(
         "vector",
