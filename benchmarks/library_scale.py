@@ -294,11 +294,12 @@ def table(rows: list[dict], ef: int) -> str:
         faiss_cell = f"{f['p50_ms']:.1f} ({f['recall']:.3f}, {f['vote_agreement']:.0%})" if f else "–"
         half_size = f" (halfvec {half['index_bytes'] / 2**20:,.0f})" if half else ""
         vec_size = f"{vec['index_bytes'] / 2**20:,.0f}" if vec else "–"
+        table_size = f"{r['table_bytes'] / 2**20:,.0f}" if r["table_bytes"] else "–"
         lines.append(
             f"| {r['size']:,} | {r['ingest_per_s']:,.0f} | {_ms(serial, 'build_s')} / {_ms(vec, 'build_s')}, "
-            f"{_ms(half, 'build_s')} | {r['table_bytes'] / 2**20:,.0f} + {vec_size}{half_size} "
+            f"{_ms(half, 'build_s')} | {table_size} + {vec_size}{half_size} "
             f"| {_ms(main)} / {_ms(main, 'p95_ms')} | {_ms(split)} | {_ms(halfr)} | {_ms(r.get('end_to_end'))} "
-            f"| {_ms(main, 'recall', '{:.3f}')} | {_ms(main, 'vote_agreement', '{:.0%}')} | {r['numpy']['p50_ms']:.0f} "
+            f"| {_ms(main, 'recall', '{:.3f}')} | {_ms(main, 'vote_agreement', '{:.0%}')} | {_ms(r['numpy'])} "
             f"| {faiss_cell} |"
         )
     return "\n".join(lines)
@@ -318,7 +319,7 @@ def figure(rows: list[dict], path: Path, ef: int) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for key, style, label in (("p50_ms", "o-", "SQL p50"), ("p95_ms", "o--", "SQL p95")):
         curve(axes[0], [r["routing"].get(f"vector ef={ef} conn=1", {}).get(key) for r in rows], style, label)
-    curve(axes[0], [r["numpy"]["p50_ms"] for r in rows], "s-", "numpy exact p50")
+    curve(axes[0], [(r["numpy"] or {}).get("p50_ms") for r in rows], "s-", "numpy exact p50")
     curve(axes[0], [r.get("faiss", {}).get("p50_ms") for r in rows], "^-", "FAISS HNSW p50")
     axes[0].set(title=f"routing, Q=32, ef_search={ef} (ms)", xscale="log", yscale="log")
     for index_type in ("vector", "halfvec"):
@@ -336,7 +337,7 @@ def figure(rows: list[dict], path: Path, ef: int) -> None:
         )
     curve(axes[1], [r["entries_added"] / r["ingest_per_s"] for r in rows], "s--", "ingest of the step")
     axes[1].set(title="HNSW build and ingest (s)", xscale="log", yscale="log")
-    curve(axes[2], [r["table_bytes"] / 2**20 for r in rows], "o-", "table")
+    curve(axes[2], [r["table_bytes"] / 2**20 if r["table_bytes"] else None for r in rows], "o-", "table")
     axes[2].set(title="size (MiB)", xscale="log", yscale="log")
     for ax in axes:
         ax.set_xlabel("library entries")
@@ -374,6 +375,7 @@ def main() -> None:
     parser.add_argument(
         "--index-types", default="halfvec,vector", help="Index types to build and route on, vector last."
     )
+    parser.add_argument("--faiss-threads", type=int, default=1, help="OpenMP threads for FAISS.")
     parser.add_argument("--no-embedder", action="store_true", help="Skip the end-to-end measurement.")
     parser.add_argument("--out", type=Path, help="Write every number as JSON here.")
     parser.add_argument("--figure", type=Path, help="Draw the growth curves here (PNG).")
@@ -387,6 +389,10 @@ def main() -> None:
     args.index_types = args.index_types.split(",")
     try:
         import faiss
+
+        # One thread: FAISS's OpenMP threads spin-wait on each other, and on a busy machine the 300k build did
+        # not finish in 25 min with two of them.
+        faiss.omp_set_num_threads(args.faiss_threads)
     except ImportError:
         faiss = None
     settings = load_settings()
