@@ -73,14 +73,14 @@ PREVIOUS_VIEWS = {
     """,
 }
 
+# One row per kept count (day, task or caller label, expert): no aggregate, so "newest days first, LIMIT n"
+# reads n rows through the unique index, which starts with the day.
 AUDIT_CHOICES_BY_TASK = """
     SELECT coalesce(t.name, c.caller_label, '(unlabelled)') AS task, c.day, e.name AS chosen_expert,
-           sum(c.decisions)::int AS decisions, min(c.first_version) AS first_version,
-           max(c.last_version) AS last_version
+           c.decisions, c.first_version, c.last_version
     FROM routing_daily_choices c
     LEFT JOIN tasks t ON t.id = c.task_id
     LEFT JOIN experts e ON e.id = c.chosen_expert_id
-    GROUP BY 1, 2, 3
 """
 
 AUDIT_EXPERTS_NEVER_CHOSEN = """
