@@ -104,7 +104,8 @@ def bench_size(context: RegistryContext, size: int, rng: np.random.Generator, ar
             # take arrays).
             return context.library.vote(embedder_id, queries, library_version=version, ef_search=ef)
 
-        ms, (votes, _) = timed(run_sql, args.repeats)
+        ms, result = timed(run_sql, args.repeats)
+        votes = result.votes
         # A vote found the exact nearest entry when its score is the exact best inner product.
         agree = np.mean([abs(v.score - s) < 1e-4 for v, s in zip(votes, exact_scores, strict=True)])
         same_vote = vote([expert_ids[v.expert_id] for v in votes]) == exact_vote

@@ -265,7 +265,7 @@ def report(ctx: click.Context, out, as_json) -> None:
         click.echo(f"(no data yet for: {', '.join(missing)})")
 
 
-@click.command(context_settings=CONTEXT_SETTINGS)
+@click.group(context_settings=CONTEXT_SETTINGS, invoke_without_command=True)
 @click.option(
     "--view",
     type=click.Choice(list(AUDIT_VIEWS)),
@@ -285,9 +285,12 @@ def audit(ctx: click.Context, view, task, decision_id, limit, as_json) -> None:
       elmreg audit
       elmreg audit --view decisions --limit 5
       elmreg audit --view votes --decision 3 --json
+      elmreg audit prune --before 2026-01-01
     """
     from elmreg.registry.services import services_status
 
+    if ctx.invoked_subcommand is not None:
+        return
     if view is None:
         if task or decision_id is not None or as_json:
             raise click.UsageError("--task, --decision and --json go with --view")
@@ -308,6 +311,35 @@ def audit(ctx: click.Context, view, task, decision_id, limit, as_json) -> None:
     # Sample texts are long; a table shows their start, --json the whole text.
     shown = [{k: _short(v) for k, v in row.items()} for row in rows]
     echo_table(list(rows[0]) if rows else [], [list(r.values()) for r in shown], empty="(no rows)")
+
+
+@audit.command("prune")
+@click.option(
+    "--before",
+    required=True,
+    type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
+    help="Remove decisions made before this date (UTC), e.g. 2026-01-01.",
+)
+@click.option("--yes", is_flag=True, help="Delete; without it, only count what would go (a dry run).")
+@click.pass_context
+def audit_prune(ctx: click.Context, before, yes) -> None:
+    """Remove routing decisions made before a date, with their votes. A dry run unless --yes.
+
+    \b
+    Examples:
+      elmreg audit prune --before 2026-01-01
+      elmreg audit prune --before 2026-01-01 --yes
+    """
+    import datetime as dt
+
+    cutoff = before.replace(tzinfo=dt.UTC)
+    decisions, votes = _registry(ctx).context.library.prune_decisions(cutoff, dry_run=not yes)
+    verb = "removed" if yes else "would remove"
+    click.echo(
+        f"{verb} {decisions} decision(s) and {votes} vote(s) made before {cutoff:%Y-%m-%d %H:%M:%S} UTC"
+    )
+    if not yes and decisions:
+        click.echo("run again with --yes to delete them")
 
 
 def _short(value, width: int = 60):

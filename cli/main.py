@@ -144,6 +144,9 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
     context.upgrade_schema(revision)
     after = context.schema_revision()
     click.echo(f"catalogue schema: {before or 'empty'} -> {after}")
+    note = context.check_pgvector(update=True)
+    if note:
+        click.echo(f"warning: {note}", err=True)
 
 
 @db.command("downgrade")
@@ -216,6 +219,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(
         f"PostgreSQL     {summary.server_version}, pgvector {summary.pgvector_version or 'not installed'}"
     )
+    pgvector_note = registry.context.check_pgvector()
+    if pgvector_note:
+        click.echo(f"               {pgvector_note}")
     current = summary.schema_revision or "empty"
     note = "up to date" if summary.schema_revision == summary.head_revision else "run 'elmreg db upgrade'"
     click.echo(f"schema         {current} (head {summary.head_revision}: {note})")

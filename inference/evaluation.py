@@ -139,8 +139,13 @@ class Evaluator:
             expert = self.context.catalogue.get_expert(route.split(":", 1)[1])
             score = self._score(task, examples, expert, sample)
         elif route == "roe":
+            # Only experts of the task's backbone: the answer is scored on that backbone.
             decision = self.router.route(
-                examples, q=min(q, len(examples)), task_id=task.id, caller_label=f"eval:{task.name}"
+                examples,
+                q=min(q, len(examples)),
+                task_id=task.id,
+                backbone_id=task.backbone_id,
+                caller_label=f"eval:{task.name}",
             )
             expert = self.context.catalogue.get_expert(decision.chosen_expert_id)
             details = {"decision_id": decision.decision_id, "votes": decision.tallies[0].votes}

@@ -24,10 +24,11 @@ from elmreg.registry.context import RegistryContext
 from elmreg.registry.embedder import Embedder, load_embedder
 from elmreg.registry.errors import NotFoundError, UserError
 from elmreg.registry.prompts import PromptedExample, library_text
-from elmreg.registry.store.entities import ExpertTally, RoutingDecisionRecord, RoutingVote
+from elmreg.registry.store.entities import ExpertTally, RoutingDecisionRecord, RoutingVote, VoteResult
 
-# HNSW returns approximate neighbours from a candidate list of ef_search entries; filtering (kinds, backbone,
-# library version) happens after the index scan, so the list is widened to keep enough candidates.
+# HNSW returns approximate neighbours from a candidate list of ef_search entries (the routing_ef_search
+# setting). Queries whose candidates are all hidden by the filters (kinds, backbone, library version) are searched
+# further by the library store, so the list size trades speed for recall only.
 DEFAULT_EF_SEARCH = 100
 
 T = TypeVar("T")
@@ -96,6 +97,17 @@ def exact_vote(similarities: np.ndarray, owners: Sequence[tuple[int, str]]) -> l
     return rank_tallies([ExpertTally(i, name, len(s), sum(s)) for (i, name), s in tallies.items()])
 
 
+def _search_details(result: VoteResult, ef_search: int) -> dict:
+    """What a decision's audit row says about its search: the candidate list size, and which queries had to
+    scan past it (their nearest candidates belonged to hidden experts) or were answered by an exact scan."""
+    details: dict = {"ef_search": ef_search, "tie_break": "score_sum"}
+    if result.scanned_past_ef_search:
+        details["scanned_past_ef_search"] = result.scanned_past_ef_search
+    if result.exact_search:
+        details["exact_search"] = result.exact_search
+    return details
+
+
 class Router:
     """Runs RoE for a registry with one embedder (loaded once)."""
 
@@ -104,11 +116,11 @@ class Router:
         context: RegistryContext,
         embedder: Embedder | None = None,
         *,
-        ef_search: int = DEFAULT_EF_SEARCH,
+        ef_search: int | None = None,
     ):
         self.context = context
         self.embedder = embedder or load_embedder(context.settings.embedder)
-        self.ef_search = ef_search
+        self.ef_search = ef_search if ef_search is not None else context.settings.routing_ef_search
 
     def embed_queries(self, queries: Sequence[PromptedExample | str]) -> np.ndarray:
         """Queries formatted exactly like library samples (``Answer Choices: ..., Instance: ...``), embedded."""
@@ -160,7 +172,7 @@ class Router:
 
         started = time.perf_counter()
         vectors = self.embed_queries(queries)
-        votes, tallies = self.context.library.vote(
+        result = self.context.library.vote(
             embedder.id,
             vectors,
             library_version=version,
@@ -170,6 +182,7 @@ class Router:
             backbone_id=backbone_id,
         )
         latency_ms = (time.perf_counter() - started) * 1000
+        votes, tallies = result.votes, result.tallies
         if not votes:
             raise NotFoundError(
                 f"no routable expert at library version {version} for embedder {embedder.name}"
@@ -192,7 +205,7 @@ class Router:
                     task_id=task_id,
                     backbone_id=backbone_id,
                     kinds=tuple(kinds) if kinds else None,
-                    details={"ef_search": max(self.ef_search, top_k), "tie_break": "score_sum"},
+                    details=_search_details(result, max(self.ef_search, top_k)),
                 ),
                 votes,
             )

@@ -18,7 +18,9 @@ AUDIT_VIEWS = {
 
 AUDIT_QUERIES = {
     "latest decisions, with vote margins": "SELECT * FROM audit_decisions ORDER BY created_at DESC LIMIT 20;",
-    "which expert was chosen for each task, by day": "SELECT * FROM audit_choices_by_task ORDER BY day DESC, task;",
+    "which expert was chosen for each task, by day (last week)": (
+        "SELECT * FROM audit_choices_by_task WHERE day > now() - interval '7 days' ORDER BY day DESC, task;"
+    ),
     "experts never chosen": "SELECT * FROM audit_experts_never_chosen;",
     "the votes of one decision, with the samples they matched": (
         "SELECT * FROM audit_votes WHERE decision_id = 1 ORDER BY query_index, rank;"

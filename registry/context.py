@@ -15,7 +15,7 @@ from elmreg.registry.settings import Settings, load_settings
 from elmreg.registry.store import schema
 from elmreg.registry.store.audit import AuditStore
 from elmreg.registry.store.catalogue import CatalogueStore
-from elmreg.registry.store.entities import CatalogueSummary
+from elmreg.registry.store.entities import CatalogueSummary, LibrarySearchOptions
 from elmreg.registry.store.evaluations import EvaluationStore
 from elmreg.registry.store.jobs import JobStore
 from elmreg.registry.store.keys import KeyStore
@@ -26,7 +26,12 @@ from elmreg.registry.store.sql.catalogue import SqlCatalogueStore
 from elmreg.registry.store.sql.evaluations import SqlEvaluationStore
 from elmreg.registry.store.sql.jobs import SqlJobStore
 from elmreg.registry.store.sql.keys import SqlKeyStore
-from elmreg.registry.store.sql.library import SqlLibraryStore
+from elmreg.registry.store.sql.library import (
+    ITERATIVE_SCAN_VERSION,
+    SqlLibraryStore,
+    pgvector_versions,
+    update_pgvector,
+)
 
 
 class RegistryContext:
@@ -66,11 +71,22 @@ class RegistryContext:
     # -- the stores ----------------------------------------------------------------------------------------
     @cached_property
     def catalogue(self) -> CatalogueStore:
-        return SqlCatalogueStore(self._migrated)
+        return SqlCatalogueStore(self._migrated, index_type=self.settings.library_index_type)
 
     @cached_property
     def library(self) -> LibraryStore:
-        return SqlLibraryStore(self._migrated)
+        s = self.settings
+        return SqlLibraryStore(
+            self._migrated,
+            LibrarySearchOptions(
+                index_type=s.library_index_type,
+                iterative_scan=s.routing_iterative_scan,
+                max_scan_tuples=s.routing_max_scan_tuples,
+                parallel_connections=s.routing_parallel_connections,
+                build_memory=s.library_build_memory,
+                build_workers=s.library_build_workers,
+            ),
+        )
 
     @cached_property
     def jobs(self) -> JobStore:
@@ -103,6 +119,31 @@ class RegistryContext:
             schema.upgrade(self.engine, revision)
         self.__dict__.pop("_migrated", None)
 
+    def check_pgvector(self, *, update: bool = False) -> str | None:
+        """Compare the database's pgvector with what elmreg needs; with ``update``, first update the extension to
+        the newest version the server has (``ALTER EXTENSION vector UPDATE``).
+
+        Returns:
+            None when pgvector is recent enough, else one line saying what to do.
+        """
+        with self.sessions() as session:
+            installed, available = pgvector_versions(session)
+            if update and installed and available and _version(installed) < _version(available):
+                update_pgvector(session)
+                installed = available
+        if installed is None:
+            return None  # not installed yet: the first migration creates it
+        if _version(installed) >= ITERATIVE_SCAN_VERSION:
+            return None
+        needed = ".".join(map(str, ITERATIVE_SCAN_VERSION))
+        if available and _version(available) >= ITERATIVE_SCAN_VERSION:
+            return f"pgvector {installed} is older than {needed}, which elmreg needs for filtered routing: run 'elmreg db upgrade' (ALTER EXTENSION vector UPDATE)"
+        return (
+            f"pgvector {installed} is older than {needed}, which elmreg needs for filtered routing (until then crowded-out "
+            f"queries fall back to exact scans): install pgvector >= {needed} on the server "
+            "(e.g. the pgvector/pgvector:pg18 image), then run 'elmreg db upgrade'"
+        )
+
     def downgrade_schema(self, revision: str) -> None:
         self.__dict__.pop("_migrated", None)
         with self.sessions.translating():
@@ -126,3 +167,7 @@ class RegistryContext:
     def close(self) -> None:
         if "engine" in self.__dict__:
             self.engine.dispose()
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".") if part.isdigit())

@@ -21,7 +21,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
@@ -58,7 +58,7 @@ class Settings(BaseSettings):
         Path("~/.elmreg"), description="Directory for embedded service data, caches and the config file."
     )
     database_url: str = Field(
-        "", description="SQLAlchemy URL of a PostgreSQL with pgvector >= 0.6. Empty: the embedded PostgreSQL."
+        "", description="SQLAlchemy URL of a PostgreSQL with pgvector >= 0.8. Empty: the embedded PostgreSQL."
     )
     s3_endpoint_url: str = Field(
         "", description="S3 API endpoint (MinIO, SeaweedFS, AWS). Empty: the embedded SeaweedFS server."
@@ -93,6 +93,36 @@ class Settings(BaseSettings):
         description="Folder of task manifests (YAML lists of add-task specs) for nightly ingestion. Default: HOME/manifests.",
     )
     log_level: str = Field("WARNING", description="Python logging level of elmreg's own loggers.")
+    # The library at scale (benchmarks/library_scale.py measured each; README "Benchmarks").
+    routing_ef_search: int = Field(
+        100, ge=1, le=1000, description="HNSW candidates per query (pgvector hnsw.ef_search) for routing."
+    )
+    routing_iterative_scan: Literal["strict_order", "relaxed_order", "off"] = Field(
+        "strict_order",
+        description="pgvector iterative scan for queries whose candidates are all filtered out (off: exact scan).",
+    )
+    routing_max_scan_tuples: int = Field(
+        20000,
+        ge=1,
+        description="Index tuples such a query may visit before an exact scan answers it instead.",
+    )
+    routing_parallel_connections: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Pooled connections the Q queries of one decision are split over (1: no split).",
+    )
+    library_index_type: Literal["vector", "halfvec"] = Field(
+        "vector",
+        description="Type the HNSW index compares in: vector (float32) or halfvec (float16, half the index size).",
+    )
+    library_build_memory: str = Field(
+        "2GB",
+        description="maintenance_work_mem for HNSW builds; the graph must fit (~2 GB per 1M 384-d entries).",
+    )
+    library_build_workers: int = Field(
+        2, ge=0, le=64, description="max_parallel_maintenance_workers for HNSW builds (0: serial)."
+    )
 
     @field_validator("home", "cache_dir")
     @classmethod
@@ -121,6 +151,13 @@ class Settings(BaseSettings):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
             raise ValueError("use auto, cpu, cuda or cuda:N")
         return value
+
+    @field_validator("library_build_memory")
+    @classmethod
+    def _memory_size(cls, value: str) -> str:
+        if not re.fullmatch(r"\d+\s*(kB|MB|GB|TB)", value.strip()):
+            raise ValueError("use a PostgreSQL memory size such as 512MB or 2GB")
+        return value.strip()
 
     @field_validator("log_level")
     @classmethod

@@ -18,7 +18,7 @@ def _compose() -> dict:
 
 def test_services_and_images():
     services = _compose()["services"]
-    assert services["postgres"]["image"].startswith("pgvector/pgvector:pg")
+    assert services["postgres"]["image"].startswith("pgvector/pgvector:pg18")
     assert services["minio"]["image"].startswith("minio/minio")
     assert {"minio-init", "migrate", "worker", "scheduler"} <= set(services)
     assert services["migrate"]["command"] == ["db", "upgrade"]

@@ -61,13 +61,15 @@ def test_every_constraint_and_index_is_named(scratch_database):
         schema.upgrade(engine)
         with engine.connect() as connection:
             # Unnamed constraints get names PostgreSQL invents ('tasks_pkey', 'tasks_name_key'); ours carry
-            # the naming convention's prefixes.
+            # the naming convention's prefixes. PostgreSQL 18 also lists NOT NULL as constraints (contype 'n'),
+            # which are column properties it names itself.
             names = (
                 connection.execute(
                     text(
                         """
                     SELECT conname FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace
                     WHERE n.nspname = 'public' AND conrelid <> 0 AND conrelid <> 'alembic_version'::regclass
+                      AND c.contype <> 'n'
                     UNION ALL
                     SELECT indexname FROM pg_indexes WHERE schemaname = 'public' AND tablename <> 'alembic_version'
                     """

@@ -12,6 +12,7 @@ from elmreg.registry.store.entities import (
     Expert,
     Job,
     LibraryEntry,
+    Publication,
     StoredArtifact,
     Task,
 )
@@ -115,6 +116,15 @@ class CatalogueStore(ABC):
         Raises:
             CatalogueError: The expert is already ready or retired, an entry has the wrong dimension, or the
                 lease is no longer held.
+        """
+
+    @abstractmethod
+    def publish_experts(self, publications: Sequence[Publication], *, embedder_id: int) -> list[Expert]:
+        """:meth:`publish_expert` for many experts in one transaction (bulk imports): all or none become
+        routable, each at its own library version, in the order given.
+
+        Raises:
+            CatalogueError: As :meth:`publish_expert`, for any of them (then none is published).
         """
 
     @abstractmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -247,3 +248,59 @@ class PendingDecision:
     decision_id: int
     record: RoutingDecisionRecord
     votes: tuple[RoutingVote, ...]
+
+
+@dataclass(frozen=True)
+class VoteResult:
+    """RoE's retrieval for one set of queries: the votes, the tallies and how far the search had to go.
+
+    ``scanned_past_ef_search`` lists the queries whose first ``ef_search`` index candidates held fewer than
+    ``top_k`` visible entries (retired, pinned-out or filtered experts crowded them), so the index scan went on;
+    ``exact_search`` those that were answered by an exact scan (the index scan stopped at its tuple limit, or
+    the server's pgvector has no iterative scans).
+    """
+
+    votes: list[RoutingVote]
+    tallies: list[ExpertTally]
+    scanned_past_ef_search: list[int] = field(default_factory=list)
+    exact_search: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LibrarySearchOptions:
+    """How the library's vector index is built and searched (from the ``library_*`` / ``routing_*`` settings)."""
+
+    # Storage type the HNSW index compares in: 'vector' (float32) or 'halfvec' (float16, half the size).
+    index_type: str = "vector"
+    # pgvector 0.8 iterative index scan mode for filtered queries: 'strict_order', 'relaxed_order' or 'off'
+    # (such queries are answered by an exact scan instead).
+    iterative_scan: str = "strict_order"
+    # Index tuples one filtered query may visit before elmreg falls back to an exact scan.
+    max_scan_tuples: int = 20000
+    # Connections the Q queries of one decision are split over (1: one statement).
+    parallel_connections: int = 1
+    # Memory and parallel workers for an HNSW build.
+    build_memory: str = "2GB"
+    build_workers: int = 2
+
+
+@dataclass(frozen=True)
+class LibraryStorage:
+    """What an embedder's library occupies on the server."""
+
+    entries: int
+    # The whole library_entries table (all embedders) with its TOAST data, and this embedder's HNSW index.
+    table_bytes: int
+    index_bytes: int
+    index_type: str | None
+
+
+@dataclass(frozen=True)
+class Publication:
+    """One expert to make routable in :meth:`CatalogueStore.publish_experts`."""
+
+    expert_id: int
+    artifact: StoredArtifact
+    entries: Sequence[LibraryEntry]
+    metrics: dict[str, Any] | None = None
+    config: dict[str, Any] | None = None

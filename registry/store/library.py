@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
@@ -10,13 +11,14 @@ from typing import Any
 import numpy as np
 
 from elmreg.registry.store.entities import (
-    ExpertTally,
     LibraryChange,
     LibraryEntry,
     LibraryHit,
+    LibraryStorage,
     PendingDecision,
     RoutingDecisionRecord,
     RoutingVote,
+    VoteResult,
 )
 
 
@@ -69,18 +71,35 @@ class LibraryStore(ABC):
         ef_search: int = 100,
         kinds: Sequence[str] | None = None,
         backbone_id: int | None = None,
-    ) -> tuple[list[RoutingVote], list[ExpertTally]]:
+    ) -> VoteResult:
         """RoE's retrieval and vote: each query's ``top_k`` nearest entries among experts routable at
         ``library_version`` (optionally of some ``kinds`` / one backbone), and the votes per expert.
+
+        Every query gets ``top_k`` votes whenever that many visible entries exist, however many hidden
+        (retired, later, other-kind, other-backbone) entries lie nearer: the index scan goes on past
+        ``ef_search`` for such queries, and an exact scan answers any it still cannot.
 
         Args:
             queries: ``(Q, dimension)`` query embeddings.
             ef_search: HNSW candidate list size per query (widened to ``top_k`` when smaller).
 
         Returns:
-            The votes ordered by query and rank, and one tally per expert that got a vote (by expert id: which
-            one wins is the router's rule), both empty when nothing is routable.
+            The votes ordered by query and rank, one tally per expert that got a vote (by expert id: which
+            one wins is the router's rule), both empty when nothing is routable; and which queries needed a
+            longer or exact scan.
         """
+
+    @abstractmethod
+    def storage(self, embedder_id: int) -> LibraryStorage:
+        """How many entries the embedder has and the bytes of the entries table and of its vector index."""
+
+    @abstractmethod
+    def drop_index(self, embedder_id: int) -> None:
+        """Drop the embedder's vector index (searches scan exactly until :meth:`build_index`)."""
+
+    @abstractmethod
+    def build_index(self, embedder_id: int, dimension: int) -> None:
+        """(Re)build the embedder's vector index with the configured index type, memory and workers."""
 
     @abstractmethod
     def record_decision(self, decision: RoutingDecisionRecord, votes: Sequence[RoutingVote]) -> int:
@@ -94,6 +113,19 @@ class LibraryStore(ABC):
     @abstractmethod
     def record_decisions(self, decisions: Sequence[PendingDecision]) -> None:
         """Insert decisions with their reserved ids and all their votes, in one transaction."""
+
+    @abstractmethod
+    def prune_decisions(self, before: dt.datetime, *, dry_run: bool = True) -> tuple[int, int]:
+        """Delete routing decisions made before ``before`` with their votes (nothing with ``dry_run``).
+
+        Returns:
+            How many decisions and votes were (or, with ``dry_run``, would be) deleted.
+        """
+
+    @abstractmethod
+    def recount_audit_summary(self) -> None:
+        """Recount the per-day choice counts the audit views read from the decisions themselves (after
+        decisions were written or changed other than through :meth:`record_decision`)."""
 
     @abstractmethod
     def annotate_decision(self, decision_id: int, details: dict[str, Any]) -> None:

@@ -227,7 +227,11 @@ class TrainingRunRow(Base):
 
 class RoutingDecisionRow(Base):
     __tablename__ = "routing_decisions"
-    __table_args__ = (CheckConstraint("q > 0 AND top_k > 0", name="q_top_k_positive"),)
+    __table_args__ = (
+        CheckConstraint("q > 0 AND top_k > 0", name="q_top_k_positive"),
+        # Newest-first audit queries and pruning by date (migration 0005).
+        Index("ix_routing_decisions_created_at", "created_at"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     created_at: Mapped[dt.datetime] = _now()
@@ -242,6 +246,31 @@ class RoutingDecisionRow(Base):
     chosen_expert_id: Mapped[int | None] = mapped_column(ForeignKey("experts.id"), index=True)
     latency_ms: Mapped[float] = mapped_column(Float)
     details: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    # The vote margin, kept with the decision so that audit queries over many decisions need not count votes.
+    winner_votes: Mapped[int | None] = mapped_column(Integer)
+    runner_up_votes: Mapped[int | None] = mapped_column(Integer)
+    runner_up_expert_id: Mapped[int | None] = mapped_column(ForeignKey("experts.id"))
+
+
+class RoutingDailyChoiceRow(Base):
+    """Decisions per day, task (or caller label) and chosen expert, kept as decisions are recorded (migration
+    0005): ``audit_choices_by_task`` and ``audit_experts_never_chosen`` read this instead of every decision."""
+
+    __tablename__ = "routing_daily_choices"
+    __table_args__ = (
+        UniqueConstraint(
+            "day", "task_id", "caller_label", "chosen_expert_id", postgresql_nulls_not_distinct=True
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    day: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    task_id: Mapped[int | None] = mapped_column(ForeignKey("tasks.id"))
+    caller_label: Mapped[str | None] = mapped_column(String(200))
+    chosen_expert_id: Mapped[int | None] = mapped_column(ForeignKey("experts.id"), index=True)
+    decisions: Mapped[int] = mapped_column(Integer)
+    first_version: Mapped[int] = mapped_column(Integer)
+    last_version: Mapped[int] = mapped_column(Integer)
 
 
 class RoutingVoteRow(Base):
@@ -252,7 +281,7 @@ class RoutingVoteRow(Base):
     )
     query_index: Mapped[int] = mapped_column(Integer, primary_key=True)
     rank: Mapped[int] = mapped_column(Integer, primary_key=True)
-    library_entry_id: Mapped[int] = mapped_column(ForeignKey("library_entries.id"))
+    library_entry_id: Mapped[int] = mapped_column(ForeignKey("library_entries.id"), index=True)
     expert_id: Mapped[int] = mapped_column(ForeignKey("experts.id"), index=True)
     score: Mapped[float] = mapped_column(Float)
 

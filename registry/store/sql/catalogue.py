@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
 
 from elmreg.registry.errors import CatalogueError, NotFoundError
 from elmreg.registry.store.catalogue import CatalogueStore
@@ -17,6 +18,7 @@ from elmreg.registry.store.entities import (
     Expert,
     Job,
     LibraryEntry,
+    Publication,
     StoredArtifact,
     Task,
 )
@@ -32,14 +34,21 @@ from elmreg.registry.store.models import (
 from elmreg.registry.store.session import ManagedSessions
 from elmreg.registry.store.sql import records
 from elmreg.registry.store.sql.jobs import held_lease
-from elmreg.registry.store.sql.library import copy_entries, create_hnsw_index_sql, next_library_version
+from elmreg.registry.store.sql.library import (
+    copy_entries,
+    copy_experts_entries,
+    create_hnsw_index_sql,
+    next_library_version,
+)
 
 
 class SqlCatalogueStore(CatalogueStore):
     """:class:`CatalogueStore` on PostgreSQL with pgvector."""
 
-    def __init__(self, sessions: ManagedSessions):
+    def __init__(self, sessions: ManagedSessions, *, index_type: str = "vector"):
         self.sessions = sessions
+        # The type a new embedder's HNSW index compares in (the library_index_type setting).
+        self.index_type = index_type
 
     # -- backbones and embedders ---------------------------------------------------------------------------
     def get_or_create_backbone(
@@ -77,7 +86,7 @@ class SqlCatalogueStore(CatalogueStore):
                 )
             if inserted is None:
                 return records.embedder(row)
-            session.execute(text(create_hnsw_index_sql(row.id, dimension)))
+            session.execute(text(create_hnsw_index_sql(row.id, dimension, self.index_type)))
             return records.embedder(row)
 
     def get_embedder(self, key: int | str) -> Embedder:
@@ -159,14 +168,40 @@ class SqlCatalogueStore(CatalogueStore):
         with self.sessions() as session:
             if lease is not None:
                 held_lease(session, *lease)
-            row = session.scalar(select(ExpertRow).where(ExpertRow.id == expert_id).with_for_update())
+            [expert] = self._publish(
+                session, [Publication(expert_id, artifact, entries, metrics, config)], embedder_id
+            )
+            return expert
+
+    def publish_experts(self, publications: Sequence[Publication], *, embedder_id: int) -> list[Expert]:
+        with self.sessions() as session:
+            return self._publish(session, publications, embedder_id)
+
+    def _publish(
+        self, session: Session, publications: Sequence[Publication], embedder_id: int
+    ) -> list[Expert]:
+        # A batch is one transaction with one COPY and one wait for the version lock: a bulk import pays those
+        # once per batch instead of once per expert.
+        ids = [p.expert_id for p in publications]
+        rows = {
+            row.id: row
+            for row in session.scalars(
+                select(ExpertRow).where(ExpertRow.id.in_(ids)).order_by(ExpertRow.id).with_for_update()
+            )
+        }
+        for expert_id in ids:
+            row = rows.get(expert_id)
             if row is None:
                 raise NotFoundError(f"no expert '{expert_id}'")
             if row.status in ("ready", "retired"):
                 raise CatalogueError(f"expert {row.name} is already {row.status}")
-            copy_entries(session, expert_id, embedder_id, entries)
-            version = next_library_version(session)
-            session.add(LibraryChangeRow(version=version, expert_id=expert_id, change="added"))
+        copy_experts_entries(session, embedder_id, [(p.expert_id, p.entries) for p in publications])
+        first_version = next_library_version(session)
+        now = dt.datetime.now(dt.UTC)
+        for version, publication in enumerate(publications, start=first_version):
+            row = rows[publication.expert_id]
+            session.add(LibraryChangeRow(version=version, expert_id=row.id, change="added"))
+            artifact = publication.artifact
             row.artifact_uri, row.artifact_sha256, row.artifact_size = (
                 artifact.uri,
                 artifact.sha256,
@@ -174,13 +209,13 @@ class SqlCatalogueStore(CatalogueStore):
             )
             row.library_version = version
             row.status = "ready"
-            row.ready_at = dt.datetime.now(dt.UTC)
-            if metrics is not None:
-                row.metrics = metrics
-            if config is not None:
-                row.config = config
-            session.flush()
-            return records.expert(row)
+            row.ready_at = now
+            if publication.metrics is not None:
+                row.metrics = publication.metrics
+            if publication.config is not None:
+                row.config = publication.config
+        session.flush()
+        return [records.expert(rows[expert_id]) for expert_id in ids]
 
     def get_expert(self, key: int | str) -> Expert:
         with self.sessions() as session:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 from pgvector.psycopg import register_vector
-from sqlalchemy import func, insert, literal, select, text, update
+from sqlalchemy import delete, func, insert, literal, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from elmreg.registry.errors import CatalogueError, NotFoundError, UserError
@@ -19,9 +22,12 @@ from elmreg.registry.store.entities import (
     LibraryChange,
     LibraryEntry,
     LibraryHit,
+    LibrarySearchOptions,
+    LibraryStorage,
     PendingDecision,
     RoutingDecisionRecord,
     RoutingVote,
+    VoteResult,
 )
 from elmreg.registry.store.library import LibraryStore
 from elmreg.registry.store.models import (
@@ -29,6 +35,7 @@ from elmreg.registry.store.models import (
     ExpertRow,
     LibraryChangeRow,
     LibraryEntryRow,
+    RoutingDailyChoiceRow,
     RoutingDecisionRow,
     RoutingVoteRow,
     hnsw_index_name,
@@ -38,8 +45,32 @@ from elmreg.registry.store.sql import records
 
 # HNSW build parameters (pgvector defaults); ef_search is set per query by the router.
 _HNSW_M, _HNSW_EF_CONSTRUCTION = 16, 64
+INDEX_TYPES = ("vector", "halfvec")
+# "off": queries crowded out of their ef_search candidates go straight to an exact scan.
+ITERATIVE_SCANS = ("strict_order", "relaxed_order", "off")
+# pgvector's first version with iterative index scans (hnsw.iterative_scan); older servers get exact fallbacks.
+ITERATIVE_SCAN_VERSION = (0, 8)
 # Serialises library version numbers across every process that publishes or retires experts.
 _LIBRARY_VERSION_LOCK = 0x656C6D726567  # "elmreg"
+
+
+def pgvector_version(session: Session) -> tuple[int, ...]:
+    """The installed pgvector extension's version, e.g. ``(0, 8, 1)``; ``()`` when it is not installed."""
+    version = session.scalar(text("SELECT extversion FROM pg_extension WHERE extname = 'vector'"))
+    return tuple(int(part) for part in version.split(".")) if version else ()
+
+
+def pgvector_versions(session: Session) -> tuple[str | None, str | None]:
+    """The installed pgvector version in this database and the newest one the server could update it to."""
+    row = session.execute(
+        text("SELECT installed_version, default_version FROM pg_available_extensions WHERE name = 'vector'")
+    ).one_or_none()
+    return (row.installed_version, row.default_version) if row is not None else (None, None)
+
+
+def update_pgvector(session: Session) -> None:
+    """Bring the database's pgvector up to the server's version (after pg_upgrade or a package update)."""
+    session.execute(text("ALTER EXTENSION vector UPDATE"))
 
 
 def visible_experts_clause(version_param: str = "library_version") -> str:
@@ -50,12 +81,22 @@ def visible_experts_clause(version_param: str = "library_version") -> str:
     )
 
 
-def create_hnsw_index_sql(embedder_id: int, dimension: int) -> str:
+def vector_cast(index_type: str, dimension: int) -> str:
+    """The type an embedder's entries and queries are cast to for its index: ``vector(d)`` or ``halfvec(d)``."""
+    if index_type not in INDEX_TYPES:
+        raise CatalogueError(
+            f"unknown library index type '{index_type}'; use one of {', '.join(INDEX_TYPES)}"
+        )
+    return f"{index_type}({int(dimension)})"
+
+
+def create_hnsw_index_sql(embedder_id: int, dimension: int, index_type: str = "vector") -> str:
     """The embedder's HNSW index. The column has no fixed dimension; a partial expression index per embedder is
-    what lets pgvector serve "ORDER BY embedding::vector(d) <#> q" for that embedder's entries."""
+    what lets pgvector serve "ORDER BY embedding::vector(d) <#> q" for that embedder's entries. With
+    ``halfvec`` the index holds float16 copies (half the size; the table keeps float32)."""
     return (
         f"CREATE INDEX IF NOT EXISTS {hnsw_index_name(embedder_id)} ON library_entries "
-        f"USING hnsw ((embedding::vector({int(dimension)})) vector_ip_ops) "
+        f"USING hnsw ((embedding::{vector_cast(index_type, dimension)}) {index_type}_ip_ops) "
         f"WITH (m = {_HNSW_M}, ef_construction = {_HNSW_EF_CONSTRUCTION}) "
         f"WHERE embedder_id = {int(embedder_id)}"
     )
@@ -74,6 +115,13 @@ def next_library_version(session: Session) -> int:
 
 def copy_entries(session: Session, expert_id: int, embedder_id: int, entries: Iterable[LibraryEntry]) -> int:
     """Write entries inside the caller's transaction (publishing commits them with the expert)."""
+    return copy_experts_entries(session, embedder_id, [(expert_id, entries)])
+
+
+def copy_experts_entries(
+    session: Session, embedder_id: int, experts: Iterable[tuple[int, Iterable[LibraryEntry]]]
+) -> int:
+    """Write the entries of several experts in one binary COPY inside the caller's transaction."""
     dimension = session.scalar(select(EmbedderRow.dimension).where(EmbedderRow.id == embedder_id))
     if dimension is None:
         raise NotFoundError(f"no embedder '{embedder_id}'")
@@ -88,14 +136,16 @@ def copy_entries(session: Session, expert_id: int, embedder_id: int, entries: It
         ) as copy,
     ):
         copy.set_types(["int4", "int4", "int4", "text", "vector"])
-        for entry in entries:
-            vector = np.asarray(entry.embedding, dtype=np.float32)
-            if vector.shape != (dimension,):
-                raise CatalogueError(
-                    f"library entry {entry.sample_index} has shape {vector.shape}; the embedder has {dimension} dims"
-                )
-            copy.write_row((expert_id, embedder_id, entry.sample_index, entry.text, vector))
-            written += 1
+        for expert_id, entries in experts:
+            for entry in entries:
+                vector = np.asarray(entry.embedding, dtype=np.float32)
+                if vector.shape != (dimension,):
+                    raise CatalogueError(
+                        f"library entry {entry.sample_index} has shape {vector.shape}; "
+                        f"the embedder has {dimension} dims"
+                    )
+                copy.write_row((expert_id, embedder_id, entry.sample_index, entry.text, vector))
+                written += 1
     return written
 
 
@@ -115,46 +165,67 @@ def vector_array_literal(vectors: np.ndarray) -> str:
     return "{" + ",".join(element % tuple(v.tolist()) for v in vectors) + "}"
 
 
-def vote_sql(dimension: int, embedder_id: int, kinds: bool, backbone: bool) -> str:
-    """RoE as one statement: per query the ``:top_k`` nearest visible entries (the embedder's HNSW index serves
-    the inner ``ORDER BY ... LIMIT :candidates``), then the votes per expert. Rows are 'vote' or 'tally'."""
+def vote_sql(
+    dimension: int,
+    embedder_id: int,
+    kinds: bool,
+    backbone: bool,
+    *,
+    filter_in_scan: bool = False,
+    index_type: str = "vector",
+) -> str:
+    """RoE's retrieval as one statement: per query its ``:top_k`` nearest visible entries, one row per vote.
+
+    With ``filter_in_scan`` False (the fast path) the embedder's HNSW index yields ``:candidates`` (ef_search)
+    entries per query and the visibility filter runs on those: a query whose candidates all belong to hidden
+    experts gets no row. With ``filter_in_scan`` True the filter is part of the index scan's own query, so an
+    iterative index scan (pgvector 0.8) keeps walking the graph until ``:top_k`` visible entries are found, and
+    with index scans disabled the same statement is an exact search over the visible entries.
+    """
     filters = [visible_experts_clause()]
     if kinds:
         filters.append("e.kind = ANY(:kinds)")
     if backbone:
         filters.append("e.backbone_id = :backbone_id")
+    cast = vector_cast(index_type, dimension)
     d = int(dimension)
-    return f"""
-    WITH queries AS (
-        SELECT (ordinality - 1)::int AS query_index, query
-        FROM unnest(CAST(:queries AS vector({d})[])) WITH ORDINALITY AS q(query, ordinality)
-    ), hits AS (
-        SELECT queries.query_index, nearest.rank, nearest.entry_id, nearest.expert_id, nearest.score
-        FROM queries CROSS JOIN LATERAL (
-            SELECT candidate.entry_id, candidate.expert_id, -candidate.distance AS score,
-                   (row_number() OVER (ORDER BY candidate.distance, candidate.entry_id) - 1)::int AS rank
+    # Scores are float32 inner products even when the index compares float16 copies (halfvec).
+    exact = (
+        f"le.embedding::{cast} <#> queries.query"
+        if index_type == "vector"
+        else f"le.embedding::vector({d}) <#> queries.exact_query"
+    )
+    # The embedder's id is a literal so that the planner can match the partial index's predicate even in a
+    # generic plan.
+    if filter_in_scan:
+        nearest = f"""
+            SELECT le.id AS entry_id, le.expert_id, {exact} AS distance
+            FROM library_entries le JOIN experts e ON e.id = le.expert_id
+            WHERE le.embedder_id = {int(embedder_id)} AND {" AND ".join(filters)}
+            ORDER BY le.embedding::{cast} <#> queries.query
+            LIMIT :top_k"""
+    else:
+        nearest = f"""
+            SELECT candidate.entry_id, candidate.expert_id, candidate.distance
             FROM (
-                -- The embedder's partial HNSW index serves this ORDER BY ... LIMIT; its id is a literal so
-                -- that the planner can match the index predicate even in a generic plan.
-                SELECT le.id AS entry_id, le.expert_id, le.embedding::vector({d}) <#> queries.query AS distance
+                SELECT le.id AS entry_id, le.expert_id, {exact} AS distance
                 FROM library_entries le
                 WHERE le.embedder_id = {int(embedder_id)}
-                ORDER BY le.embedding::vector({d}) <#> queries.query
+                ORDER BY le.embedding::{cast} <#> queries.query
                 LIMIT :candidates
             ) candidate
             JOIN experts e ON e.id = candidate.expert_id
             WHERE {" AND ".join(filters)}
             ORDER BY candidate.distance, candidate.entry_id
-            LIMIT :top_k
-        ) nearest
-    ), tallies AS (
-        SELECT expert_id, count(*)::int AS votes, sum(score) AS score_sum
-        FROM hits GROUP BY expert_id
+            LIMIT :top_k"""
+    return f"""
+    WITH queries AS (
+        SELECT (ordinality - 1)::int AS query_index, query AS exact_query, CAST(query AS {cast}) AS query
+        FROM unnest(CAST(:queries AS vector({d})[])) WITH ORDINALITY AS q(query, ordinality)
     )
-    SELECT 'vote' AS row_kind, query_index, rank, entry_id, expert_id, score, NULL::int AS votes, NULL::float AS score_sum
-    FROM hits
-    UNION ALL
-    SELECT 'tally', NULL, NULL, NULL, expert_id, NULL, votes, score_sum FROM tallies
+    SELECT queries.query_index, nearest.entry_id, nearest.expert_id, -nearest.distance AS score
+    FROM queries CROSS JOIN LATERAL ({nearest}
+    ) nearest
     """
 
 
@@ -163,7 +234,7 @@ def vote_sql(dimension: int, embedder_id: int, kinds: bool, backbone: bool) -> s
 _DECISION_ID_SEQUENCE = "routing_decisions_id_seq"
 
 
-def _decision_row(decision: RoutingDecisionRecord) -> dict[str, Any]:
+def _decision_row(decision: RoutingDecisionRecord, votes: Sequence[RoutingVote]) -> dict[str, Any]:
     return {
         "caller_label": decision.caller_label,
         "task_id": decision.task_id,
@@ -176,6 +247,7 @@ def _decision_row(decision: RoutingDecisionRecord) -> dict[str, Any]:
         "chosen_expert_id": decision.chosen_expert_id,
         "latency_ms": decision.latency_ms,
         "details": decision.details,
+        **_margin(decision.chosen_expert_id, votes),
     }
 
 
@@ -193,11 +265,120 @@ def _vote_rows(decision_id: int, votes: Sequence[RoutingVote]) -> list[dict[str,
     ]
 
 
+_DAILY_CHOICES_KEY = ["day", "task_id", "caller_label", "chosen_expert_id"]
+
+
+def _count_daily_choices(session: Session, decisions: Sequence[RoutingDecisionRecord]) -> None:
+    """Count new decisions in ``routing_daily_choices`` (same transaction, so the counts never drift)."""
+    counts: dict[tuple[int | None, str | None, int | None], tuple[int, int, int]] = {}
+    for d in decisions:
+        key = (d.task_id, d.caller_label, d.chosen_expert_id)
+        n, first, last = counts.get(key, (0, d.library_version, d.library_version))
+        counts[key] = (n + 1, min(first, d.library_version), max(last, d.library_version))
+    table = RoutingDailyChoiceRow.__table__
+    # One row per key: ON CONFLICT cannot update the same row twice in one statement.
+    statement = pg_insert(table).values(
+        [
+            {
+                "day": func.date_trunc("day", func.now()),
+                "task_id": task_id,
+                "caller_label": caller_label,
+                "chosen_expert_id": chosen_expert_id,
+                "decisions": n,
+                "first_version": first,
+                "last_version": last,
+            }
+            for (task_id, caller_label, chosen_expert_id), (n, first, last) in counts.items()
+        ]
+    )
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=_DAILY_CHOICES_KEY,
+            set_={
+                "decisions": table.c.decisions + statement.excluded.decisions,
+                "first_version": func.least(table.c.first_version, statement.excluded.first_version),
+                "last_version": func.greatest(table.c.last_version, statement.excluded.last_version),
+            },
+        )
+    )
+
+
+def _daily_choices_of(decisions: Any) -> Any:
+    """INSERT ... SELECT of the daily choice counts of the decisions ``decisions`` (a WHERE clause) selects."""
+    day = func.date_trunc("day", RoutingDecisionRow.created_at)
+    key = (
+        day,
+        RoutingDecisionRow.task_id,
+        RoutingDecisionRow.caller_label,
+        RoutingDecisionRow.chosen_expert_id,
+    )
+    counted = (
+        select(
+            *key,
+            func.count(),
+            func.min(RoutingDecisionRow.library_version),
+            func.max(RoutingDecisionRow.library_version),
+        )
+        .where(decisions)
+        .group_by(*key)
+    )
+    return insert(RoutingDailyChoiceRow).from_select(
+        [*_DAILY_CHOICES_KEY, "decisions", "first_version", "last_version"], counted
+    )
+
+
+def _recount_daily_choices_of_day(session: Session, moment: dt.datetime) -> None:
+    day = func.date_trunc("day", literal(moment))
+    session.execute(delete(RoutingDailyChoiceRow).where(RoutingDailyChoiceRow.day == day))
+    session.execute(
+        _daily_choices_of(
+            (RoutingDecisionRow.created_at >= day)
+            & (RoutingDecisionRow.created_at < day + text("interval '1 day'"))
+        )
+    )
+
+
+def _margin(chosen_expert_id: int | None, votes: Sequence[RoutingVote]) -> dict[str, int | None]:
+    """The winner's and the runner-up's votes (most votes among the others, then the lower expert id), kept
+    with the decision for the audit views."""
+    counts: dict[int, int] = {}
+    for vote in votes:
+        counts[vote.expert_id] = counts.get(vote.expert_id, 0) + 1
+    others = sorted((-n, expert_id) for expert_id, n in counts.items() if expert_id != chosen_expert_id)
+    return {
+        "winner_votes": counts.get(chosen_expert_id, 0) if chosen_expert_id is not None else None,
+        "runner_up_votes": -others[0][0] if others else None,
+        "runner_up_expert_id": others[0][1] if others else None,
+    }
+
+
 class SqlLibraryStore(LibraryStore):
     """:class:`LibraryStore` on PostgreSQL with pgvector (one partial HNSW index per embedder)."""
 
-    def __init__(self, sessions: ManagedSessions):
+    def __init__(self, sessions: ManagedSessions, options: LibrarySearchOptions | None = None):
         self.sessions = sessions
+        self.options = options or LibrarySearchOptions()
+        # Per embedder: the type its HNSW index compares in (read from the index itself, which any process
+        # may have built with other settings); and the server's pgvector version. Both cached per store.
+        self._index_types: dict[int, str] = {}
+        self._pgvector: tuple[int, ...] | None = None
+
+    def index_type(self, session: Session, embedder_id: int) -> str:
+        """The type the embedder's HNSW index compares in; queries must cast to it to use the index."""
+        if embedder_id not in self._index_types:
+            definition = session.scalar(
+                text("SELECT indexdef FROM pg_indexes WHERE indexname = :name"),
+                {"name": hnsw_index_name(embedder_id)},
+            )
+            if definition is None:  # no index (inside index_built_after): the table's own type
+                return self.options.index_type
+            self._index_types[embedder_id] = "halfvec" if "halfvec_ip_ops" in definition else "vector"
+        return self._index_types[embedder_id]
+
+    def _iterative_scans(self, session: Session) -> bool:
+        if self._pgvector is None:
+            self._pgvector = pgvector_version(session)
+        return self._pgvector >= ITERATIVE_SCAN_VERSION
 
     def library_version(self) -> int:
         with self.sessions() as session:
@@ -231,12 +412,45 @@ class SqlLibraryStore(LibraryStore):
         # Building an HNSW index once over all rows is several times faster than growing it row by row.
         with self.sessions() as session:
             dimension = records.by_key(session, EmbedderRow, embedder_id, "embedder").dimension
-            session.execute(text(f"DROP INDEX IF EXISTS {hnsw_index_name(embedder_id)}"))
+        self.drop_index(embedder_id)
         yield
+        self.build_index(embedder_id, dimension)
+
+    def drop_index(self, embedder_id: int) -> None:
         with self.sessions() as session:
-            session.execute(text("SET LOCAL maintenance_work_mem = '1GB'"))
-            session.execute(text(create_hnsw_index_sql(embedder_id, dimension)))
+            session.execute(text(f"DROP INDEX IF EXISTS {hnsw_index_name(embedder_id)}"))
+        self._index_types.pop(embedder_id, None)
+
+    def storage(self, embedder_id: int) -> LibraryStorage:
+        with self.sessions() as session:
+            index = hnsw_index_name(embedder_id)
+            row = session.execute(
+                text(
+                    "SELECT (SELECT count(*) FROM library_entries WHERE embedder_id = :e) AS entries, "
+                    "pg_total_relation_size('library_entries') - pg_indexes_size('library_entries') AS table_bytes, "
+                    "coalesce(pg_relation_size(to_regclass(:index)), 0) AS index_bytes, "
+                    "to_regclass(:index) IS NOT NULL AS indexed"
+                ),
+                {"e": embedder_id, "index": index},
+            ).one()
+            index_type = self.index_type(session, embedder_id) if row.indexed else None
+        return LibraryStorage(int(row.entries), int(row.table_bytes), int(row.index_bytes), index_type)
+
+    def build_index(self, embedder_id: int, dimension: int) -> None:
+        """(Re)build the embedder's HNSW index with the configured type, memory and parallel workers."""
+        with self.sessions() as session:
+            # The graph must fit in maintenance_work_mem, or pgvector finishes the build on disk, far slower.
+            session.execute(
+                text("SELECT set_config('maintenance_work_mem', :m, true)"), {"m": self.options.build_memory}
+            )
+            session.execute(
+                text("SELECT set_config('max_parallel_maintenance_workers', :w, true)"),
+                {"w": str(int(self.options.build_workers))},
+            )
+            session.execute(text(f"DROP INDEX IF EXISTS {hnsw_index_name(embedder_id)}"))
+            session.execute(text(create_hnsw_index_sql(embedder_id, dimension, self.options.index_type)))
             session.execute(text("ANALYZE library_entries"))
+        self._index_types[embedder_id] = self.options.index_type
 
     def texts(self, expert_id: int, embedder_id: int) -> list[tuple[int, str]]:
         query = (
@@ -263,14 +477,18 @@ class SqlLibraryStore(LibraryStore):
             dimension = records.by_key(session, EmbedderRow, embedder_id, "embedder").dimension
             version = library_version if library_version is not None else current_library_version(session)
             vector = "[" + ",".join(repr(float(x)) for x in query) + "]"
+            cast = vector_cast(self.index_type(session, embedder_id), dimension)
+            if self.options.iterative_scan != "off" and self._iterative_scans(session):
+                # The visibility filter is in the index scan's query: keep scanning until k visible entries.
+                session.execute(text(f"SET LOCAL hnsw.iterative_scan = {self.options.iterative_scan}"))
             # <#> is the NEGATIVE inner product, so ascending order is most similar first and score = -distance.
             sql = text(
                 f"""
                 SELECT le.id, le.expert_id, le.sample_index, le.text,
                        -(le.embedding::vector({dimension}) <#> CAST(:query AS vector({dimension}))) AS score
                 FROM library_entries le JOIN experts e ON e.id = le.expert_id
-                WHERE le.embedder_id = :embedder_id AND {visible_experts_clause()}
-                ORDER BY le.embedding::vector({dimension}) <#> CAST(:query AS vector({dimension}))
+                WHERE le.embedder_id = {int(embedder_id)} AND {visible_experts_clause()}
+                ORDER BY le.embedding::{cast} <#> CAST(:query AS {cast})
                 LIMIT :k
                 """
             )
@@ -289,48 +507,129 @@ class SqlLibraryStore(LibraryStore):
         ef_search: int = 100,
         kinds: Sequence[str] | None = None,
         backbone_id: int | None = None,
-    ) -> tuple[list[RoutingVote], list[ExpertTally]]:
+    ) -> VoteResult:
         candidates = max(ef_search, top_k)
         with self.sessions() as session:
             dimension = records.by_key(session, EmbedderRow, embedder_id, "embedder").dimension
-            # SET LOCAL: the candidate list size holds for this transaction only, not the pooled connection.
-            session.execute(text(f"SET LOCAL hnsw.ef_search = {int(candidates)}"))
-            rows = session.execute(
-                text(vote_sql(dimension, embedder_id, bool(kinds), backbone_id is not None)),
-                {
-                    "queries": vector_array_literal(queries),
-                    "library_version": library_version,
-                    "candidates": candidates,
-                    "top_k": top_k,
-                    "kinds": list(kinds) if kinds else None,
-                    "backbone_id": backbone_id,
-                },
-            ).all()
-            votes = sorted(
-                (
-                    RoutingVote(r.query_index, r.rank, r.entry_id, r.expert_id, float(r.score))
-                    for r in rows
-                    if r.row_kind == "vote"
-                ),
-                key=lambda v: (v.query_index, v.rank),
+            index_type = self.index_type(session, embedder_id)
+            iterative = self.options.iterative_scan != "off" and self._iterative_scans(session)
+        params = {
+            "library_version": library_version,
+            "candidates": candidates,
+            "top_k": top_k,
+            "kinds": list(kinds) if kinds else None,
+            "backbone_id": backbone_id,
+        }
+
+        def statement(filter_in_scan: bool) -> str:
+            return vote_sql(
+                dimension,
+                embedder_id,
+                bool(kinds),
+                backbone_id is not None,
+                filter_in_scan=filter_in_scan,
+                index_type=index_type,
             )
+
+        # 1. The fast path: ef_search candidates per query from the index, filtered afterwards.
+        hits = self._hits(
+            statement(False), queries, range(len(queries)), params, [f"hnsw.ef_search = {candidates}"]
+        )
+        # 2. Queries whose candidates were crowded out by hidden experts: the filter goes into the index scan,
+        #    which (pgvector >= 0.8) walks on past ef_search until top_k visible entries or max_scan_tuples.
+        short = [i for i in range(len(queries)) if len(hits.get(i, ())) < top_k]
+        widened = short if iterative else []
+        if widened:
+            hits.update(
+                self._hits(
+                    statement(True),
+                    queries,
+                    widened,
+                    params,
+                    [
+                        f"hnsw.ef_search = {candidates}",
+                        f"hnsw.iterative_scan = {self.options.iterative_scan}",
+                        f"hnsw.max_scan_tuples = {int(self.options.max_scan_tuples)}",
+                    ],
+                )
+            )
+            short = [i for i in widened if len(hits.get(i, ())) < top_k]
+        # 3. Still short (the scan hit its tuple limit, or pgvector < 0.8): an exact scan of the visible entries,
+        #    so a query never loses its vote while any visible entry exists.
+        exact = list(short)
+        if exact:
+            hits.update(self._hits(statement(True), queries, exact, params, ["enable_indexscan = off"]))
+
+        votes = [
+            RoutingVote(query_index, rank, entry_id, expert_id, score)
+            for query_index in sorted(hits)
+            for rank, (entry_id, expert_id, score) in enumerate(hits[query_index])
+        ]
+        with self.sessions() as session:
             names = dict(
                 session.execute(
                     select(ExpertRow.id, ExpertRow.name).where(ExpertRow.id.in_({v.expert_id for v in votes}))
                 ).all()
             )
-        tallies = [
-            ExpertTally(r.expert_id, names[r.expert_id], r.votes, float(r.score_sum))
-            for r in rows
-            if r.row_kind == "tally"
+        counts: dict[int, list[float]] = {}
+        for v in votes:
+            counts.setdefault(v.expert_id, []).append(v.score)
+        tallies = [ExpertTally(e, names[e], len(s), float(sum(s))) for e, s in sorted(counts.items())]
+        return VoteResult(votes, tallies, scanned_past_ef_search=widened, exact_search=exact)
+
+    def _hits(
+        self,
+        sql: str,
+        queries: np.ndarray,
+        indexes: Sequence[int],
+        params: dict[str, Any],
+        settings: Sequence[str],
+    ) -> dict[int, list[tuple[int, int, float]]]:
+        """Run a vote statement for the queries at ``indexes``: per query index, its hits best first
+        (``entry_id, expert_id, score``). Split over ``parallel_connections`` pooled connections when set."""
+        indexes = list(indexes)
+        if not indexes:
+            return {}
+        chunks = [
+            chunk
+            for chunk in np.array_split(
+                np.asarray(indexes), min(self.options.parallel_connections, len(indexes))
+            )
+            if len(chunk)
         ]
-        return votes, sorted(tallies, key=lambda t: t.expert_id)
+
+        def run(chunk: np.ndarray) -> dict[int, list[tuple[int, int, float]]]:
+            with self.sessions() as session:
+                for setting in settings:
+                    # SET LOCAL: holds for this transaction only, not the pooled connection.
+                    session.execute(text(f"SET LOCAL {setting}"))
+                rows = session.execute(
+                    text(sql), {**params, "queries": vector_array_literal(queries[chunk])}
+                ).all()
+            found: dict[int, list[tuple[int, int, float]]] = {}
+            for r in rows:
+                found.setdefault(int(chunk[r.query_index]), []).append(
+                    (r.entry_id, r.expert_id, float(r.score))
+                )
+            # Best first; equal scores by entry id, so a decision is deterministic.
+            return {i: sorted(h, key=lambda x: (-x[2], x[0])) for i, h in found.items()}
+
+        if len(chunks) == 1:
+            return run(chunks[0])
+        merged: dict[int, list[tuple[int, int, float]]] = {}
+        with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
+            for found in pool.map(run, chunks):
+                merged.update(found)
+        return merged
 
     def record_decision(self, decision: RoutingDecisionRecord, votes: Sequence[RoutingVote]) -> int:
         with self.sessions() as session:
             decision_id = session.scalar(
-                insert(RoutingDecisionRow).values(**_decision_row(decision)).returning(RoutingDecisionRow.id)
+                insert(RoutingDecisionRow)
+                .values(**_decision_row(decision, votes))
+                .returning(RoutingDecisionRow.id)
             )
+            _count_daily_choices(session, [decision])
             if votes:
                 session.execute(insert(RoutingVoteRow), _vote_rows(decision_id, votes))
             return decision_id
@@ -348,12 +647,39 @@ class SqlLibraryStore(LibraryStore):
     def record_decisions(self, decisions: Sequence[PendingDecision]) -> None:
         if not decisions:
             return
-        decision_rows = [{"id": d.decision_id, **_decision_row(d.record)} for d in decisions]
+        decision_rows = [{"id": d.decision_id, **_decision_row(d.record, d.votes)} for d in decisions]
         vote_rows = [row for d in decisions for row in _vote_rows(d.decision_id, d.votes)]
         with self.sessions() as session:
             session.execute(insert(RoutingDecisionRow), decision_rows)
+            _count_daily_choices(session, [d.record for d in decisions])
             if vote_rows:
                 session.execute(insert(RoutingVoteRow), vote_rows)
+
+    def prune_decisions(self, before: dt.datetime, *, dry_run: bool = True) -> tuple[int, int]:
+        with self.sessions() as session:
+            decisions = session.scalar(select(func.count()).where(RoutingDecisionRow.created_at < before))
+            votes = session.scalar(
+                select(func.count())
+                .select_from(RoutingVoteRow)
+                .join(RoutingDecisionRow, RoutingDecisionRow.id == RoutingVoteRow.decision_id)
+                .where(RoutingDecisionRow.created_at < before)
+            )
+            if not dry_run:
+                # Votes go with their decision (ON DELETE CASCADE); the daily counts of the days before go too,
+                # and the cut-off's own day (partly pruned) is recounted.
+                session.execute(delete(RoutingDecisionRow).where(RoutingDecisionRow.created_at < before))
+                session.execute(
+                    delete(RoutingDailyChoiceRow).where(
+                        RoutingDailyChoiceRow.day < func.date_trunc("day", literal(before))
+                    )
+                )
+                _recount_daily_choices_of_day(session, before)
+        return int(decisions or 0), int(votes or 0)
+
+    def recount_audit_summary(self) -> None:
+        with self.sessions() as session:
+            session.execute(delete(RoutingDailyChoiceRow))
+            session.execute(_daily_choices_of(literal(True)))
 
     def annotate_decision(self, decision_id: int, details: dict[str, Any]) -> None:
         with self.sessions() as session:

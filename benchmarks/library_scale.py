@@ -1,0 +1,445 @@
+"""The library at scale: ingest, index build, size, routing latency and agreement with exact search, per size.
+
+One scratch database on the configured (or embedded) PostgreSQL grows through the sizes (default 30k, 300k, 1M
+entries): each step publishes synthetic experts (100 entries each, clustered around a per-expert centre like the
+samples of one task) through elmreg's own publish path (``create_expert`` + ``publish_expert``, a binary COPY of
+the entries) with the index dropped (``index_built_after``), then measures at that size:
+
+- ingest rate (entries/s) and HNSW build time: float32 ``vector`` serially (up to ``--serial-max``) and with
+  parallel workers, and ``halfvec`` with parallel workers; table and index sizes;
+- routing decisions of Q=32 queries (all drawn near one expert, as the instances of one task are): latency p50/p95
+  of the SQL vote alone for each index type, ef_search value and connection split, and end to end (embedding the
+  32 query texts with the real embedder, then the vote);
+- per-query recall@1 and whether the decision (RoE's vote, same tie rule) equals exact numpy search; exact numpy
+  and FAISS HNSW (``pip install -e '.[bench]'``) in the same process as the references.
+
+    ELMREG_HOME=/tmp/elmreg-bench .venv/bin/python benchmarks/library_scale.py --sizes 30000,300000,1000000 \\
+        --out benchmarks/results/library_scale.json
+
+Prints one markdown table (the README's); ``--out`` keeps every number as JSON and ``--figure`` draws the growth
+curves (docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import text
+
+from elmreg.inference.router import Router, rank_tallies
+from elmreg.registry.context import RegistryContext
+from elmreg.registry.embedder import load_embedder
+from elmreg.registry.settings import load_settings
+from elmreg.registry.store import schema
+from elmreg.registry.store.entities import (
+    ExpertTally,
+    LibraryEntry,
+    LibrarySearchOptions,
+    Publication,
+    StoredArtifact,
+)
+from elmreg.registry.store.sql.library import SqlLibraryStore
+
+DIM, PER_EXPERT, NOISE = 384, 100, 1.0
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def exact_decision(similarities: np.ndarray, owners: np.ndarray) -> tuple[np.ndarray, int]:
+    """Exact nearest entry per query and RoE's choice over them (router.rank_tallies' rule)."""
+    best = np.argmax(similarities, axis=1)
+    tallies: dict[int, list[float]] = defaultdict(list)
+    for q, b in enumerate(best):
+        tallies[int(owners[b])].append(float(similarities[q, b]))
+    ranked = rank_tallies([ExpertTally(e, "", len(s), sum(s)) for e, s in tallies.items()])
+    return best, ranked[0].expert_id
+
+
+def sql_choice(votes, expert_index: dict[int, int]) -> int:
+    tallies: dict[int, list[float]] = defaultdict(list)
+    for v in votes:
+        tallies[expert_index[v.expert_id]].append(v.score)
+    return rank_tallies([ExpertTally(e, "", len(s), sum(s)) for e, s in tallies.items()])[0].expert_id
+
+
+class Library:
+    """The growing synthetic library and its catalogue."""
+
+    def __init__(self, context: RegistryContext, embedder_name: str, rng: np.random.Generator):
+        self.context, self.rng = context, rng
+        self.backbone = context.catalogue.get_or_create_backbone("bench-backbone", "causal")
+        self.embedder = context.catalogue.get_or_create_embedder(embedder_name, DIM)
+        self.centres = np.zeros((0, DIM), np.float32)
+        self.vectors = np.zeros((0, DIM), np.float32)
+        self.owners = np.zeros(0, np.int64)
+        self.expert_index: dict[int, int] = {}  # catalogue id -> row of centres
+
+    def grow(self, size: int) -> dict:
+        """Publish experts until the library has ``size`` entries; returns the ingest numbers."""
+        new_experts = (size - len(self.vectors)) // PER_EXPERT
+        first = len(self.centres)
+        centres = unit(self.rng.normal(size=(new_experts, DIM)))
+        owners = np.repeat(np.arange(first, first + new_experts), PER_EXPERT)
+        # Noise of norm ~1 around a unit centre: samples of one expert have cosine ~0.5 with each other, about
+        # what all-MiniLM-L6-v2 gives for instances of one task.
+        vectors = unit(
+            centres[owners - first] + NOISE * self.rng.normal(size=(len(owners), DIM)) / np.sqrt(DIM)
+        )
+        catalogue = self.context.catalogue
+        started = time.perf_counter()
+        # As index_built_after does, but the caller builds (and times) each index variant afterwards.
+        self.context.library.drop_index(self.embedder.id)
+        for batch in range(0, new_experts, args_batch := 100):
+            ids = [
+                catalogue.create_expert(
+                    name=f"bench-{first + k}", backbone_id=self.backbone.id, kind="lora"
+                ).id
+                for k in range(batch, min(batch + args_batch, new_experts))
+            ]
+            catalogue.publish_experts(
+                [
+                    Publication(
+                        expert_id,
+                        StoredArtifact(f"s3://bench/{first + k}", "0" * 64, 1),
+                        [
+                            LibraryEntry(i, f"sample {i} of bench-{first + k}", v)
+                            for i, v in enumerate(vectors[k * PER_EXPERT : (k + 1) * PER_EXPERT])
+                        ],
+                    )
+                    for k, expert_id in zip(range(batch, batch + len(ids)), ids, strict=True)
+                ],
+                embedder_id=self.embedder.id,
+            )
+            for k, expert_id in zip(range(batch, batch + len(ids)), ids, strict=True):
+                self.expert_index[expert_id] = first + k
+        ingest_s = time.perf_counter() - started
+        self.centres = np.concatenate([self.centres, centres])
+        self.vectors = np.concatenate([self.vectors, vectors])
+        self.owners = np.concatenate([self.owners, owners])
+        return {"entries_added": len(owners), "ingest_s": ingest_s, "ingest_per_s": len(owners) / ingest_s}
+
+    def decisions(self, count: int, q: int) -> list[tuple[np.ndarray, int]]:
+        """``count`` query sets of ``q`` queries, each drawn near one random expert (a task's instances)."""
+        targets = self.rng.integers(0, len(self.centres), size=count)
+        return [
+            (unit(self.centres[t] + NOISE * self.rng.normal(size=(q, DIM)) / np.sqrt(DIM)), int(t))
+            for t in targets
+        ]
+
+
+def store_with(context: RegistryContext, **options) -> SqlLibraryStore:
+    return SqlLibraryStore(context.sessions, LibrarySearchOptions(**options))
+
+
+def measure_sql(store, library: Library, decisions, exact, ef_search: int) -> dict:
+    version = library.context.library.library_version()
+    latencies, recall, agree = [], [], []
+    for (queries, _), (best, choice) in zip(decisions, exact, strict=True):
+        started = time.perf_counter()
+        result = store.vote(library.embedder.id, queries, library_version=version, ef_search=ef_search)
+        latencies.append((time.perf_counter() - started) * 1000)
+        best_scores = np.einsum("qd,qd->q", library.vectors[best], queries)
+        recall += [abs(v.score - s) <= 1e-5 for v, s in zip(result.votes, best_scores, strict=True)]
+        agree.append(sql_choice(result.votes, library.expert_index) == choice)
+    return {
+        "p50_ms": percentile(latencies, 50),
+        "p95_ms": percentile(latencies, 95),
+        "recall": float(np.mean(recall)),
+        "vote_agreement": float(np.mean(agree)),
+    }
+
+
+def bench_size(
+    library: Library, size: int, args, faiss, router: Router | None, save=lambda row: None
+) -> dict:
+    """Grow the library to ``size`` and measure it; ``save(row)`` is called as the row fills in (a long run
+    keeps what it measured if it is stopped)."""
+    print(f"\n== {size} entries ({size // PER_EXPERT} experts)", flush=True)
+    row: dict = {"size": size, **library.grow(size)}
+    # The machine may be shared: the load average says how busy it was while this size was measured.
+    row["load_average_start"] = os.getloadavg()[0]
+    print(f"   ingest {row['ingest_per_s']:.0f} entries/s", flush=True)
+    context, embedder_id = library.context, library.embedder.id
+    decisions = library.decisions(args.decisions, args.q)
+
+    exact, exact_ms = [], []
+    for queries, _ in decisions:
+        started = time.perf_counter()
+        similarities = queries @ library.vectors.T
+        exact.append(exact_decision(similarities, library.owners))
+        exact_ms.append((time.perf_counter() - started) * 1000)
+    row["numpy"] = {"p50_ms": percentile(exact_ms, 50), "p95_ms": percentile(exact_ms, 95)}
+
+    builds = []
+    if size <= args.serial_max:
+        builds.append(("vector", 0))
+    # vector last: the end-to-end measurement routes on it.
+    builds += [(index_type, args.workers) for index_type in args.index_types]
+    row["builds"], row["routing"] = {}, {}
+    for index_type, workers in builds:
+        store = store_with(
+            context, index_type=index_type, build_workers=workers, build_memory=args.build_memory
+        )
+        started = time.perf_counter()
+        store.build_index(embedder_id, DIM)
+        build_s = time.perf_counter() - started
+        storage = store.storage(embedder_id)
+        key = f"{index_type}/{workers}w"
+        row["builds"][key] = {"build_s": build_s, "index_bytes": storage.index_bytes}
+        row["table_bytes"] = storage.table_bytes
+        print(f"   build {key}: {build_s:.1f} s, index {storage.index_bytes / 2**20:.0f} MiB", flush=True)
+        save(row)
+        if workers == 0:
+            continue
+        for ef in args.ef_search:
+            for connections in (1, 2) if ef == args.ef_search[0] else (1,):
+                search = store_with(context, index_type=index_type, parallel_connections=connections)
+                name = f"{index_type} ef={ef} conn={connections}"
+                row["routing"][name] = measure_sql(search, library, decisions, exact, ef)
+                r = row["routing"][name]
+                save(row)
+                print(
+                    f"   SQL {name}: p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, recall {r['recall']:.3f}, "
+                    f"vote {r['vote_agreement']:.3f}",
+                    flush=True,
+                )
+
+    if router is not None:
+        texts = [
+            f"Answer Choices: yes | no, Instance: is sample {i} of the task relevant?" for i in range(args.q)
+        ]
+        latencies = []
+        for _ in range(args.decisions // 2):
+            started = time.perf_counter()
+            router.route(texts, q=args.q, record=False)
+            latencies.append((time.perf_counter() - started) * 1000)
+        row["end_to_end"] = {"p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95)}
+        print(f"   end to end (embed 32 + vote): p50 {row['end_to_end']['p50_ms']:.1f} ms", flush=True)
+        save(row)
+
+    if faiss is not None:
+        index = faiss.IndexHNSWFlat(DIM, 16, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 64
+        started = time.perf_counter()
+        index.add(library.vectors)
+        build_s = time.perf_counter() - started
+        index.hnsw.efSearch = args.ef_search[0]
+        latencies, recall, agree = [], [], []
+        for (queries, _), (best, choice) in zip(decisions, exact, strict=True):
+            started = time.perf_counter()
+            _, hits = index.search(queries, 1)
+            latencies.append((time.perf_counter() - started) * 1000)
+            recall += list(hits[:, 0] == best)
+            similarities = np.einsum("qd,qd->q", library.vectors[hits[:, 0]], queries)
+            tallies: dict[int, list[float]] = defaultdict(list)
+            for h, s in zip(hits[:, 0], similarities, strict=True):
+                tallies[int(library.owners[h])].append(float(s))
+            ranked = rank_tallies([ExpertTally(e, "", len(s), sum(s)) for e, s in tallies.items()])
+            agree.append(ranked[0].expert_id == choice)
+        row["faiss"] = {
+            "build_s": build_s,
+            "p50_ms": percentile(latencies, 50),
+            "p95_ms": percentile(latencies, 95),
+            "recall": float(np.mean(recall)),
+            "vote_agreement": float(np.mean(agree)),
+        }
+        print(f"   FAISS: build {build_s:.1f} s, p50 {row['faiss']['p50_ms']:.2f} ms", flush=True)
+        del index
+    row["load_average_end"] = os.getloadavg()[0]
+    return row
+
+
+def _build(row: dict, index_type: str, parallel: bool = True) -> dict | None:
+    return next(
+        (
+            v
+            for k, v in row["builds"].items()
+            if k.startswith(index_type + "/") and k.endswith("/0w") != parallel
+        ),
+        None,
+    )
+
+
+def _ms(measure: dict | None, key: str = "p50_ms", fmt: str = "{:.0f}") -> str:
+    return fmt.format(measure[key]) if measure else "–"
+
+
+def table(rows: list[dict], ef: int) -> str:
+    lines = [
+        "| entries | ingest/s | HNSW build (s): vector serial / parallel, halfvec parallel | table + index (MiB) "
+        f"| SQL Q=32 p50 / p95 (ms), ef_search={ef} | split over 2 connections, p50 | halfvec p50 | end to end p50 "
+        "| recall@1 | vote = exact | numpy exact p50 | FAISS HNSW p50 (recall, vote = exact) |",
+        "|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        serial, vec, half = _build(r, "vector", False), _build(r, "vector"), _build(r, "halfvec")
+        main = r["routing"].get(f"vector ef={ef} conn=1")
+        split = r["routing"].get(f"vector ef={ef} conn=2")
+        halfr = r["routing"].get(f"halfvec ef={ef} conn=1")
+        f = r.get("faiss")
+        faiss_cell = f"{f['p50_ms']:.1f} ({f['recall']:.3f}, {f['vote_agreement']:.0%})" if f else "–"
+        half_size = f" (halfvec {half['index_bytes'] / 2**20:,.0f})" if half else ""
+        vec_size = f"{vec['index_bytes'] / 2**20:,.0f}" if vec else "–"
+        table_size = f"{r['table_bytes'] / 2**20:,.0f}" if r["table_bytes"] else "–"
+        lines.append(
+            f"| {r['size']:,} | {r['ingest_per_s']:,.0f} | {_ms(serial, 'build_s')} / {_ms(vec, 'build_s')}, "
+            f"{_ms(half, 'build_s')} | {table_size} + {vec_size}{half_size} "
+            f"| {_ms(main)} / {_ms(main, 'p95_ms')} | {_ms(split)} | {_ms(halfr)} | {_ms(r.get('end_to_end'))} "
+            f"| {_ms(main, 'recall', '{:.3f}')} | {_ms(main, 'vote_agreement', '{:.0%}')} | {_ms(r['numpy'])} "
+            f"| {faiss_cell} |"
+        )
+    return "\n".join(lines)
+
+
+def figure(rows: list[dict], path: Path, ef: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def curve(ax, values, style, label):
+        points = [(r["size"], v) for r, v in zip(rows, values, strict=True) if v is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=label)
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for key, style, label in (("p50_ms", "o-", "SQL p50"), ("p95_ms", "o--", "SQL p95")):
+        curve(axes[0], [r["routing"].get(f"vector ef={ef} conn=1", {}).get(key) for r in rows], style, label)
+    curve(axes[0], [(r["numpy"] or {}).get("p50_ms") for r in rows], "s-", "numpy exact p50")
+    curve(axes[0], [r.get("faiss", {}).get("p50_ms") for r in rows], "^-", "FAISS HNSW p50")
+    axes[0].set(title=f"routing, Q=32, ef_search={ef} (ms)", xscale="log", yscale="log")
+    for index_type in ("vector", "halfvec"):
+        curve(
+            axes[1],
+            [(_build(r, index_type) or {}).get("build_s") for r in rows],
+            "o-",
+            f"{index_type}, parallel",
+        )
+        curve(
+            axes[2],
+            [((_build(r, index_type) or {}).get("index_bytes") or 0) / 2**20 or None for r in rows],
+            "o-",
+            f"{index_type} index",
+        )
+    curve(axes[1], [r["entries_added"] / r["ingest_per_s"] for r in rows], "s--", "ingest of the step")
+    axes[1].set(title="HNSW build and ingest (s)", xscale="log", yscale="log")
+    curve(axes[2], [r["table_bytes"] / 2**20 if r["table_bytes"] else None for r in rows], "o-", "table")
+    axes[2].set(title="size (MiB)", xscale="log", yscale="log")
+    for ax in axes:
+        ax.set_xlabel("library entries")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def report(paths: list[Path], figure_path: Path | None, ef: int) -> None:
+    """The table (and figure) of earlier runs' JSON files, rows by size."""
+    rows = sorted(
+        (row for path in paths for row in json.loads(path.read_text())["rows"]), key=lambda r: r["size"]
+    )
+    for path in paths:
+        meta = json.loads(path.read_text())["meta"]
+        print(f"{path}: PostgreSQL {meta['server']}, pgvector {meta['pgvector']}; {meta['machine']}")
+    print(table(rows, ef))
+    if figure_path:
+        figure(rows, figure_path, ef)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="30000,300000,1000000", help="Library sizes (entries), ascending.")
+    parser.add_argument("--q", type=int, default=32)
+    parser.add_argument("--decisions", type=int, default=60, help="Routing decisions measured per variant.")
+    parser.add_argument("--ef-search", default="40,100", help="ef_search values; the first is the table's.")
+    parser.add_argument("--workers", type=int, default=2, help="Parallel maintenance workers for builds.")
+    parser.add_argument(
+        "--serial-max", type=int, default=300000, help="Also time a serial build up to this size."
+    )
+    parser.add_argument("--build-memory", default="3GB", help="maintenance_work_mem for the builds.")
+    parser.add_argument(
+        "--index-types", default="halfvec,vector", help="Index types to build and route on, vector last."
+    )
+    parser.add_argument("--faiss-threads", type=int, default=1, help="OpenMP threads for FAISS.")
+    parser.add_argument("--no-embedder", action="store_true", help="Skip the end-to-end measurement.")
+    parser.add_argument("--out", type=Path, help="Write every number as JSON here.")
+    parser.add_argument("--figure", type=Path, help="Draw the growth curves here (PNG).")
+    parser.add_argument(
+        "--report", type=Path, nargs="+", help="Only print the table (and figure) of these JSONs."
+    )
+    args = parser.parse_args()
+    args.ef_search = [int(e) for e in args.ef_search.split(",")]
+    if args.report:
+        return report(args.report, args.figure, args.ef_search[0])
+    args.index_types = args.index_types.split(",")
+    try:
+        import faiss
+
+        # One thread: FAISS's OpenMP threads spin-wait on each other, and on a busy machine the 300k build did
+        # not finish in 25 min with two of them.
+        faiss.omp_set_num_threads(args.faiss_threads)
+    except ImportError:
+        faiss = None
+    settings = load_settings()
+    base = RegistryContext(settings)
+    name = f"elmreg_scale_{uuid.uuid4().hex[:6]}"
+    with base.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+        c.execute(text(f"CREATE DATABASE {name}"))
+    context = RegistryContext(
+        settings.replace(database_url=base.engine.url.set(database=name).render_as_string(False))
+    )
+    rows = []
+    try:
+        schema.upgrade(context.engine)
+        summary = context.summary()
+        embedder = None if args.no_embedder else load_embedder(settings.embedder)
+        # The library's embedder carries the real embedder's name, so the router's end-to-end path searches it.
+        library = Library(context, embedder.name if embedder else "bench-384", np.random.default_rng(0))
+        router = Router(context, embedder) if embedder else None
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        print(
+            f"PostgreSQL {summary.server_version}, pgvector {summary.pgvector_version}; {machine}", flush=True
+        )
+        meta = {"server": summary.server_version, "pgvector": summary.pgvector_version, "machine": machine}
+
+        def save(row: dict | None = None) -> None:
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                settings_used = vars(args) | {
+                    "out": str(args.out),
+                    "figure": str(args.figure),
+                    "report": None,
+                }
+                done = rows + ([row] if row is not None else [])
+                args.out.write_text(json.dumps({"meta": meta, "args": settings_used, "rows": done}, indent=1))
+
+        for size in (int(s) for s in args.sizes.split(",")):
+            rows.append(bench_size(library, size, args, faiss, router, save))
+            save()
+        print("\n" + table(rows, args.ef_search[0]))
+        if args.figure:
+            figure(rows, args.figure, args.ef_search[0])
+    finally:
+        context.close()
+        with base.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            c.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        base.close()
+
+
+if __name__ == "__main__":
+    main()

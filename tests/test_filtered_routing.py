@@ -1,0 +1,218 @@
+"""Filtered routing never loses a vote: hidden experts crowding the queries' neighbourhood (retired, published
+after a pinned version, another kind, another backbone) change nothing but how far the index scan goes.
+
+Each case builds a library on its own database where every query's ef_search nearest entries belong to hidden
+experts, and checks that the decision equals exact search over the visible entries, with every query voting.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from elmreg.inference.router import Router, rank_tallies
+from elmreg.registry.store.entities import LibraryEntry, LibrarySearchOptions, StoredArtifact
+from elmreg.registry.store.sql.library import SqlLibraryStore
+
+DIM, Q, EF_SEARCH = 384, 16, 40
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+class Library:
+    """Experts with clustered entries; ``crowd`` puts an expert's entries right around the queries."""
+
+    def __init__(self, context, rng):
+        self.context, self.rng = context, rng
+        self.embedder = context.catalogue.get_or_create_embedder("crowd-embedder", DIM)
+        self.backbones = {
+            name: context.catalogue.get_or_create_backbone(name, "causal") for name in ("bb-a", "bb-b")
+        }
+        self.target = _unit(rng.normal(size=DIM))
+        self.entries: list[tuple[int, int, np.ndarray]] = []  # (expert id, entry index, vector)
+
+    def queries(self) -> np.ndarray:
+        return _unit(self.target + 0.3 * self.rng.normal(size=(Q, DIM)) / np.sqrt(DIM))
+
+    def publish(self, name, *, crowd=False, count=100, kind="lora", backbone="bb-a"):
+        centre = self.target if crowd else _unit(self.target + 1.2 * _unit(self.rng.normal(size=DIM)))
+        spread = 0.2 if crowd else 1.0
+        vectors = _unit(centre + spread * self.rng.normal(size=(count, DIM)) / np.sqrt(DIM))
+        catalogue = self.context.catalogue
+        record = catalogue.create_expert(name=name, backbone_id=self.backbones[backbone].id, kind=kind)
+        expert = catalogue.publish_expert(
+            record.id,
+            artifact=StoredArtifact(f"s3://elmreg/test/{name}", "a" * 64, 1),
+            embedder_id=self.embedder.id,
+            entries=[LibraryEntry(i, f"{name} {i}", v) for i, v in enumerate(vectors)],
+        )
+        return expert
+
+    def exact(self, queries, visible_ids) -> tuple[list[int], int]:
+        """Exact nearest visible expert per query, and RoE's choice over those votes."""
+        entries = self.context.library
+        vectors, owners = [], []
+        for expert_id in visible_ids:
+            for entry in entries.entries(expert_id, self.embedder.id):
+                vectors.append(np.asarray(entry.embedding, dtype=np.float32))
+                owners.append(expert_id)
+        similarities = queries @ np.stack(vectors).T
+        best = [owners[i] for i in np.argmax(similarities, axis=1)]
+        scores = similarities.max(axis=1)
+        tallies: dict[int, list[float]] = {}
+        for expert_id, score in zip(best, scores, strict=True):
+            tallies.setdefault(expert_id, []).append(float(score))
+        from elmreg.registry.store.entities import ExpertTally
+
+        ranked = rank_tallies([ExpertTally(e, "", len(s), sum(s)) for e, s in tallies.items()])
+        return best, ranked[0].expert_id
+
+
+@pytest.fixture
+def crowded(fresh_registry):
+    return Library(fresh_registry, np.random.default_rng(7))
+
+
+def _check(library, result, queries, visible_ids):
+    best, choice = library.exact(queries, visible_ids)
+    assert sorted({v.query_index for v in result.votes}) == list(range(Q)), "a query lost its vote"
+    assert [v.expert_id for v in result.votes] == best
+    assert rank_tallies(result.tallies)[0].expert_id == choice
+    # The crowding hid every candidate of the first ef_search: the scan went further for those queries.
+    assert result.scanned_past_ef_search
+
+
+def test_retired_expert_nearest_to_every_query(crowded):
+    visible = [crowded.publish(f"far-{i}").id for i in range(3)]
+    retired = crowded.publish("retired-crowd", crowd=True, count=150)
+    crowded.context.catalogue.retire_expert(retired.id)
+    queries = crowded.queries()
+    version = crowded.context.library.library_version()
+    result = crowded.context.library.vote(
+        crowded.embedder.id, queries, library_version=version, ef_search=EF_SEARCH
+    )
+    _check(crowded, result, queries, visible)
+
+
+def test_pinned_version_with_newer_experts_crowding(crowded):
+    visible = [crowded.publish(f"old-{i}").id for i in range(3)]
+    pinned = crowded.context.library.library_version()
+    for i in range(2):
+        crowded.publish(f"new-crowd-{i}", crowd=True, count=120)
+    queries = crowded.queries()
+    result = crowded.context.library.vote(
+        crowded.embedder.id, queries, library_version=pinned, ef_search=EF_SEARCH
+    )
+    _check(crowded, result, queries, visible)
+
+
+def test_kind_filter_where_the_other_kind_dominates(crowded):
+    visible = [crowded.publish(f"ffn-{i}", kind="ffn_adapter").id for i in range(3)]
+    for i in range(2):
+        crowded.publish(f"lora-crowd-{i}", crowd=True, count=120, kind="lora")
+    queries = crowded.queries()
+    result = crowded.context.library.vote(
+        crowded.embedder.id,
+        queries,
+        library_version=crowded.context.library.library_version(),
+        ef_search=EF_SEARCH,
+        kinds=["ffn_adapter"],
+    )
+    _check(crowded, result, queries, visible)
+
+
+def test_backbone_filter(crowded):
+    visible = [crowded.publish(f"on-b-{i}", backbone="bb-b").id for i in range(3)]
+    crowded.publish("on-a-crowd", crowd=True, count=150, backbone="bb-a")
+    queries = crowded.queries()
+    result = crowded.context.library.vote(
+        crowded.embedder.id,
+        queries,
+        library_version=crowded.context.library.library_version(),
+        ef_search=EF_SEARCH,
+        backbone_id=crowded.backbones["bb-b"].id,
+    )
+    _check(crowded, result, queries, visible)
+
+
+def test_exact_scan_answers_crowded_queries_without_iterative_scans(crowded):
+    """As on a server with pgvector < 0.8 (or iterative scans turned off): crowded-out queries get an exact scan."""
+    visible = [crowded.publish(f"far-{i}").id for i in range(2)]
+    retired = crowded.publish("retired-crowd", crowd=True, count=150)
+    crowded.context.catalogue.retire_expert(retired.id)
+    store = SqlLibraryStore(crowded.context.sessions, LibrarySearchOptions(iterative_scan="off"))
+    queries = crowded.queries()
+    result = store.vote(
+        crowded.embedder.id,
+        queries,
+        library_version=crowded.context.library.library_version(),
+        ef_search=EF_SEARCH,
+    )
+    best, choice = crowded.exact(queries, visible)
+    assert [v.expert_id for v in result.votes] == best
+    assert rank_tallies(result.tallies)[0].expert_id == choice
+    assert result.exact_search == list(range(Q)) and not result.scanned_past_ef_search
+
+
+def test_split_over_connections_gives_the_same_votes(crowded):
+    for i in range(4):
+        crowded.publish(f"e-{i}")
+    queries = crowded.queries()
+    version = crowded.context.library.library_version()
+    one = crowded.context.library.vote(crowded.embedder.id, queries, library_version=version)
+    split = SqlLibraryStore(crowded.context.sessions, LibrarySearchOptions(parallel_connections=3)).vote(
+        crowded.embedder.id, queries, library_version=version
+    )
+    assert split.votes == one.votes and split.tallies == one.tallies
+
+
+def test_halfvec_index_routes_like_vector(crowded):
+    for i in range(4):
+        crowded.publish(f"e-{i}")
+    queries = crowded.queries()
+    version = crowded.context.library.library_version()
+    before = crowded.context.library.vote(crowded.embedder.id, queries, library_version=version)
+    half = SqlLibraryStore(crowded.context.sessions, LibrarySearchOptions(index_type="halfvec"))
+    half.build_index(crowded.embedder.id, DIM)
+    assert half.storage(crowded.embedder.id).index_type == "halfvec"
+    after = SqlLibraryStore(crowded.context.sessions).vote(
+        crowded.embedder.id, queries, library_version=version
+    )
+    assert [v.entry_id for v in after.votes] == [v.entry_id for v in before.votes]
+    # Scores stay float32 inner products.
+    assert [v.score for v in after.votes] == pytest.approx([v.score for v in before.votes], abs=1e-6)
+
+
+class _FixedEmbedder:
+    """Returns prepared vectors: the router's bookkeeping is under test here, not the embedding."""
+
+    name, dimension = "crowd-embedder", DIM
+
+    def __init__(self, vectors):
+        self.vectors = vectors
+
+    def embed(self, texts):
+        return self.vectors[: len(texts)]
+
+
+def test_decision_records_queries_that_scanned_past_ef_search(crowded):
+    crowded.publish("far-0")
+    retired = crowded.publish("retired-crowd", crowd=True, count=150)
+    crowded.context.catalogue.retire_expert(retired.id)
+    router = Router(crowded.context, _FixedEmbedder(crowded.queries()), ef_search=EF_SEARCH)
+    decision = router.route([f"q{i}" for i in range(Q)], q=None)
+    assert decision.chosen_expert_name == "far-0" and len(decision.votes) == Q
+    details = crowded.context.audit.audit_rows(
+        "audit_decisions", order_by=None, filters={"decision_id": decision.decision_id}, limit=1
+    )
+    assert details  # recorded
+    with crowded.context.engine.connect() as c:
+        from sqlalchemy import text
+
+        recorded = c.execute(
+            text("SELECT details FROM routing_decisions WHERE id = :d"), {"d": decision.decision_id}
+        ).scalar_one()
+    assert recorded["scanned_past_ef_search"] == list(range(Q))
+    assert recorded["ef_search"] == EF_SEARCH
