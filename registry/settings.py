@@ -40,6 +40,9 @@ DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
 # Not a field: it says where the other settings are read from. (name, default, help) as in setting_docs().
 CONFIG_SETTING = (ENV_PREFIX + "CONFIG", "HOME/config.toml", "Path of the optional TOML config file.")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Not a field either, and not for users: the fault-injection tests set it ("<point>:<folder>") to stop a process at
+# a named point so that they can kill it exactly there (registry/pause_points.py). Unset, nothing pauses.
+PAUSE_SETTING = ENV_PREFIX + "TEST_PAUSE"
 
 # The environment and config-file sources of the load_settings() call in progress. BaseSettings asks its class
 # for sources (settings_customise_sources), so they are handed over here; a ContextVar keeps threads apart.
@@ -313,3 +316,13 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
         return _validated(lambda: Settings(**overrides), origin)
     finally:
         _loading_sources.reset(token)
+
+
+def pause_request() -> tuple[str, Path] | None:
+    """The pause point and barrier folder that ``ELMREG_TEST_PAUSE`` names, or None (always, outside the tests).
+
+    Read from the environment at each call rather than from :class:`Settings`: it belongs to one process (the
+    worker a test is about to kill), never to a config file, and must not show up in ``elmreg config``.
+    """
+    point, _, folder = os.environ.get(PAUSE_SETTING, "").partition(":")
+    return (point, Path(folder)) if point and folder else None

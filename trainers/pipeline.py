@@ -33,6 +33,7 @@ from elmreg.registry.examples import task_examples
 from elmreg.registry.gc import publishing_artifacts
 from elmreg.registry.kinds import LORA, weights_kind
 from elmreg.registry.library import SAMPLES_PER_EXPERT, embed_entries, register_embedder, sample_indices
+from elmreg.registry.pause_points import pause_point
 from elmreg.registry.prompts import PromptedExample, library_text
 from elmreg.registry.store.entities import Expert, Task
 from elmreg.trainers import get_trainer
@@ -88,6 +89,12 @@ def train_task(
     ready = [e for e in context.catalogue.list_experts(task_id=task.id) if e.status == "ready"]
     if ready:
         hooks.stage(f"task {task.name} already has ready expert {ready[0].name}; nothing to train")
+        if lease is not None:
+            # The previous holder of this job died after publishing and before closing its training run: that
+            # run did produce the ready expert, so close it as succeeded rather than leave it 'running' forever.
+            for run in context.jobs.list_training_runs(task_id=task.id, status="running"):
+                if run.job_id == lease[0] and run.expert_id == ready[0].id:
+                    context.jobs.finish_training_run(run.id, status="succeeded", metrics=ready[0].metrics)
         return ready[0]
 
     trainer = get_trainer(task.expert_kind)
@@ -146,6 +153,7 @@ def train_task(
                 check_lease=check_lease,
                 hooks=hooks,
             )
+            pause_point("published")  # tests kill a worker here: expert ready, its job not yet marked done
     except BaseException as exc:
         context.jobs.finish_training_run(run.id, status="failed", error=f"{type(exc).__name__}: {exc}"[:4000])
         context.catalogue.set_expert_status(expert.id, "failed")
@@ -189,6 +197,7 @@ def publish(
     with publishing_artifacts(context.jobs):
         hooks.stage("uploading weights")
         artifact = context.artifacts.put_file(weights_path)
+        pause_point("uploaded")  # tests kill a worker here: weights stored, nothing refers to them yet
         hooks.stage(f"embedding {min(SAMPLES_PER_EXPERT, len(examples))} library samples")
         embedder = load_embedder(context.settings.embedder)
         chosen = sample_indices(len(examples), SAMPLES_PER_EXPERT, seed=seed)

@@ -11,6 +11,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from elmreg.registry.errors import CatalogueError, NotFoundError
+from elmreg.registry.pause_points import pause_point
 from elmreg.registry.store.catalogue import CatalogueStore
 from elmreg.registry.store.entities import (
     Backbone,
@@ -171,6 +172,8 @@ class SqlCatalogueStore(CatalogueStore):
             [expert] = self._publish(
                 session, [Publication(expert_id, artifact, entries, metrics, config)], embedder_id
             )
+            # Tests kill a worker here: every row written and locked, the transaction not yet committed.
+            pause_point("publish-commit")
             return expert
 
     def publish_experts(self, publications: Sequence[Publication], *, embedder_id: int) -> list[Expert]:

@@ -1,0 +1,130 @@
+"""Processes that die at the worst moment, a database that restarts under them, and many workers at once.
+
+Real ``elmreg worker`` and scheduler subprocesses on the real embedded PostgreSQL and SeaweedFS, a tiny backbone.
+A worker is stopped at an exact step with a pause point (``registry/pause_points.py``: with
+``ELMREG_TEST_PAUSE=<point>:<folder>`` it waits at ``<point>`` until the test kills it), never by timing a kill.
+Every test asserts what the catalogue and the bucket hold afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import lab_environ
+from sqlalchemy import text
+
+from elmreg.api import Registry
+
+ELMREG = str(Path(sys.executable).parent / "elmreg")
+# One epoch over a handful of examples: each job trains in about a second on the tiny backbone.
+QUICK = {"epochs": 1, "batch_size": 4}
+
+
+def _wait_for(condition: Callable[[], object], timeout: float, what: str, *, alive=()) -> None:
+    """Poll ``condition`` until it is true; fail after ``timeout`` seconds or when a watched process exits."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for process in alive:
+            assert process.poll() is None, f"{what}: a process exited early: {process.communicate()}"
+        assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}"
+        time.sleep(0.1)
+
+
+def _worker(lab: Registry, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [ELMREG, "worker", "--quiet", "--name", name, *args],
+        env={**lab_environ(lab), **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: kill -9 takes any child with it
+    )
+
+
+def _kill(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def _lease_expired(lab: Registry, job_id: int) -> bool:
+    with lab.context.engine.connect() as connection:
+        return bool(
+            connection.execute(
+                text("SELECT lease_expires_at < now() FROM jobs WHERE id = :id"), {"id": job_id}
+            ).scalar()
+        )
+
+
+def _library_versions(lab: Registry) -> list[int]:
+    with lab.context.engine.connect() as connection:
+        return list(
+            connection.execute(text("SELECT version FROM library_changes ORDER BY version")).scalars()
+        )
+
+
+def _assert_nothing_lost_nothing_leaked(lab: Registry) -> None:
+    """Every ready expert's weights are stored with the recorded checksum; after ``elmreg gc --delete`` (grace
+    period 0: every object counts as old) the bucket holds exactly the referenced objects; library versions run
+    1..N."""
+    ready = lab.experts(status="ready")
+    for expert in ready:
+        stored = lab.context.artifacts.stat(expert.artifact.uri)
+        assert stored is not None and stored.size == expert.artifact.size, expert.name
+        lab.context.artifact_cache.fetch(expert.artifact)  # downloads and verifies the sha256
+    gc = subprocess.run(
+        [ELMREG, "gc", "--delete", "--min-age-hours", "0"],
+        env=lab_environ(lab),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert gc.returncode == 0, gc.stderr
+    assert {o.uri for o in lab.context.artifacts.list_objects()} == {e.artifact.uri for e in ready}
+    versions = _library_versions(lab)
+    assert versions == list(range(1, len(versions) + 1))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "point",
+    [
+        "uploaded",  # mid-upload: the weights are in the bucket, no row refers to them
+        "publish-commit",  # mid-publish: entries, version and status written, the transaction not committed
+        "published",  # after the commit, before the job is marked done: the next worker must not train again
+    ],
+)
+def test_a_worker_killed_mid_upload_or_mid_publish_leaves_one_ready_expert(lab, tmp_path, point):
+    task = lab.add_task("bigbench:colours", max_examples=16, training=QUICK)
+    [job] = lab.jobs()
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    victim = _worker(lab, "victim", "--once", "--lease", "3", env={"ELMREG_TEST_PAUSE": f"{point}:{barrier}"})
+    _wait_for((barrier / f"{point}.reached").exists, 180, f"the worker to reach {point}", alive=[victim])
+    objects = {o.uri for o in lab.context.artifacts.list_objects()}
+    assert len(objects) == 1  # the upload is done at every point
+    committed = point == "published"
+    assert [e.status for e in lab.experts(task=task.name)] == ["ready" if committed else "training"]
+    _kill(victim)
+
+    _wait_for(lambda: _lease_expired(lab, job.id), 30, "the victim's lease to expire")
+    rescuer = _worker(lab, "rescuer", "--once")
+    out, err = rescuer.communicate(timeout=180)
+    assert rescuer.returncode == 0, err
+    [job] = lab.jobs()
+    assert job.status == "succeeded" and job.attempts == 2, job.last_error
+    [expert] = lab.experts(task=task.name)  # the victim's expert row, trained again or found ready
+    assert expert.status == "ready" and expert.library_version == 1
+    if committed:
+        assert expert.artifact.uri in objects  # published by the victim, kept as it was
+    # No training run is left 'running' by the dead worker.
+    assert [r.status for r in lab.training_runs(task.name)] == (
+        ["succeeded"] if committed else ["failed", "succeeded"]
+    )
+    _assert_nothing_lost_nothing_leaked(lab)
