@@ -19,7 +19,7 @@ from typing import Any
 from elmreg.jobs.context import Interrupted, JobContext, JobHandler, LeaseLost
 from elmreg.jobs.handlers import registered_handlers
 from elmreg.registry.context import RegistryContext
-from elmreg.registry.errors import ElmregError, UserError, first_line
+from elmreg.registry.errors import ElmregError, ServiceError, UserError, first_line
 from elmreg.registry.store.entities import Job
 
 _log = logging.getLogger(__name__)
@@ -140,7 +140,15 @@ class Worker:
         # stop() sets this event too, so an idle wait ends at once: an orchestrator's grace period is short.
         self._idle_wait = stop
         while not stop.is_set() and not self.stopping:
-            if self.run_once() is None:
+            try:
+                ran = self.run_once()
+            except ServiceError as exc:
+                # The catalogue is down (restarting, failing over): a long-running worker outlives that, as its
+                # pooled connections do (pre-ping), and treats it as an empty queue until the database is back.
+                # A job it held meanwhile keeps its lease until that expires, and is then claimed again.
+                _log.warning("worker %s: %s; trying again in %g s", self.name, first_line(exc), poll_seconds)
+                ran = None
+            if ran is None:
                 stop.wait(poll_seconds)
 
     def drain(self, *, max_jobs: int | None = None) -> list[Job]:

@@ -8,19 +8,26 @@ Every test asserts what the catalogue and the bucket hold afterwards.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from conftest import lab_environ
-from sqlalchemy import text
+from sqlalchemy import Connection, create_engine, text
 
 from elmreg.api import Registry
+from elmreg.registry.services.postgres import EmbeddedPostgres
+from elmreg.registry.store import schema
 
 ELMREG = str(Path(sys.executable).parent / "elmreg")
 # One epoch over a handful of examples: each job trains in about a second on the tiny backbone.
@@ -127,4 +134,104 @@ def test_a_worker_killed_mid_upload_or_mid_publish_leaves_one_ready_expert(lab, 
     assert [r.status for r in lab.training_runs(task.name)] == (
         ["succeeded"] if committed else ["failed", "succeeded"]
     )
+    _assert_nothing_lost_nothing_leaked(lab)
+
+
+# -- PostgreSQL restarted under a worker and under the schedulers ------------------------------------------------
+@pytest.fixture(scope="module")
+def own_postgres(registry) -> Iterator[EmbeddedPostgres]:
+    """An embedded PostgreSQL of this module's own (restarting it never disturbs the rest of the suite)."""
+    if not registry.settings.uses_embedded_database:
+        pytest.skip("the restart is injected into the embedded PostgreSQL only")
+    # Not under pytest's tmp_path: run as root, the server runs as the 'pgserver' user (see the root conftest).
+    home = Path(tempfile.mkdtemp(prefix="elmreg-test-pg-restart-"))
+    server = EmbeddedPostgres(home / "postgres")
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def restart_lab(own_postgres, lab, tmp_path) -> Iterator[Registry]:
+    """``lab`` (same bucket prefix, backbone and data), its catalogue on ``own_postgres``."""
+    name = f"elmreg_restart_{uuid.uuid4().hex[:8]}"
+    with own_postgres_connection(own_postgres) as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    registry = Registry(lab.settings.replace(database_url=own_postgres.state().url(name)))
+    schema.upgrade(registry.context.engine)
+    yield registry
+    registry.close()
+
+
+@contextmanager
+def own_postgres_connection(server: EmbeddedPostgres) -> Iterator[Connection]:
+    engine = create_engine(server.state().url("postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            yield connection
+    finally:
+        engine.dispose()
+
+
+def _restart(server: EmbeddedPostgres) -> None:
+    """Stop (fast shutdown: every session is cut) and start again on the same data directory and socket."""
+    url = server.state().url()
+    assert server.stop()
+    assert server.start().url() == url  # same socket: clients reconnect to the URL they have
+
+
+def _db_now(lab: Registry) -> dt.datetime:
+    with lab.context.engine.connect() as connection:
+        return connection.execute(text("SELECT now()")).scalar()
+
+
+def _job_row(lab: Registry, job_id: int):
+    with lab.context.engine.connect() as connection:
+        return connection.execute(text("SELECT * FROM jobs WHERE id = :id"), {"id": job_id}).one()
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_survives_postgres_restarts_while_idle_and_while_it_holds_a_lease(
+    restart_lab, own_postgres, tmp_path
+):
+    lab = restart_lab
+    barrier, log = tmp_path / "barrier", tmp_path / "worker.log"
+    barrier.mkdir()
+    with log.open("w") as stderr:
+        worker = subprocess.Popen(
+            [ELMREG, "worker", "--quiet", "--name", "survivor", "--poll", "0.5", "--lease", "3"],
+            env={**lab_environ(lab), "ELMREG_TEST_PAUSE": f"uploaded:{barrier}"},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            text=True,
+            start_new_session=True,
+        )
+    try:
+        _wait_for(lambda: "waiting for jobs" in log.read_text(), 120, "the worker to start", alive=[worker])
+        # 1. Down while the worker polls an empty queue: it says so and keeps polling.
+        assert own_postgres.stop()
+        _wait_for(lambda: "catalogue" in log.read_text(), 60, "the worker to notice", alive=[worker])
+        own_postgres.start()
+        task = lab.add_task("bigbench:colours", max_examples=16, training=QUICK)
+        [job] = lab.jobs()
+        # 2. Restarted while the worker holds the job's lease (and the publishers' lock) mid-publish.
+        _wait_for((barrier / "uploaded.reached").exists, 120, "the worker to upload", alive=[worker])
+        _restart(own_postgres)
+        restarted = _db_now(lab)
+        _wait_for(
+            lambda: _job_row(lab, job.id).heartbeat_at > restarted, 30, "heartbeats to resume", alive=[worker]
+        )
+        (barrier / "uploaded.go").touch()
+        _wait_for(lambda: lab.jobs()[0].status != "running", 120, "the job to end", alive=[worker])
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if worker.poll() is None:
+            _kill(worker)
+    [job] = lab.jobs()
+    assert job.status == "succeeded" and job.attempts == 1, job.last_error  # this worker kept its lease
+    [expert] = lab.experts(task=task.name)
+    assert expert.status == "ready" and expert.library_version == 1
+    assert [r.status for r in lab.training_runs(task.name)] == ["succeeded"]
     _assert_nothing_lost_nothing_leaked(lab)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Connection, Engine, func, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from elmreg.registry.errors import CatalogueError, NotFoundError
@@ -16,6 +18,8 @@ from elmreg.registry.store.jobs import HeldLock, JobStore
 from elmreg.registry.store.models import JobRow, TrainingRunRow
 from elmreg.registry.store.session import ManagedSessions
 from elmreg.registry.store.sql import records
+
+_log = logging.getLogger(__name__)
 
 
 def held_lease(session: Session, job_id: int, worker: str) -> JobRow:
@@ -279,9 +283,20 @@ class SqlJobStore(JobStore):
             try:
                 yield
             finally:
-                connection.execute(
-                    text(f"SELECT pg_advisory_unlock{mode}(hashtextextended(:key, 0))"), {"key": key}
-                )
+                try:
+                    connection.execute(
+                        text(f"SELECT pg_advisory_unlock{mode}(hashtextextended(:key, 0))"), {"key": key}
+                    )
+                except DBAPIError as exc:
+                    if not exc.connection_invalidated:
+                        raise
+                    # The server restarted during the block and took the lock with the connection: there is
+                    # nothing left to unlock, and the block's work is done (a publish committed on a fresh
+                    # connection), so raising now would only report a success as a failure. What the lock
+                    # guarded stays safe without it: GC leaves objects younger than its grace period alone.
+                    _log.warning(
+                        "lock %s was lost with its connection (database restarted): %s", key, exc.orig
+                    )
 
     def try_lock(self, key: str) -> HeldLock | None:
         connection = self.sessions.open_connection()
