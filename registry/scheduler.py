@@ -8,7 +8,10 @@ It only *enqueues* work; workers do it. Three schedules:
 
 Only one scheduler is active at a time: each one tries to take a PostgreSQL advisory lock on a connection it
 keeps open and waits as a standby until it gets it. If the active one dies, its connection closes, the lock is
-released and a standby takes over.
+released and a standby takes over. If the database restarts, the lock goes with the active one's connection while
+that process lives on: so each schedule checks the lock right before it runs (a scheduler that lost it runs
+nothing), the active one checks it between runs too, and one that lost it steps down to standby (and may win the
+lock again). A standby that cannot reach the database keeps trying.
 
 The schedules are code, kept in memory: nothing about them is written to the database, so no row holds the
 settings (credentials) and no row needs pickle to be read. A nightly run missed while no scheduler was active (the
@@ -22,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -29,6 +33,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from elmreg.registry.context import RegistryContext
+from elmreg.registry.errors import ServiceError, first_line
 from elmreg.registry.store.jobs import HeldLock
 
 _log = logging.getLogger(__name__)
@@ -100,13 +105,33 @@ class Scheduler:
         self.registry = registry
         self.config = config or ScheduleConfig()
         self._lock: HeldLock | None = None
+        # The lock's connection is used by the run loop and by the schedules' threads: one at a time.
+        self._lock_guard = threading.Lock()
         self._scheduler: BackgroundScheduler | None = None
 
     def try_become_active(self) -> bool:
         """Take the scheduler lock if nobody holds it; a crashed scheduler's lock goes with its connection."""
-        if self._lock is None:
-            self._lock = self.registry.jobs.try_lock(SCHEDULER_LOCK_KEY)
-        return self._lock is not None
+        with self._lock_guard:
+            if self._lock is None:
+                self._lock = self.registry.jobs.try_lock(SCHEDULER_LOCK_KEY)
+            return self._lock is not None
+
+    def holds_lock(self) -> bool:
+        """Whether this scheduler is (still) the active one: False once its lock went with its connection."""
+        with self._lock_guard:
+            return self._lock is not None and self._lock.held()
+
+    def _fenced(self, schedule_id: str, function: Callable[[RegistryContext], object]) -> Callable[[], None]:
+        """``function`` as a schedule that runs only while this scheduler holds the lock. Checked at each run: a
+        scheduler whose lock went with a database restart must not fire beside the standby that now holds it."""
+
+        def fire() -> None:
+            if not self.holds_lock():
+                _log.warning("scheduler lost its lock (database restarted?): %s not run", schedule_id)
+                return
+            function(self.registry)
+
+        return fire
 
     def start(self) -> BackgroundScheduler:
         """Register the schedules, catch up a nightly run missed within the grace period, and start."""
@@ -120,9 +145,8 @@ class Scheduler:
         )
         config, now = self.config, dt.datetime.now().astimezone()
         scheduler.add_job(
-            enqueue_untrained_tasks,
+            self._fenced("enqueue-untrained-tasks", enqueue_untrained_tasks),
             IntervalTrigger(seconds=config.new_task_interval_seconds),
-            args=[self.registry],
             id="enqueue-untrained-tasks",
         )
         nightly = {
@@ -132,23 +156,39 @@ class Scheduler:
         for job_id, (function, hour) in nightly.items():
             catch_up = {"next_run_time": now} if _missed(hour, config.misfire_grace_seconds, now) else {}
             scheduler.add_job(
-                function, CronTrigger(hour=hour, minute=0), args=[self.registry], id=job_id, **catch_up
+                self._fenced(job_id, function), CronTrigger(hour=hour, minute=0), id=job_id, **catch_up
             )
         scheduler.start()
         self._scheduler = scheduler
         return scheduler
 
-    def run(self, *, stop: threading.Event | None = None, standby_poll_seconds: float = 15.0) -> None:
-        """Wait to become active, then run the schedules until ``stop`` is set."""
+    def run(
+        self,
+        *,
+        stop: threading.Event | None = None,
+        standby_poll_seconds: float = 15.0,
+        lock_check_seconds: float = 5.0,
+    ) -> None:
+        """Wait to become active, then run the schedules until ``stop`` is set; step down to standby whenever the
+        lock is lost (a database restart), so a standby takes over within about ``standby_poll_seconds``."""
         stop = stop or threading.Event()
-        while not stop.is_set() and not self.try_become_active():
-            _log.warning("another scheduler is active; standing by")
-            stop.wait(standby_poll_seconds)
-        if stop.is_set():
-            return self.shutdown()
-        self.start()
         try:
-            stop.wait()
+            while not stop.is_set():
+                try:
+                    active = self.try_become_active()
+                except ServiceError as exc:  # the database is down or restarting: keep standing by
+                    _log.warning("scheduler: %s; trying again in %g s", first_line(exc), standby_poll_seconds)
+                    active = False
+                if not active:
+                    _log.warning("another scheduler is active; standing by")
+                    stop.wait(standby_poll_seconds)
+                    continue
+                self.start()
+                while not stop.wait(lock_check_seconds) and self.holds_lock():
+                    pass
+                if not stop.is_set():
+                    _log.warning("scheduler lost its lock (database restarted?); standing by")
+                self.shutdown()
         finally:
             self.shutdown()
 
@@ -162,6 +202,7 @@ class Scheduler:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        with self._lock_guard:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None

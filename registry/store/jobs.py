@@ -14,6 +14,11 @@ class HeldLock(ABC):
     """A lock taken with :meth:`JobStore.try_lock`; held until :meth:`release` or until the process dies."""
 
     @abstractmethod
+    def held(self) -> bool:
+        """Whether the lock is still held: False once the connection it lives on is gone (the database
+        restarted), after which someone else may hold it. Not safe to call from two threads at once."""
+
+    @abstractmethod
     def release(self) -> None:
         """Let the lock go (idempotent)."""
 

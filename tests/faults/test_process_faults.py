@@ -235,3 +235,99 @@ def test_a_worker_survives_postgres_restarts_while_idle_and_while_it_holds_a_lea
     assert expert.status == "ready" and expert.library_version == 1
     assert [r.status for r in lab.training_runs(task.name)] == ["succeeded"]
     _assert_nothing_lost_nothing_leaked(lab)
+
+
+# A scheduler process as `elmreg scheduler` runs it, on a one-second clock, with a probe that appends the time to a
+# file each time the new-task schedule actually runs (so the test sees who fired, and when).
+_SCHEDULER = """
+import logging, sys, time
+from pathlib import Path
+from elmreg.registry import scheduler as schedules
+from elmreg.registry.context import RegistryContext
+from elmreg.registry.settings import load_settings
+
+fires, hour = Path(sys.argv[1]), int(sys.argv[2])
+enqueue = schedules.enqueue_untrained_tasks
+def probe(registry):
+    with fires.open("a") as out:
+        out.write(f"{time.time()}\\n")
+    return enqueue(registry)
+schedules.enqueue_untrained_tasks = probe
+logging.basicConfig(level=logging.WARNING)
+config = schedules.ScheduleConfig(new_task_interval_seconds=1, benchmark_hour=hour, ingest_hour=(hour + 12) % 24)
+schedules.Scheduler(RegistryContext(load_settings()), config).run(standby_poll_seconds=0.5)
+"""
+
+
+def _scheduler(lab: Registry, folder: Path, name: str) -> subprocess.Popen:
+    hour = (
+        dt.datetime.now().astimezone().hour
+    )  # tonight's benchmark counts as missed: each start catches it up
+    with (folder / f"{name}.log").open("w") as stderr:
+        return subprocess.Popen(
+            [sys.executable, "-c", _SCHEDULER, str(folder / f"{name}.fires"), str(hour)],
+            env=lab_environ(lab),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+
+
+def _fires(folder: Path, name: str, after: float = 0.0) -> list[float]:
+    path = folder / f"{name}.fires"
+    times = [float(line) for line in path.read_text().split()] if path.exists() else []
+    return [t for t in times if t > after]
+
+
+@pytest.mark.timeout(300)
+def test_schedulers_never_fire_together_across_a_postgres_restart_and_a_standby_takes_over(
+    restart_lab, own_postgres, tmp_path
+):
+    """Two scheduler processes: PostgreSQL restarts under the active one (its lock goes with its connection),
+    then the active one is killed with kill -9."""
+    lab = restart_lab
+    tasks = [
+        lab.add_task("bigbench:colours", name=f"colours-{i}", max_examples=8, training=QUICK) for i in (1, 2)
+    ]
+    first = _scheduler(lab, tmp_path, "first")
+    second = None
+    try:
+        _wait_for(lambda: _fires(tmp_path, "first"), 120, "the first scheduler to fire", alive=[first])
+        second = _scheduler(lab, tmp_path, "second")
+        _wait_for(
+            lambda: "standing by" in (tmp_path / "second.log").read_text(), 120, "a standby", alive=[second]
+        )
+        assert not _fires(tmp_path, "second")
+
+        _restart(own_postgres)
+        restarted = time.time()
+
+        def fired_after(moment: float) -> list[tuple[float, str]]:
+            return sorted((t, n) for n in ("first", "second") for t in _fires(tmp_path, n, after=moment))
+
+        # Five fires' time: long enough for a scheduler that missed the loss of its lock to fire beside the other.
+        _wait_for(
+            lambda: len(fired_after(restarted)) >= 6, 60, "fires after the restart", alive=[first, second]
+        )
+        sequence = [name for _, name in fired_after(restarted)]
+        switches = sum(a != b for a, b in zip(sequence, sequence[1:], strict=False))
+        assert switches <= 1, f"both schedulers fired after the restart: {sequence}"
+
+        active = sequence[-1]
+        victim, standby = (first, second) if active == "first" else (second, first)
+        _kill(victim)
+        killed = time.time()
+        other = "second" if active == "first" else "first"
+        _wait_for(
+            lambda: _fires(tmp_path, other, after=killed), 30, "the standby to take over", alive=[standby]
+        )
+        took_over = _fires(tmp_path, other, after=killed)[0] - killed
+        assert took_over < 10, f"the standby took {took_over:.1f} s to take over"
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                _kill(process)
+    # Whatever fired, the queue holds one training job per task and one benchmark for tonight.
+    jobs = lab.jobs()
+    assert sorted(j.payload["task_id"] for j in jobs if j.kind == "train") == sorted(t.id for t in tasks)
+    assert [j.kind for j in jobs].count("benchmark") == 1

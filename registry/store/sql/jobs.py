@@ -74,13 +74,31 @@ class _AdvisoryLock(HeldLock):
     def __init__(self, connection: Connection):
         self._connection: Connection | None = connection
 
+    def held(self) -> bool:
+        if self._connection is None:
+            return False
+        try:
+            # Nothing but the end of its connection releases a session-level lock: a live connection holds it.
+            self._connection.execute(text("SELECT 1"))
+            self._connection.commit()
+        except DBAPIError:
+            self.release()
+            return False
+        return True
+
     def release(self) -> None:
         if self._connection is not None:
-            # Invalidate rather than return it to the pool: closing the DBAPI connection is what releases a
-            # session-level advisory lock (a pooled connection would keep holding it).
-            self._connection.invalidate()
-            self._connection.close()
-            self._connection = None
+            connection, self._connection = self._connection, None
+            try:
+                # Unlocked before the connection closes: the server ends a closed connection's backend (and
+                # frees its locks) a moment later, and whoever takes the lock next must not see it still held.
+                connection.execute(text("SELECT pg_advisory_unlock_all()"))
+                connection.commit()
+            except DBAPIError:
+                pass  # the connection is gone already, and the lock with it
+            # Invalidate rather than return it to the pool: a pooled connection would keep any lock it holds.
+            connection.invalidate()
+            connection.close()
 
 
 class SqlJobStore(JobStore):
