@@ -9,6 +9,7 @@ import click
 
 from elmreg.cli.output import echo_json, echo_table
 from elmreg.cli.progress import evaluation_progress, is_quiet
+from elmreg.inference.routers import parse_router_options, router_class, router_names
 from elmreg.registry.audit import AUDIT_QUERIES, AUDIT_VIEWS
 from elmreg.registry.kinds import expert_row_kinds
 from elmreg.registry.prompts import PromptTemplate
@@ -63,7 +64,23 @@ def load_instances(
     "--q", "q", type=int, default=32, show_default=True, help="Instances used (a seeded sample of the input)."
 )
 @click.option(
-    "--top-k", type=int, default=1, show_default=True, help="Nearest library entries per instance that vote."
+    "--router",
+    type=click.Choice(router_names()),
+    default="roe",
+    show_default=True,
+    help="Routing method ('elmreg routers' describes each).",
+)
+@click.option(
+    "--router-option",
+    "router_options",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="An option of the router, e.g. top_k=8 (repeatable).",
+)
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=1),
+    help="Nearest library entries per instance that vote (the router's top_k; RoE: 1).",
 )
 @click.option(
     "--kind",
@@ -77,39 +94,79 @@ def load_instances(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def route(
-    ctx: click.Context, input_file, dataset, split, task, q, top_k, kinds, library_version, label, as_json
+    ctx: click.Context,
+    input_file,
+    dataset,
+    split,
+    task,
+    q,
+    router,
+    router_options,
+    top_k,
+    kinds,
+    library_version,
+    label,
+    as_json,
 ) -> None:
-    """Choose an expert for instances of a task by Retrieval-of-Experts, in one SQL statement; the decision and
-    every vote are recorded for audit.
+    """Choose an expert for instances of a task, by Retrieval-of-Experts unless another --router is named, in
+    SQL; the decision (with the router and its options) and every vote are recorded for audit.
 
     \b
     Examples:
       elmreg route --dataset bigbench:strategyqa --split validation
       elmreg route --input queries.jsonl --q 16 --label nightly
+      elmreg route --dataset bigbench:strategyqa --router roe-knn --router-option top_k=16
+      elmreg route --input queries.jsonl --router per-instance
     """
     registry = _registry(ctx)
+    options = parse_router_options(router_options)
     instances = load_instances(registry, input_file, dataset, split, task, None)
+    common = {"kinds": kinds or None, "library_version": library_version, "caller_label": label or dataset}
+    if router_class(router).per_instance:
+        if top_k is not None:
+            options.setdefault("top_k", top_k)
+        decisions = registry.route_each(instances, task=task, router=router, router_options=options, **common)
+        if as_json:
+            return echo_json(decisions)
+        counts: dict[str, int] = {}
+        for d in decisions:
+            counts[d.chosen_expert_name] = counts.get(d.chosen_expert_name, 0) + 1
+        click.echo(
+            f"{len(decisions)} instances routed one by one: decisions {decisions[0].decision_id}-"
+            f"{decisions[-1].decision_id}, library version {decisions[0].library_version}"
+        )
+        echo_table(["expert", "instances"], sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        return
     decision = registry.route(
-        instances,
-        task=task,
-        q=q,
-        top_k=top_k,
-        kinds=kinds or None,
-        library_version=library_version,
-        caller_label=label or dataset,
+        instances, task=task, q=q, router=router, router_options=options, top_k=top_k, **common
     )
     if as_json:
         return echo_json(decision)
     click.echo(
         f"chosen expert: {decision.chosen_expert_name} (id {decision.chosen_expert_id})  "
-        f"decision {decision.decision_id}, library version {decision.library_version}, "
+        f"decision {decision.decision_id}, router {decision.router}, library version {decision.library_version}, "
         f"Q={decision.q}, {decision.latency_ms:.1f} ms"
     )
+    weighted = any(t.weight is not None for t in decision.tallies)
     echo_table(
-        ["expert", "votes", "similarity sum"],
-        [(t.expert_name, t.votes, f"{t.score_sum:.3f}") for t in decision.tallies],
+        ["expert", "votes", "similarity sum", *(["weight"] if weighted else [])],
+        [
+            (t.expert_name, t.votes, f"{t.score_sum:.3f}", *([f"{t.strength:.3f}"] if weighted else []))
+            for t in decision.tallies
+        ],
     )
     click.echo(f"\naudit: SELECT * FROM audit_votes WHERE decision_id = {decision.decision_id};")
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+def routers() -> None:
+    """List the routing methods, what each does and its options (--router / --route NAME, --router-option)."""
+    for name in router_names():
+        method = router_class(name)
+        click.echo(f"{name}: {method.summary}")
+        for param in method.params:
+            allowed = f" ({' | '.join(param.choices)})" if param.choices else ""
+            click.echo(f"    {param.name}={param.default}{allowed}  {param.help}")
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -124,8 +181,21 @@ def route(
 @click.option("--limit", type=int, help="Answer at most this many instances of --dataset (seeded sample).")
 @click.option("--task", help="Registered task: renders raw rows with its template; picks its backbone.")
 @click.option("--expert", help="Use this expert (id or name).")
-@click.option("--route", type=click.Choice(["roe"]), help="Let Retrieval-of-Experts choose the expert.")
-@click.option("--q", "q", type=int, default=32, show_default=True, help="Instances RoE uses to choose.")
+@click.option(
+    "--route",
+    type=click.Choice(router_names()),
+    help="Let a router choose the expert: roe (the paper's), ..., per-instance (one expert per instance).",
+)
+@click.option(
+    "--router-option",
+    "router_options",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="An option of the --route router, e.g. top_k=8 (repeatable).",
+)
+@click.option(
+    "--q", "q", type=int, default=32, show_default=True, help="Instances the router uses to choose."
+)
 @click.option(
     "--compose",
     type=int,
@@ -137,7 +207,18 @@ def route(
 )
 @click.pass_context
 def predict(
-    ctx: click.Context, input_file, dataset, split, limit, task, expert, route, q, compose, out
+    ctx: click.Context,
+    input_file,
+    dataset,
+    split,
+    limit,
+    task,
+    expert,
+    route,
+    router_options,
+    q,
+    compose,
+    out,
 ) -> None:
     """Answer instances with an expert (or the base backbone when neither --expert nor --route is given).
 
@@ -154,7 +235,15 @@ def predict(
 
     registry = _registry(ctx)
     instances = load_instances(registry, input_file, dataset, split, task, limit)
-    rows = registry.predict(instances, expert=expert, route=route, task=task, q=q, compose=compose)
+    rows = registry.predict(
+        instances,
+        expert=expert,
+        route=route,
+        task=task,
+        q=q,
+        compose=compose,
+        router_options=parse_router_options(router_options),
+    )
     lines = "\n".join(json.dumps(r) for r in rows) + "\n"
     if out:
         Path(out).write_text(lines)
@@ -164,38 +253,126 @@ def predict(
 
 
 @click.command("eval", context_settings=CONTEXT_SETTINGS)
-@click.option("--task", required=True, help="Registered task to evaluate on.")
+@click.option("--task", help="Registered task to evaluate on (results stored in the evaluations table).")
+@click.option(
+    "--dataset",
+    help="Or data that is not a registered task (an unseen task): evaluated, never registered or queued.",
+)
+@click.option("--subset", help="With --dataset: configuration (hub) or BIG-bench subtask.")
+@click.option("--prompt", help="With --dataset: inline Jinja template 'INPUT ||| TARGET'.")
+@click.option("--answer-choices", help="With --dataset: Jinja for the choices, separated by '|||'.")
+@click.option(
+    "--template-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="With --dataset: a promptsource templates.yaml.",
+)
+@click.option("--template-name", help="With --dataset: template of --template-file to use.")
+@click.option(
+    "--name", help="With --dataset: the name shown and recorded as 'eval:NAME' in routing decisions."
+)
+@click.option("--backbone", help="With --dataset: backbone whose experts answer (default: ELMREG_BACKBONE).")
 @click.option(
     "--route",
     "routes",
     multiple=True,
     default=["roe"],
     show_default=True,
-    help="roe, oracle, base or expert:<id or name> (repeatable).",
+    help=f"base, oracle, expert:<id or name>, or a router: {', '.join(router_names())} (repeatable).",
+)
+@click.option(
+    "--router-option",
+    "router_options",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="An option of the router routes, e.g. top_k=8 (repeatable; each router route must accept it).",
 )
 @click.option("--split", default="validation", show_default=True, help="Labelled split to evaluate on.")
 @click.option("--limit", type=int, help="Evaluate on at most this many examples (seeded sample).")
-@click.option("--q", "q", type=int, default=32, show_default=True, help="Instances RoE uses to choose.")
+@click.option("--q", "q", type=int, default=32, show_default=True, help="Instances a router uses to choose.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def evaluate(ctx: click.Context, task, routes, split, limit, q, as_json) -> None:
-    """Evaluate routes on a task's labelled data (accuracy, or ROUGE-L for generation); results are stored in
-    the evaluations table.
+def evaluate(
+    ctx: click.Context,
+    task,
+    dataset,
+    subset,
+    prompt,
+    answer_choices,
+    template_file,
+    template_name,
+    name,
+    backbone,
+    routes,
+    router_options,
+    split,
+    limit,
+    q,
+    as_json,
+) -> None:
+    """Evaluate routes on a task's labelled data (accuracy, or ROUGE-L for generation); results on registered
+    tasks are stored in the evaluations table, results on --dataset only printed.
 
-    Example: elmreg eval --task strategyqa --route roe --route base --route oracle --limit 100
+    \b
+    Examples:
+      elmreg eval --task strategyqa --route roe --route base --route oracle --limit 100
+      elmreg eval --dataset bigbench:causal_judgment --route roe --route centroid --route oracle --limit 100
+      elmreg eval --task strategyqa --route roe-knn --router-option top_k=16
     """
+    if bool(task) == bool(dataset):
+        raise click.UsageError("give exactly one of --task NAME or --dataset SPEC")
+    task_only = {"--subset": subset, "--prompt": prompt, "--answer-choices": answer_choices}
+    task_only |= {"--template-file": template_file, "--template-name": template_name, "--name": name}
+    task_only |= {"--backbone": backbone}
+    given = [flag for flag, value in task_only.items() if value is not None]
+    if task and given:
+        raise click.UsageError(f"{', '.join(given)} go with --dataset, not --task")
     registry = _registry(ctx)
+    options = parse_router_options(router_options)
     with evaluation_progress(is_quiet(ctx)) as progress:
-        results = [
-            registry.evaluate(task, route, split=split, limit=limit, q=q, progress=progress)
-            for route in routes
-        ]
+        if task:
+            results = [
+                registry.evaluate(
+                    task, route, split=split, limit=limit, q=q, progress=progress, router_options=options
+                )
+                for route in routes
+            ]
+        else:
+            plan = registry.plan_task(
+                dataset,
+                to_register=False,
+                subset=subset,
+                split=split,
+                prompt=prompt,
+                answer_choices=answer_choices,
+                template_file=template_file,
+                template_name=template_name,
+                name=name,
+                backbone=backbone,
+            )
+            results = [
+                registry.evaluate_dataset(
+                    plan, route, split=split, limit=limit, q=q, progress=progress, router_options=options
+                )
+                for route in routes
+            ]
     if as_json:
         return echo_json(results)
     echo_table(
         ["task", "route", "expert", "metric", "score", "n"],
-        [(r.task, r.route, r.expert or "-", r.metric, f"{r.score:.2f}", r.n_examples) for r in results],
+        [(r.task, r.route, _chosen(r), r.metric, f"{r.score:.2f}", r.n_examples) for r in results],
     )
+    if dataset:
+        click.echo(
+            "(not a registered task: results printed, not stored; routing decisions are in the audit views)"
+        )
+
+
+def _chosen(result) -> str:
+    """The expert that answered, or for per-instance routing how many answered."""
+    if result.expert:
+        return result.expert
+    experts = result.details.get("experts")
+    return f"{len(experts)} experts" if experts else "-"
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -351,5 +528,5 @@ def _short(value, width: int = 60):
 
 
 def register(cli: click.Group) -> None:
-    for command in (route, predict, evaluate, benchmark, report, audit):
+    for command in (route, routers, predict, evaluate, benchmark, report, audit):
         cli.add_command(command)

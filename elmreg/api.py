@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from elmreg.registry.context import RegistryContext
-from elmreg.registry.errors import CatalogueError, UserError
+from elmreg.registry.errors import CatalogueError, NotFoundError, UserError
 from elmreg.registry.examples import render_split
 from elmreg.registry.gc import DEFAULT_MIN_AGE, GcReport, collect_garbage
 from elmreg.registry.library import ReembedReport, reembed_library
@@ -185,26 +185,53 @@ class Registry:
 
     # -- using the library ----------------------------------------------------------------------------------
     def router(self):
-        """The RoE router (loads the embedder once; reuse it for many decisions)."""
+        """The router (loads the embedder once; reuse it for many decisions)."""
         from elmreg.inference.router import Router
 
         if self._router is None:
             self._router = Router(self.context)
         return self._router
 
-    def route(self, instances, *, task: int | str | None = None, **options: Any):
-        """Choose an expert for instances of one task by Retrieval-of-Experts, recording the decision.
+    def route(self, instances, *, task: int | str | None = None, router: str = "roe", **options: Any):
+        """Choose an expert for instances of one task, by Retrieval-of-Experts unless another ``router`` is
+        named, recording the decision with the router's name and options.
 
         Args:
             instances: ``PromptedExample`` s or texts in the library format.
             task: The registered task they come from, if any (shown in the audit views).
-            **options: ``q``, ``top_k``, ``kinds``, ``backbone_id``, ``library_version``, ``caller_label``.
+            router: ``roe`` (the paper's), ``roe-knn``, ``centroid``, ... (``routers()`` lists them).
+            **options: ``q``, ``router_options`` (e.g. ``{"top_k": 8}``), ``top_k``, ``kinds``, ``backbone_id``,
+                ``library_version``, ``caller_label``.
 
         Returns:
             ``inference.router.RoutingDecision``.
+
+        Example::
+
+            registry.route(queries, router="roe-knn", router_options={"top_k": 16})
         """
         task_id = self.task(task).id if task is not None else None
-        return self.router().route(instances, task_id=task_id, **options)
+        return self.router().route(instances, task_id=task_id, router=router, **options)
+
+    def route_each(
+        self, instances, *, task: int | str | None = None, router: str = "per-instance", **options: Any
+    ):
+        """Route every instance on its own (Q=1): one recorded decision per instance, in input order.
+
+        Args:
+            router: ``per-instance`` (its ``base`` option picks the router applied to each instance) or any
+                other router.
+            **options: ``router_options``, ``kinds``, ``backbone_id``, ``library_version``, ``caller_label``.
+        """
+        task_id = self.task(task).id if task is not None else None
+        return self.router().route_each(instances, task_id=task_id, router=router, **options)
+
+    @staticmethod
+    def routers() -> dict[str, str]:
+        """The registered routing methods: name -> one-line summary."""
+        from elmreg.inference.routers import router_class, router_names
+
+        return {name: router_class(name).summary for name in router_names()}
 
     def predict(
         self,
@@ -216,8 +243,11 @@ class Registry:
         q: int = 32,
         capacity: int = 4,
         compose: int | None = None,
+        router_options: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:
-        """Answer instances with one expert: given (``expert``), chosen by RoE (``route="roe"``), or none (base).
+        """Answer instances with one expert: given (``expert``), chosen by a router (``route="roe"``, or any
+        name of ``routers()``), or none (base). ``route="per-instance"`` answers each instance with the expert
+        routed for it alone.
 
         With ``compose=K``, RoE's K most voted experts are merged (once; later calls reuse the merged expert)
         and the merged expert answers: for instructions that combine several tasks' skills. The decision records
@@ -245,11 +275,20 @@ class Registry:
                 compose_experts(self.context, decision, compose).expert,
                 decision.decision_id,
             )
-        elif route == "roe":
-            decision = self.route(instances, task=task, q=min(q, len(instances)), caller_label="predict")
-            chosen, decision_id = self.expert(decision.chosen_expert_id), decision.decision_id
         elif route is not None:
-            raise UserError(f"unknown route '{route}'; use roe (or --expert ID)")
+            from elmreg.inference.routers import make_router
+
+            method = make_router(route, router_options)
+            if method.per_instance:
+                decisions = self.route_each(instances, task=task, router=method, caller_label="predict")
+                rows = self.predict_each(
+                    instances, [d.chosen_expert_id for d in decisions], capacity=capacity
+                )
+                return [r | {"decision_id": d.decision_id} for r, d in zip(rows, decisions, strict=True)]
+            decision = self.route(
+                instances, task=task, q=min(q, len(instances)), router=method, caller_label="predict"
+            )
+            chosen, decision_id = self.expert(decision.chosen_expert_id), decision.decision_id
         elif expert is not None:
             chosen = self.expert(expert)
         backbone = (
@@ -324,16 +363,64 @@ class Registry:
         limit: int | None = None,
         q: int = 32,
         progress=None,
+        router_options: dict[str, Any] | None = None,
     ):
-        """Evaluate a route (``roe``, ``oracle``, ``base`` or ``expert:<id>``) on a task's labelled split and
-        store the result in ``evaluations``. Returns ``inference.evaluation.EvaluationResult``.
+        """Evaluate a route (``oracle``, ``base``, ``expert:<id>`` or a router: ``roe``, ``roe-knn``, ...) on a
+        task's labelled split and store the result in ``evaluations``. Returns
+        ``inference.evaluation.EvaluationResult``.
 
         Args:
             progress: ``progress(description, done, total)`` while examples are answered.
+            router_options: Options of the router named by ``route`` (e.g. ``{"top_k": 8}``).
         """
         record = self.task(task)
         backbone = self.context.catalogue.get_backbone(record.backbone_id).name
-        return self._evaluator(backbone, progress).evaluate(record, route, split=split, limit=limit, q=q)
+        return self._evaluator(backbone, progress).evaluate(
+            record, route, split=split, limit=limit, q=q, router_options=router_options
+        )
+
+    def evaluate_dataset(
+        self,
+        plan: TaskPlan,
+        route: str = "roe",
+        *,
+        split: str = "validation",
+        limit: int | None = None,
+        q: int = 32,
+        progress=None,
+        router_options: dict[str, Any] | None = None,
+    ):
+        """Evaluate a route on data that is not a registered task (an unseen task): ``plan`` comes from
+        :meth:`plan_task`, so nothing is registered or queued, and the result is returned, not stored (routing
+        decisions are recorded, labelled ``eval:<name>``).
+
+        Example::
+
+            plan = registry.plan_task("bigbench:causal_judgment")
+            registry.evaluate_dataset(plan, "roe", limit=100)
+        """
+        from elmreg.inference.evaluation import EvaluationData
+
+        examples = self.examples(plan, split=split, limit=limit)
+        try:
+            backbone = self.context.catalogue.get_backbone(plan.backbone)
+        except NotFoundError:
+            raise UserError(
+                f"no expert was trained on backbone {plan.backbone} yet: register and train tasks on it first"
+            ) from None
+        data = EvaluationData(
+            plan.fields["name"],
+            None,
+            plan.fields["task_type"],
+            plan.fields["metric"],
+            backbone.id,
+            split,
+            limit,
+            examples,
+        )
+        return self._evaluator(backbone.name, progress).evaluate_data(
+            data, route, q=q, record=False, router_options=router_options
+        )
 
     def audit(self, view: str = "decisions", *, limit: int = 20, **filters: Any) -> list[dict[str, Any]]:
         """Rows of an audit view, newest first: what ``elmreg audit``'s SQL shows, as dicts.
@@ -356,11 +443,12 @@ class Registry:
             raise UserError(f"limit must be at least 1, got {limit}")
         return self.context.audit.audit_rows(name, order_by=order_by, filters=filters, limit=limit)
 
-    def plan_task(self, dataset: str, **options: Any) -> TaskPlan:
+    def plan_task(self, dataset: str, *, to_register: bool = True, **options: Any) -> TaskPlan:
         """Validate a task exactly as ``add_task`` would, writing nothing and queueing no training: for data
         that must stay unseen (held-out evaluation tasks). ``plan.fields`` holds its name, templates, task type
-        and metric; ``examples(plan)`` renders its data."""
-        return plan_task(self.context, TaskRequest(dataset=dataset, **options))
+        and metric; ``examples(plan)`` renders its data. ``to_register=False``: only to evaluate on
+        (:meth:`evaluate_dataset`), so the name may be a registered task's."""
+        return plan_task(self.context, TaskRequest(dataset=dataset, **options), to_register=to_register)
 
     def examples(
         self,

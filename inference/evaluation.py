@@ -1,16 +1,21 @@
-"""Evaluating a route on a task's labelled data: accuracy, ROUGE-L, BLEU; results stored in ``evaluations``.
+"""Evaluating a route on labelled data: accuracy, ROUGE-L, BLEU; results on registered tasks stored in
+``evaluations``.
 
-Routes: ``base`` (the backbone alone), ``expert:<id or name>``, ``roe`` (the expert RoE chooses from Q unlabeled
-instances of the evaluation data) and ``oracle`` (the best ready expert on this data: the paper's upper bound).
+Routes: ``base`` (the backbone alone), ``expert:<id or name>``, ``oracle`` (the best ready expert on this data:
+the paper's upper bound), and every registered router (``inference.routers``): ``roe`` (the expert RoE chooses from
+Q unlabeled instances of the evaluation data), ``roe-knn``, ``centroid``, ... and ``per-instance`` (each example
+answered by the expert chosen for it alone).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from elmreg.inference.pool import AdapterPool
 from elmreg.inference.router import Router
+from elmreg.inference.routers import make_router, router_names
 from elmreg.inference.scoring import answer
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.errors import UserError
@@ -32,6 +37,30 @@ class EvaluationResult:
     n_examples: int
     evaluation_id: int | None
     details: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvaluationData:
+    """Labelled examples to evaluate routes on: a registered task's split (``task_id`` set; results are stored)
+    or data that is not a registered task, e.g. an unseen task (``task_id`` None; nothing is stored)."""
+
+    name: str
+    task_id: int | None
+    task_type: str
+    metric: str
+    backbone_id: int
+    split: str
+    limit: int | None
+    examples: list[PromptedExample]
+
+    @classmethod
+    def of_task(cls, task: Task, examples: list[PromptedExample], *, split: str, limit: int | None):
+        return cls(task.name, task.id, task.task_type, task.metric, task.backbone_id, split, limit, examples)
+
+    @property
+    def key(self) -> tuple:
+        """Identifies these examples in the evaluator's score cache."""
+        return (self.task_id if self.task_id is not None else f"dataset:{self.name}", self.split, self.limit)
 
 
 def metric_score(metric: str, predictions: Sequence[str], targets: Sequence[str]) -> float:
@@ -87,29 +116,26 @@ class Evaluator:
             self._router = Router(self.context)
         return self._router
 
-    def _score(
-        self,
-        task: Task,
-        examples: Sequence[PromptedExample],
-        expert: Expert | None,
-        sample: tuple[str, int | None],
-    ) -> float:
-        key = (task.id, *sample, expert.id if expert else None)
+    def _predictions(
+        self, data: EvaluationData, examples: Sequence[PromptedExample], expert: Expert | None
+    ) -> list[str]:
+        description = f"{data.name} with {expert.name if expert else 'the base backbone'}"
+        tick = None
+        if self.progress is not None:
+            progress = self.progress
+            progress(description, 0, len(examples))
+
+            def tick(done: int) -> None:
+                progress(description, done, len(examples))
+
+        with self.pool.use(expert) as model:
+            return answer(model, self.pool.backbone, examples, task_type=data.task_type, progress=tick)
+
+    def _score(self, data: EvaluationData, expert: Expert | None) -> float:
+        key = (*data.key, expert.id if expert else None)
         if key not in self._scores:
-            description = f"{task.name} with {expert.name if expert else 'the base backbone'}"
-            tick = None
-            if self.progress is not None:
-                progress = self.progress
-                progress(description, 0, len(examples))
-
-                def tick(done: int) -> None:
-                    progress(description, done, len(examples))
-
-            with self.pool.use(expert) as model:
-                predictions = answer(
-                    model, self.pool.backbone, examples, task_type=task.task_type, progress=tick
-                )
-            self._scores[key] = metric_score(task.metric, predictions, [e.target for e in examples])
+            predictions = self._predictions(data, data.examples, expert)
+            self._scores[key] = metric_score(data.metric, predictions, [e.target for e in data.examples])
         return self._scores[key]
 
     def evaluate(
@@ -121,69 +147,117 @@ class Evaluator:
         limit: int | None = None,
         q: int = 32,
         record: bool = True,
+        router_options: Mapping[str, Any] | None = None,
     ) -> EvaluationResult:
-        """Evaluate ``route`` on ``task`` and store the result.
+        """Evaluate ``route`` on ``task``'s ``split`` and store the result.
 
         Raises:
-            UserError: Unknown route or expert, or no examples.
+            UserError: Unknown route, router option or expert, or no examples.
         """
         examples = task_examples(task, cache_dir=self.context.settings.cache_path, split=split, limit=limit)
-        sample = (split, limit)
         if not examples:
             raise UserError(f"task {task.name} has no examples in split '{split}'")
+        data = EvaluationData.of_task(task, examples, split=split, limit=limit)
+        return self.evaluate_data(data, route, q=q, record=record, router_options=router_options)
+
+    def evaluate_data(
+        self,
+        data: EvaluationData,
+        route: str,
+        *,
+        q: int = 32,
+        record: bool = True,
+        router_options: Mapping[str, Any] | None = None,
+    ) -> EvaluationResult:
+        """Evaluate ``route`` on ``data``; stored in ``evaluations`` when ``record`` and ``data`` is a task's."""
+        if not data.examples:
+            raise UserError(f"{data.name} has no examples to evaluate on")
         details: dict = {}
         expert: Expert | None = None
+        label = f"eval:{data.name}"
         if route == "base":
-            score = self._score(task, examples, None, sample)
+            score = self._score(data, None)
         elif route.startswith("expert:"):
             expert = self.context.catalogue.get_expert(route.split(":", 1)[1])
-            score = self._score(task, examples, expert, sample)
-        elif route == "roe":
-            # Only experts of the task's backbone: the answer is scored on that backbone.
-            decision = self.router.route(
-                examples,
-                q=min(q, len(examples)),
-                task_id=task.id,
-                backbone_id=task.backbone_id,
-                caller_label=f"eval:{task.name}",
-            )
-            expert = self.context.catalogue.get_expert(decision.chosen_expert_id)
-            details = {"decision_id": decision.decision_id, "votes": decision.tallies[0].votes}
-            score = self._score(task, examples, expert, sample)
+            score = self._score(data, expert)
         elif route == "oracle":
             candidates = [
                 e
                 for e in self.context.catalogue.list_experts(status="ready")
-                if e.backbone_id == task.backbone_id
+                if e.backbone_id == data.backbone_id
             ]
             if not candidates:
                 raise UserError("the oracle needs at least one ready expert on the task's backbone")
-            scores = {e.id: self._score(task, examples, e, sample) for e in candidates}
+            scores = {e.id: self._score(data, e) for e in candidates}
             best = max(candidates, key=lambda e: (scores[e.id], -e.id))
             expert, score = best, scores[best.id]
             details = {"scores": {e.name: round(scores[e.id], 3) for e in candidates}}
+        elif route in router_names():
+            method = make_router(route, router_options)
+            details = {"router": method.name, "router_options": dict(method.options)}
+            # Only experts of the data's backbone: the answers are scored on that backbone.
+            if method.per_instance:
+                score, per_instance = self._score_per_instance(data, method, label)
+                details |= per_instance
+            else:
+                decision = self.router.route(
+                    data.examples,
+                    q=min(q, len(data.examples)),
+                    router=method,
+                    task_id=data.task_id,
+                    backbone_id=data.backbone_id,
+                    caller_label=label,
+                )
+                expert = self.context.catalogue.get_expert(decision.chosen_expert_id)
+                details |= {"decision_id": decision.decision_id, "votes": decision.tallies[0].votes}
+                score = self._score(data, expert)
         else:
-            raise UserError(f"unknown route '{route}'; use roe, oracle, base or expert:<id or name>")
+            routes = ", ".join(["base", "oracle", "expert:<id or name>", *router_names()])
+            raise UserError(f"unknown route '{route}'; use one of {routes}")
         evaluation_id = None
-        if record:
+        if record and data.task_id is not None:
             evaluation_id = self.context.evaluations.record_evaluation(
-                task_id=task.id,
+                task_id=data.task_id,
                 expert_id=expert.id if expert else None,
                 route=route.split(":", 1)[0],
-                split=split,
-                metric=task.metric,
+                split=data.split,
+                metric=data.metric,
                 score=score,
-                n_examples=len(examples),
+                n_examples=len(data.examples),
                 library_version=self.context.library.library_version(),
                 details=details,
             )
         return EvaluationResult(
-            task=task.name,
+            task=data.name,
             route=route,
             expert=expert.name if expert else None,
-            metric=task.metric,
+            metric=data.metric,
             score=round(score, 4),
-            n_examples=len(examples),
+            n_examples=len(data.examples),
             evaluation_id=evaluation_id,
             details=details,
         )
+
+    def _score_per_instance(self, data: EvaluationData, method, label: str) -> tuple[float, dict]:
+        """Each example answered by the expert routed for it alone; one metric over all the answers."""
+        decisions = self.router.route_each(
+            data.examples,
+            router=method,
+            task_id=data.task_id,
+            backbone_id=data.backbone_id,
+            caller_label=label,
+        )
+        groups: dict[int, list[int]] = {}
+        for index, decision in enumerate(decisions):
+            groups.setdefault(decision.chosen_expert_id, []).append(index)
+        predictions: list[str] = [""] * len(data.examples)
+        chosen: dict[str, int] = {}
+        for expert_id, indexes in groups.items():
+            expert = self.context.catalogue.get_expert(expert_id)
+            chosen[expert.name] = len(indexes)
+            answers = self._predictions(data, [data.examples[i] for i in indexes], expert)
+            for i, prediction in zip(indexes, answers, strict=True):
+                predictions[i] = prediction
+        score = metric_score(data.metric, predictions, [e.target for e in data.examples])
+        ids = [d.decision_id for d in decisions if d.decision_id is not None]
+        return score, {"experts": chosen, "decision_ids": [min(ids), max(ids)] if ids else []}

@@ -14,12 +14,13 @@ candidates, so a decision made at version v is reproduced exactly after new expe
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 import numpy as np
 
+from elmreg.inference.routers import Retrieval, RoutingMethod, make_router, rank_tallies
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.embedder import Embedder, load_embedder
 from elmreg.registry.errors import NotFoundError, UserError
@@ -32,6 +33,9 @@ from elmreg.registry.store.entities import ExpertTally, RoutingDecisionRecord, R
 DEFAULT_EF_SEARCH = 100
 
 T = TypeVar("T")
+
+# Writes a decision and its votes, returning its id (the library store's record_decision, or a server's batch).
+Recorder = Callable[[RoutingDecisionRecord, Sequence[RoutingVote]], int]
 
 
 @dataclass(frozen=True)
@@ -47,10 +51,13 @@ class RoutingDecision:
     latency_ms: float
     tallies: list[ExpertTally] = field(default_factory=list)
     votes: list[RoutingVote] = field(default_factory=list)
+    router: str = "roe"
+    router_params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def margin(self) -> int:
-        """Votes of the winner minus votes of the runner-up (0 for a tie broken by similarity)."""
+        """Votes of the winner minus votes of the runner-up (0 for a tie broken by similarity); the runner-up
+        is the second in the router's ranking (by weight, for weighted routers)."""
         if not self.tallies:
             return 0
         runner_up = self.tallies[1].votes if len(self.tallies) > 1 else 0
@@ -76,11 +83,6 @@ def sample_queries(queries: Sequence[T], q: int | None, *, seed: int = 0) -> lis
         )
     chosen = sorted(np.random.default_rng(seed).choice(len(queries), size=q, replace=False))
     return [queries[i] for i in chosen]
-
-
-def rank_tallies(tallies: Sequence[ExpertTally]) -> list[ExpertTally]:
-    """RoE's vote: most votes first; ties to the larger summed similarity, then the lower expert id."""
-    return sorted(tallies, key=lambda t: (-t.votes, -t.score_sum, t.expert_id))
 
 
 def exact_vote(similarities: np.ndarray, owners: Sequence[tuple[int, str]]) -> list[ExpertTally]:
@@ -109,7 +111,8 @@ def _search_details(result: VoteResult, ef_search: int) -> dict:
 
 
 class Router:
-    """Runs RoE for a registry with one embedder (loaded once)."""
+    """Routes instances to experts with any registered routing method (RoE by default), for a registry with one
+    embedder (loaded once), and records each decision with its method's name and options."""
 
     def __init__(
         self,
@@ -132,7 +135,9 @@ class Router:
         queries: Sequence[PromptedExample | str],
         *,
         q: int | None = 32,
-        top_k: int = 1,
+        router: str | RoutingMethod = "roe",
+        router_options: Mapping[str, Any] | None = None,
+        top_k: int | None = None,
         kinds: Sequence[str] | None = None,
         backbone_id: int | None = None,
         library_version: int | None = None,
@@ -140,15 +145,17 @@ class Router:
         task_id: int | None = None,
         record: bool = True,
         seed: int = 0,
-        recorder: Callable[[RoutingDecisionRecord, Sequence[RoutingVote]], int] | None = None,
+        recorder: Recorder | None = None,
     ) -> RoutingDecision:
-        """Choose an expert for a set of unlabeled instances of one task.
+        """Choose one expert for a set of unlabeled instances of one task.
 
         Args:
             queries: Instances of the target task: prompted examples (their input and answer choices are used)
                 or texts already in the library format.
             q: How many instances to use (the paper's Q=32); a seeded sample when more are given; None for all.
-            top_k: Nearest entries per query that vote (the paper: 1).
+            router: The routing method (a name from ``inference.routers.router_names()``, or an instance).
+            router_options: Its options by name (e.g. ``{"top_k": 8}`` for ``roe-knn``).
+            top_k: Shorthand for the ``top_k`` option: nearest entries per query that vote (the paper: 1).
             kinds: Only experts of these kinds.
             backbone_id: Only experts on this backbone.
             library_version: Route against the library as it was at this version (default: now).
@@ -159,64 +166,173 @@ class Router:
                 audit writer, which answers before the rows are inserted).
 
         Raises:
-            UserError: No queries, Q larger than the number given, or nothing routable.
+            UserError: No queries, Q larger than the number given, a per-instance router (see
+                :meth:`route_each`), an unknown router or option, or nothing routable.
         """
+        method = self._method(router, router_options, top_k)
+        if method.per_instance:
+            raise UserError(
+                f"router {method.name} chooses an expert per instance, not per task: use route_each "
+                "(elmreg predict/eval --route per-instance)"
+            )
         queries = sample_queries(queries, q, seed=seed)
-        if top_k < 1:
-            raise UserError(f"top-k must be at least 1, got {top_k}")
-        embedder = self.context.catalogue.get_or_create_embedder(self.embedder.name, self.embedder.dimension)
+        version = self._version(library_version)
+        started = time.perf_counter()
+        vectors = self.embed_queries(queries)
+        result = method.retrieve(self._retrieval(version, kinds, backbone_id), vectors)
+        votes, tallies = method.tally(result)
+        latency_ms = (time.perf_counter() - started) * 1000
+        self._require_votes(votes, version, kinds)
+        facts = _DecisionFacts(method, version, kinds, backbone_id, caller_label, task_id)
+        decision_id = (
+            self._record(facts, result, votes, tallies, len(vectors), latency_ms, recorder)
+            if record
+            else None
+        )
+        return facts.decision(decision_id, len(vectors), latency_ms, tallies, votes)
+
+    def route_each(
+        self,
+        queries: Sequence[PromptedExample | str],
+        *,
+        router: str | RoutingMethod = "per-instance",
+        router_options: Mapping[str, Any] | None = None,
+        kinds: Sequence[str] | None = None,
+        backbone_id: int | None = None,
+        library_version: int | None = None,
+        caller_label: str | None = None,
+        task_id: int | None = None,
+        record: bool = True,
+        recorder: Recorder | None = None,
+    ) -> list[RoutingDecision]:
+        """Route every instance on its own (Q=1): one decision per instance, in input order, all retrieved in
+        one search. ``router`` is ``per-instance`` (whose ``base`` option names the method that routes each
+        instance) or any other method, applied per instance.
+
+        Raises:
+            UserError: No queries, an unknown router or option, or nothing routable.
+        """
+        method = self._method(router, router_options, None)
+        if not queries:
+            raise UserError("routing needs at least one input instance")
+        version = self._version(library_version)
+        started = time.perf_counter()
+        vectors = self.embed_queries(queries)
+        result = method.retrieve(self._retrieval(version, kinds, backbone_id), vectors)
+        # One latency for the shared search, split evenly over the decisions it made.
+        latency_ms = (time.perf_counter() - started) * 1000 / len(queries)
+        names = {t.expert_id: t.expert_name for t in result.tallies}
+        by_query: dict[int, list[RoutingVote]] = {}
+        for vote in result.votes:
+            by_query.setdefault(vote.query_index, []).append(replace(vote, query_index=0))
+        facts = _DecisionFacts(method, version, kinds, backbone_id, caller_label, task_id)
+        decisions = []
+        for index in range(len(queries)):
+            own = VoteResult(
+                by_query.get(index, []),
+                [ExpertTally(e, names[e], 0, 0.0) for e in {v.expert_id for v in by_query.get(index, [])}],
+                scanned_past_ef_search=[0] if index in result.scanned_past_ef_search else [],
+                exact_search=[0] if index in result.exact_search else [],
+            )
+            votes, tallies = method.tally(own)
+            self._require_votes(votes, version, kinds)
+            decision_id = (
+                self._record(facts, own, votes, tallies, 1, latency_ms, recorder) if record else None
+            )
+            decisions.append(facts.decision(decision_id, 1, latency_ms, tallies, votes))
+        return decisions
+
+    def _method(
+        self, router: str | RoutingMethod, options: Mapping[str, Any] | None, top_k: int | None
+    ) -> RoutingMethod:
+        if isinstance(router, RoutingMethod):
+            if options or top_k is not None:
+                raise UserError("give router options when naming the router, not with a router instance")
+            return router
+        options = dict(options or {})
+        if top_k is not None:
+            if top_k < 1:
+                raise UserError(f"top-k must be at least 1, got {top_k}")
+            options.setdefault("top_k", top_k)
+        return make_router(router, options)
+
+    def _version(self, library_version: int | None) -> int:
         current = self.context.library.library_version()
         version = current if library_version is None else library_version
         if version < 0 or version > current:
             raise UserError(f"library version {version} does not exist (current: {current})")
+        return version
 
-        started = time.perf_counter()
-        vectors = self.embed_queries(queries)
-        result = self.context.library.vote(
-            embedder.id,
-            vectors,
-            library_version=version,
-            top_k=top_k,
-            ef_search=self.ef_search,
-            kinds=kinds,
-            backbone_id=backbone_id,
-        )
-        latency_ms = (time.perf_counter() - started) * 1000
-        votes, tallies = result.votes, result.tallies
+    def _retrieval(self, version: int, kinds: Sequence[str] | None, backbone_id: int | None) -> Retrieval:
+        embedder = self.context.catalogue.get_or_create_embedder(self.embedder.name, self.embedder.dimension)
+        return Retrieval(self.context.library, embedder.id, version, kinds, backbone_id, self.ef_search)
+
+    def _require_votes(self, votes: Sequence[RoutingVote], version: int, kinds: Sequence[str] | None) -> None:
         if not votes:
             raise NotFoundError(
-                f"no routable expert at library version {version} for embedder {embedder.name}"
+                f"no routable expert at library version {version} for embedder {self.embedder.name}"
                 + (f" and kinds {', '.join(kinds)}" if kinds else "")
                 + "; train one with 'elmreg add-task' and 'elmreg worker'"
             )
-        tallies = rank_tallies(tallies)
-        winner = tallies[0]
-        decision_id = None
-        if record:
-            decision_id = (recorder or self.context.library.record_decision)(
-                RoutingDecisionRecord(
-                    embedder_id=embedder.id,
-                    library_version=version,
-                    q=len(vectors),
-                    top_k=top_k,
-                    chosen_expert_id=winner.expert_id,
-                    latency_ms=latency_ms,
-                    caller_label=caller_label,
-                    task_id=task_id,
-                    backbone_id=backbone_id,
-                    kinds=tuple(kinds) if kinds else None,
-                    details=_search_details(result, max(self.ef_search, top_k)),
-                ),
-                votes,
-            )
+
+    def _record(
+        self,
+        facts: _DecisionFacts,
+        result: VoteResult,
+        votes: list[RoutingVote],
+        tallies: list[ExpertTally],
+        q: int,
+        latency_ms: float,
+        recorder: Recorder | None,
+    ) -> int:
+        embedder = self.context.catalogue.get_or_create_embedder(self.embedder.name, self.embedder.dimension)
+        record = RoutingDecisionRecord(
+            embedder_id=embedder.id,
+            library_version=facts.version,
+            q=q,
+            top_k=facts.method.top_k,
+            chosen_expert_id=tallies[0].expert_id,
+            latency_ms=latency_ms,
+            caller_label=facts.caller_label,
+            task_id=facts.task_id,
+            backbone_id=facts.backbone_id,
+            kinds=tuple(facts.kinds) if facts.kinds else None,
+            details=_search_details(result, max(self.ef_search, facts.method.top_k)),
+            router=facts.method.name,
+            router_params=facts.method.options,
+        )
+        return (recorder or self.context.library.record_decision)(record, votes)
+
+
+@dataclass(frozen=True)
+class _DecisionFacts:
+    """What every decision of one call shares."""
+
+    method: RoutingMethod
+    version: int
+    kinds: Sequence[str] | None
+    backbone_id: int | None
+    caller_label: str | None
+    task_id: int | None
+
+    def decision(
+        self,
+        decision_id: int | None,
+        q: int,
+        latency_ms: float,
+        tallies: list[ExpertTally],
+        votes: list[RoutingVote],
+    ) -> RoutingDecision:
         return RoutingDecision(
             decision_id=decision_id,
-            chosen_expert_id=winner.expert_id,
-            chosen_expert_name=winner.expert_name,
-            library_version=version,
-            q=len(vectors),
-            top_k=top_k,
+            chosen_expert_id=tallies[0].expert_id,
+            chosen_expert_name=tallies[0].expert_name,
+            library_version=self.version,
+            q=q,
+            top_k=self.method.top_k,
             latency_ms=latency_ms,
             tallies=tallies,
             votes=votes,
+            router=self.method.name,
+            router_params=dict(self.method.options),
         )

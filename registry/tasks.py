@@ -127,8 +127,11 @@ def default_task_name(request: TaskRequest) -> str:
     return base
 
 
-def plan_task(context: RegistryContext, request: TaskRequest) -> TaskPlan:
+def plan_task(context: RegistryContext, request: TaskRequest, *, to_register: bool = True) -> TaskPlan:
     """Check everything about a task request without writing anything.
+
+    With ``to_register`` False the data is only evaluated (an unseen task), so its name may be a registered
+    task's.
 
     The training options are checked by the kind's config class (``registry.kinds``) here, so every way a task
     is created (CLI, API, manifests, the scheduler's nightly ingestion) validates them.
@@ -152,7 +155,7 @@ def plan_task(context: RegistryContext, request: TaskRequest) -> TaskPlan:
         raise TaskSpecError(
             f"task name '{request.name}' must start with a letter or digit and use letters, digits and ._:/@+-"
         )
-    if request.name is not None:
+    if request.name is not None and to_register:
         _ensure_free(context, request.name)
     get_expert_kind(request.kind).make_config(request.training)
 
@@ -177,7 +180,8 @@ def plan_task(context: RegistryContext, request: TaskRequest) -> TaskPlan:
     if request.name is None:
         if not _NAME.match(name):
             raise TaskSpecError(f"cannot derive a task name from '{request.dataset}'; give --name")
-        _ensure_free(context, name)
+        if to_register:
+            _ensure_free(context, name)
     backbone_name = request.backbone or context.settings.backbone
     family = backbone_family(backbone_name)
     fields = {

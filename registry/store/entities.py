@@ -155,23 +155,32 @@ class LibraryChange:
 
 @dataclass(frozen=True)
 class RoutingVote:
-    """One query's ``rank``-th nearest library entry, and the expert it votes for."""
+    """One query's ``rank``-th nearest library entry (None: an expert's centroid), and the expert it votes for
+    with ``weight`` (1 unless the router weighs its votes)."""
 
     query_index: int
     rank: int
-    entry_id: int
+    entry_id: int | None
     expert_id: int
     score: float
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
 class ExpertTally:
-    """An expert's votes in one routing decision; ``score_sum`` breaks ties."""
+    """An expert's votes in one routing decision: the most ``weight`` wins (the number of votes for RoE),
+    ``score_sum`` breaks ties."""
 
     expert_id: int
     expert_name: str
     votes: int
     score_sum: float
+    weight: float | None = None
+
+    @property
+    def strength(self) -> float:
+        """What the decision compares: the summed vote weights, or the vote count when votes are unweighted."""
+        return self.votes if self.weight is None else self.weight
 
 
 @dataclass(frozen=True)
@@ -189,6 +198,8 @@ class RoutingDecisionRecord:
     backbone_id: int | None = None
     kinds: tuple[str, ...] | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    router: str = "roe"
+    router_params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,21 @@ class LibraryStore(ABC):
         """
 
     @abstractmethod
+    def centroid_vote(
+        self,
+        embedder_id: int,
+        queries: np.ndarray,
+        *,
+        library_version: int,
+        top_k: int = 1,
+        kinds: Sequence[str] | None = None,
+        backbone_id: int | None = None,
+    ) -> VoteResult:
+        """Like :meth:`vote`, over one centroid per expert (the normalised mean of its entries) instead of its
+        entries: each query votes for the experts with the ``top_k`` most similar centroids among those
+        routable at ``library_version``. An exact scan (one row per expert). Votes have no entry id."""
+
+    @abstractmethod
     def storage(self, embedder_id: int) -> LibraryStorage:
         """How many entries the embedder has and the bytes of the entries table and of its vector index."""
 

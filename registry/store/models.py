@@ -180,6 +180,18 @@ class LibraryEntryRow(Base):
     embedding: Mapped[Any] = mapped_column(Vector())
 
 
+class ExpertCentroidRow(Base):
+    """The normalised mean of an expert's library embeddings for one embedder (the centroid router's library),
+    kept whenever entries are written (migration 0006)."""
+
+    __tablename__ = "expert_centroids"
+
+    expert_id: Mapped[int] = mapped_column(ForeignKey("experts.id", ondelete="CASCADE"), primary_key=True)
+    embedder_id: Mapped[int] = mapped_column(ForeignKey("embedders.id"), primary_key=True)
+    embedding: Mapped[Any] = mapped_column(Vector())
+    entries: Mapped[int] = mapped_column(Integer)
+
+
 class JobRow(Base):
     __tablename__ = "jobs"
     __table_args__ = (
@@ -250,6 +262,9 @@ class RoutingDecisionRow(Base):
     winner_votes: Mapped[int | None] = mapped_column(Integer)
     runner_up_votes: Mapped[int | None] = mapped_column(Integer)
     runner_up_expert_id: Mapped[int | None] = mapped_column(ForeignKey("experts.id"))
+    # The routing method that decided and its parameters (migration 0006; earlier decisions were RoE's).
+    router: Mapped[str] = mapped_column(String(32), server_default=text("'roe'"))
+    router_params: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
 
 
 class RoutingDailyChoiceRow(Base):
@@ -281,9 +296,12 @@ class RoutingVoteRow(Base):
     )
     query_index: Mapped[int] = mapped_column(Integer, primary_key=True)
     rank: Mapped[int] = mapped_column(Integer, primary_key=True)
-    library_entry_id: Mapped[int] = mapped_column(ForeignKey("library_entries.id"), index=True)
+    # NULL when the vote matched an expert's centroid rather than a library sample (migration 0006).
+    library_entry_id: Mapped[int | None] = mapped_column(ForeignKey("library_entries.id"), index=True)
     expert_id: Mapped[int] = mapped_column(ForeignKey("experts.id"), index=True)
     score: Mapped[float] = mapped_column(Float)
+    # What the vote counted for in its router's tally (1 for RoE; the similarity for a weighted kNN).
+    weight: Mapped[float] = mapped_column(Float, server_default=text("1.0"))
 
 
 class BenchmarkRunRow(Base):

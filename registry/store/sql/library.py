@@ -128,6 +128,7 @@ def copy_experts_entries(
     connection = session.connection().connection.driver_connection
     register_vector(connection)
     written = 0
+    touched: set[int] = set()
     # Binary COPY: one round trip for all rows, vectors sent as float4 arrays rather than text.
     with (
         connection.cursor() as cursor,
@@ -146,7 +147,30 @@ def copy_experts_entries(
                     )
                 copy.write_row((expert_id, embedder_id, entry.sample_index, entry.text, vector))
                 written += 1
+                touched.add(expert_id)
+    _refresh_centroids(session, embedder_id, sorted(touched))
     return written
+
+
+def _refresh_centroids(session: Session, embedder_id: int, expert_ids: Sequence[int]) -> None:
+    """Recompute the centroids of experts whose entries were just written, in the same transaction (so an
+    expert is never routable by its entries without its centroid, or the other way round)."""
+    if not expert_ids:
+        return
+    session.execute(
+        text(
+            f"""
+            INSERT INTO expert_centroids (expert_id, embedder_id, embedding, entries)
+            SELECT expert_id, embedder_id, l2_normalize(avg(embedding)), count(*)
+            FROM library_entries
+            WHERE embedder_id = {int(embedder_id)} AND expert_id = ANY(:experts)
+            GROUP BY expert_id, embedder_id
+            ON CONFLICT (expert_id, embedder_id)
+            DO UPDATE SET embedding = EXCLUDED.embedding, entries = EXCLUDED.entries
+            """
+        ),
+        {"experts": list(expert_ids)},
+    )
 
 
 @lru_cache(maxsize=8)
@@ -247,6 +271,8 @@ def _decision_row(decision: RoutingDecisionRecord, votes: Sequence[RoutingVote])
         "chosen_expert_id": decision.chosen_expert_id,
         "latency_ms": decision.latency_ms,
         "details": decision.details,
+        "router": decision.router,
+        "router_params": decision.router_params,
         **_margin(decision.chosen_expert_id, votes),
     }
 
@@ -260,6 +286,7 @@ def _vote_rows(decision_id: int, votes: Sequence[RoutingVote]) -> list[dict[str,
             "library_entry_id": v.entry_id,
             "expert_id": v.expert_id,
             "score": v.score,
+            "weight": v.weight,
         }
         for v in votes
     ]
@@ -339,16 +366,19 @@ def _recount_daily_choices_of_day(session: Session, moment: dt.datetime) -> None
 
 
 def _margin(chosen_expert_id: int | None, votes: Sequence[RoutingVote]) -> dict[str, int | None]:
-    """The winner's and the runner-up's votes (most votes among the others, then the lower expert id), kept
-    with the decision for the audit views."""
+    """The winner's and the runner-up's votes, kept with the decision for the audit views. The runner-up has the
+    most summed vote weight among the others (the most votes, for unweighted routers), then the lower id."""
     counts: dict[int, int] = {}
+    weights: dict[int, float] = {}
     for vote in votes:
         counts[vote.expert_id] = counts.get(vote.expert_id, 0) + 1
-    others = sorted((-n, expert_id) for expert_id, n in counts.items() if expert_id != chosen_expert_id)
+        weights[vote.expert_id] = weights.get(vote.expert_id, 0.0) + vote.weight
+    others = sorted((-weights[e], e) for e in counts if e != chosen_expert_id)
+    runner_up = others[0][1] if others else None
     return {
         "winner_votes": counts.get(chosen_expert_id, 0) if chosen_expert_id is not None else None,
-        "runner_up_votes": -others[0][0] if others else None,
-        "runner_up_expert_id": others[0][1] if others else None,
+        "runner_up_votes": counts[runner_up] if runner_up is not None else None,
+        "runner_up_expert_id": runner_up,
     }
 
 
@@ -576,6 +606,63 @@ class SqlLibraryStore(LibraryStore):
             counts.setdefault(v.expert_id, []).append(v.score)
         tallies = [ExpertTally(e, names[e], len(s), float(sum(s))) for e, s in sorted(counts.items())]
         return VoteResult(votes, tallies, scanned_past_ef_search=widened, exact_search=exact)
+
+    def centroid_vote(
+        self,
+        embedder_id: int,
+        queries: np.ndarray,
+        *,
+        library_version: int,
+        top_k: int = 1,
+        kinds: Sequence[str] | None = None,
+        backbone_id: int | None = None,
+    ) -> VoteResult:
+        filters = [visible_experts_clause()]
+        if kinds:
+            filters.append("e.kind = ANY(:kinds)")
+        if backbone_id is not None:
+            filters.append("e.backbone_id = :backbone_id")
+        with self.sessions() as session:
+            d = int(records.by_key(session, EmbedderRow, embedder_id, "embedder").dimension)
+            # One centroid per expert: an exact scan of a few thousand rows at most, no index needed.
+            rows = session.execute(
+                text(
+                    f"""
+                    WITH queries AS (
+                        SELECT (ordinality - 1)::int AS query_index, query
+                        FROM unnest(CAST(:queries AS vector({d})[])) WITH ORDINALITY AS q(query, ordinality)
+                    )
+                    SELECT queries.query_index, nearest.expert_id, nearest.name, -nearest.distance AS score
+                    FROM queries CROSS JOIN LATERAL (
+                        SELECT c.expert_id, e.name, c.embedding::vector({d}) <#> queries.query AS distance
+                        FROM expert_centroids c JOIN experts e ON e.id = c.expert_id
+                        WHERE c.embedder_id = {int(embedder_id)} AND {" AND ".join(filters)}
+                        ORDER BY distance, c.expert_id
+                        LIMIT :top_k
+                    ) nearest
+                    ORDER BY queries.query_index, score DESC, nearest.expert_id
+                    """
+                ),
+                {
+                    "queries": vector_array_literal(queries),
+                    "library_version": library_version,
+                    "top_k": top_k,
+                    "kinds": list(kinds) if kinds else None,
+                    "backbone_id": backbone_id,
+                },
+            ).all()
+        votes: list[RoutingVote] = []
+        names: dict[int, str] = {}
+        rank = 0
+        for i, r in enumerate(rows):
+            rank = rank + 1 if i and rows[i - 1].query_index == r.query_index else 0
+            votes.append(RoutingVote(r.query_index, rank, None, r.expert_id, float(r.score)))
+            names[r.expert_id] = r.name
+        scores: dict[int, list[float]] = {}
+        for v in votes:
+            scores.setdefault(v.expert_id, []).append(v.score)
+        tallies = [ExpertTally(e, names[e], len(s), float(sum(s))) for e, s in sorted(scores.items())]
+        return VoteResult(votes, tallies)
 
     def _hits(
         self,
