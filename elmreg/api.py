@@ -331,6 +331,11 @@ class Registry:
         Args:
             progress: ``progress(description, done, total)`` while examples are answered.
         """
+        if limit is not None and limit < 1:
+            # Zero examples would store a score of nothing in the evaluations table.
+            raise UserError(f"limit must be at least 1, got {limit}")
+        if q < 1:
+            raise UserError(f"q must be at least 1, got {q}")
         record = self.task(task)
         backbone = self.context.catalogue.get_backbone(record.backbone_id).name
         return self._evaluator(backbone, progress).evaluate(record, route, split=split, limit=limit, q=q)

@@ -403,3 +403,30 @@ def test_the_sandbox_limits_leave_ordinary_templates_alone(template, expected):
 
     example = PromptTemplate.inline(template).render({"question": "q", "answer": "a"})
     assert example is not None and example.input.strip() == expected.strip()
+
+
+def test_names_and_limits_are_checked_on_every_path_not_only_the_cli(catalogue, tmp_path):
+    # The CLI is one way in; the Python API, manifests (the scheduler's nightly ingestion) and the store itself
+    # must refuse the same names and numbers, writing nothing.
+    from elmreg.registry.errors import UserError
+    from elmreg.registry.names import InvalidNameError
+
+    lab = catalogue["registry"]
+    before = _snapshot(lab)
+    data = str(catalogue["files"] / "data.jsonl")
+    with pytest.raises(InvalidNameError, match="task name"):
+        lab.add_task(data, prompt=TPL, answer_choices="no ||| yes", name="reviews; DROP TABLE tasks")
+    with pytest.raises(InvalidNameError, match="task name"):
+        lab.context.catalogue.create_task(enqueue_training=False, name="a/b", **{"dataset": data})
+    with pytest.raises(InvalidNameError, match="expert name"):
+        lab.merge(["colours", "moods"], name="colours moods")
+    with pytest.raises(UserError, match="limit must be at least 1"):
+        lab.evaluate("colours", "base", limit=0)
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    (manifests / "nightly.yaml").write_text(
+        f"- {{dataset: '{data}', prompt: '{TPL}', answer_choices: 'no ||| yes', name: '../escape'}}\n"
+    )
+    report = lab.ingest(manifests)
+    assert report.added == [] and len(report.failed) == 1 and "task name" in report.failed[0][1]
+    assert _snapshot(lab) == before
