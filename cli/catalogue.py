@@ -235,7 +235,7 @@ def jobs_list(ctx: click.Context, status: str | None, as_json: bool) -> None:
 @click.option("--delete", is_flag=True, help="Delete the objects (default: only list them).")
 @click.option(
     "--min-age-hours",
-    type=float,
+    type=click.FloatRange(min=0),
     default=1.0,
     show_default=True,
     help="Leave younger objects alone: an upload may be about to be published.",

@@ -245,13 +245,29 @@ def _merge_stage(registry, plan: DemoPlan, parents: list[str], stages: _Stages, 
     "--unseen", default=DEMO_UNSEEN, show_default=True, help="A dataset not in the library, to route."
 )
 @click.option(
-    "--max-examples", type=int, default=64, show_default=True, help="K: training examples per task."
+    "--max-examples",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="K: training examples per task.",
 )
-@click.option("--epochs", type=int, default=5, show_default=True, help="Training epochs per expert.")
-@click.option("--backbone", help="Backbone to train on (default: ELMREG_BACKBONE, gemma-3-270m).")
-@click.option("--eval-limit", type=int, default=40, show_default=True, help="Examples for RoE vs base.")
 @click.option(
-    "--benchmark-limit", type=int, default=20, show_default=True, help="Examples per benchmark cell."
+    "--epochs", type=click.IntRange(min=1), default=5, show_default=True, help="Training epochs per expert."
+)
+@click.option("--backbone", help="Backbone to train on (default: ELMREG_BACKBONE, gemma-3-270m).")
+@click.option(
+    "--eval-limit",
+    type=click.IntRange(min=1),
+    default=40,
+    show_default=True,
+    help="Examples for RoE vs base.",
+)
+@click.option(
+    "--benchmark-limit",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Examples per benchmark cell.",
 )
 @click.option("--report", type=click.Path(dir_okay=False), help="HTML report path (default HOME/reports).")
 @click.pass_context

@@ -24,6 +24,13 @@ class ElmregGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            # click prints the usage text and a hint above its message; the rule is one line saying what is wrong
+            # and how to fix it, so the hint joins the message.
+            if (ctx.obj or {}).get("debug"):
+                raise
+            command = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            raise UserFacingError(f"{exc.format_message()} (see '{command} -h')") from exc
         except ElmregError as exc:
             if (ctx.obj or {}).get("debug"):
                 raise

@@ -58,9 +58,11 @@ def list_command(as_json: bool) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Folder for results.md and results.json (default: HOME/experiments/<preset>).",
 )
-@click.option("--eval-limit", type=int, help="Override the preset's validation examples per task.")
-@click.option("--q", type=int, help="Override the preset's Q (instances routed per task).")
-@click.option("--seed", type=int, help="Override the preset's seed.")
+@click.option(
+    "--eval-limit", type=click.IntRange(min=1), help="Override the preset's validation examples per task."
+)
+@click.option("--q", type=click.IntRange(min=1), help="Override the preset's Q (instances routed per task).")
+@click.option("--seed", type=click.IntRange(min=0), help="Override the preset's seed.")
 @click.pass_context
 def run_command(
     ctx: click.Context, preset: str, out: Path | None, eval_limit: int | None, q: int | None, seed: int | None

@@ -61,7 +61,12 @@ def load_instances(
     "--task", help="Registered task the instances come from: its template renders raw rows; shown in audits."
 )
 @click.option(
-    "--q", "q", type=int, default=32, show_default=True, help="Instances used (a seeded sample of the input)."
+    "--q",
+    "q",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Instances used (a seeded sample of the input).",
 )
 @click.option(
     "--router",
@@ -89,7 +94,11 @@ def load_instances(
     type=click.Choice(expert_row_kinds()),
     help="Only experts of this kind (repeatable).",
 )
-@click.option("--library-version", type=int, help="Route against the library as it was at this version.")
+@click.option(
+    "--library-version",
+    type=click.IntRange(min=1),
+    help="Route against the library as it was at this version.",
+)
 @click.option("--label", help="Caller label stored with the decision.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
@@ -178,7 +187,11 @@ def routers() -> None:
 )
 @click.option("--dataset", help="Answer instances of a dataset split instead.")
 @click.option("--split", default="validation", show_default=True, help="Split of --dataset.")
-@click.option("--limit", type=int, help="Answer at most this many instances of --dataset (seeded sample).")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    help="Answer at most this many instances of --dataset (seeded sample).",
+)
 @click.option("--task", help="Registered task: renders raw rows with its template; picks its backbone.")
 @click.option("--expert", help="Use this expert (id or name).")
 @click.option(
@@ -194,11 +207,16 @@ def routers() -> None:
     help="An option of the --route router, e.g. top_k=8 (repeatable).",
 )
 @click.option(
-    "--q", "q", type=int, default=32, show_default=True, help="Instances the router uses to choose."
+    "--q",
+    "q",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Instances the router uses to choose.",
 )
 @click.option(
     "--compose",
-    type=int,
+    type=click.IntRange(min=1),
     metavar="K",
     help="Merge RoE's K most voted experts (cached) and answer with the merged expert.",
 )
@@ -233,6 +251,11 @@ def predict(
     """
     import json
 
+    from elmreg.registry.outputs import check_writable_file
+
+    if out:
+        # Before routing: a decision recorded for answers that cannot be written would be a lie in the audit.
+        check_writable_file(out)
     registry = _registry(ctx)
     instances = load_instances(registry, input_file, dataset, split, task, limit)
     rows = registry.predict(
@@ -246,7 +269,10 @@ def predict(
     )
     lines = "\n".join(json.dumps(r) for r in rows) + "\n"
     if out:
-        Path(out).write_text(lines)
+        try:
+            Path(out).write_text(lines, encoding="utf-8")
+        except OSError as exc:  # the disk filled up while predicting
+            raise click.ClickException(f"cannot write {out}: {exc.strerror}") from exc
         click.echo(f"wrote {len(rows)} predictions to {out}", err=True)
     else:
         click.echo(lines, nl=False)
@@ -287,8 +313,17 @@ def predict(
     help="An option of the router routes, e.g. top_k=8 (repeatable; each router route must accept it).",
 )
 @click.option("--split", default="validation", show_default=True, help="Labelled split to evaluate on.")
-@click.option("--limit", type=int, help="Evaluate on at most this many examples (seeded sample).")
-@click.option("--q", "q", type=int, default=32, show_default=True, help="Instances a router uses to choose.")
+@click.option(
+    "--limit", type=click.IntRange(min=1), help="Evaluate on at most this many examples (seeded sample)."
+)
+@click.option(
+    "--q",
+    "q",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Instances a router uses to choose.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def evaluate(
@@ -379,7 +414,13 @@ def _chosen(result) -> str:
 @click.option(
     "--since", type=click.DateTime(), help="Experts ready since then (default: since the last run)."
 )
-@click.option("--limit", type=int, default=50, show_default=True, help="Examples per task (seeded sample).")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="Examples per task (seeded sample).",
+)
 @click.option(
     "--out",
     "out_dir",
@@ -449,7 +490,12 @@ def report(ctx: click.Context, out, as_json) -> None:
     help="Print this view's rows (newest first) instead of the SQL.",
 )
 @click.option("--task", help="With --view: only rows of this task.")
-@click.option("--decision", "decision_id", type=int, help="With --view decisions|votes: only this decision.")
+@click.option(
+    "--decision",
+    "decision_id",
+    type=click.IntRange(min=1),
+    help="With --view decisions|votes: only this decision.",
+)
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="With --view: rows.")
 @click.option("--json", "as_json", is_flag=True, help="With --view: print JSON.")
 @click.pass_context

@@ -50,7 +50,7 @@ def _registry(ctx: click.Context) -> Registry:
 @click.option(
     "--max-examples",
     "-k",
-    type=int,
+    type=click.IntRange(min=1),
     help="K examples sampled for training (default 50,000 classification / 10,000 generative).",
 )
 @click.option("--kind", type=click.Choice(trainable_kinds()), default="lora", show_default=True)
@@ -61,10 +61,14 @@ def _registry(ctx: click.Context) -> Registry:
 @click.option(
     "--metric", type=click.Choice(["accuracy", "rouge_l", "bleu"]), help="Override the default metric."
 )
-@click.option("--epochs", type=int, help="Training epochs (default 5).")
-@click.option("--learning-rate", type=float, help="Constant learning rate (default 1e-4).")
-@click.option("--batch-size", type=int, help="Batch size (default 8).")
-@click.option("--seed", type=int, help="Seed for sampling and training (default 0).")
+@click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (default 5).")
+@click.option(
+    "--learning-rate",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Constant learning rate (default 1e-4).",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size (default 8).")
+@click.option("--seed", type=click.IntRange(min=0), help="Seed for sampling and training (default 0).")
 @click.option(
     "--now", is_flag=True, help="Train the expert here and now, with a progress bar, instead of queueing it."
 )
@@ -146,10 +150,18 @@ def add_task_command(
 @click.option("--once", is_flag=True, help="Run at most one job, then exit.")
 @click.option("--drain", is_flag=True, help="Run jobs until the queue is empty, then exit.")
 @click.option(
-    "--poll", type=float, default=5.0, show_default=True, help="Seconds between queue checks when idle."
+    "--poll",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds between queue checks when idle.",
 )
 @click.option(
-    "--lease", type=float, default=300.0, show_default=True, help="Lease seconds (renewed every third)."
+    "--lease",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    help="Lease seconds (renewed every third).",
 )
 @click.option("--name", help="Worker name in the catalogue (default host:pid).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")

@@ -62,8 +62,14 @@ def _numbers(value: str | None, option: str) -> list[float] | None:
     show_default=True,
     help="PEFT merge: task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune; LoRA also linear, cat, svd.",
 )
-@click.option("--density", type=float, help="Fraction kept by ties / dare / magnitude_prune (default 0.5).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds DARE's random pruning.")
+@click.option(
+    "--density",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    help="Fraction kept by ties / dare / magnitude_prune (default 0.5).",
+)
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seeds DARE's random pruning."
+)
 @click.option("--name", help="Name of the merged expert (default: the parents' names joined by '+').")
 @click.option(
     "--library",
@@ -75,7 +81,11 @@ def _numbers(value: str | None, option: str) -> list[float] | None:
 @click.option("--tune-on", help="TASK[,TASK]: choose the weights by grid search on their validation data.")
 @click.option("--grid", help="Weights tried per expert with --tune-on (default 0.25,0.5,0.75,1).")
 @click.option(
-    "--tune-limit", type=int, default=32, show_default=True, help="Validation examples per task when tuning."
+    "--tune-limit",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Validation examples per task when tuning.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context

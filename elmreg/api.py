@@ -373,6 +373,11 @@ class Registry:
             progress: ``progress(description, done, total)`` while examples are answered.
             router_options: Options of the router named by ``route`` (e.g. ``{"top_k": 8}``).
         """
+        if limit is not None and limit < 1:
+            # Zero examples would store a score of nothing in the evaluations table.
+            raise UserError(f"limit must be at least 1, got {limit}")
+        if q < 1:
+            raise UserError(f"q must be at least 1, got {q}")
         record = self.task(task)
         backbone = self.context.catalogue.get_backbone(record.backbone_id).name
         return self._evaluator(backbone, progress).evaluate(

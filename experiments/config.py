@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from elmreg.registry.errors import UserError
+from elmreg.registry.errors import UserError, first_line
 from elmreg.registry.prompts import load_promptsource_templates
 from elmreg.registry.tasks import TaskRequest, default_task_name
 
@@ -98,9 +98,9 @@ def load_config(preset_or_path: str, **overrides: Any) -> ExperimentConfig:
             raise UserError(f"'{preset_or_path}' is neither a YAML file nor a preset (presets: {known})")
         path = candidate
     try:
-        document = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {exc}") from exc
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid YAML in UTF-8: {first_line(exc)}") from exc
     if not isinstance(document, dict):
         raise UserError(f"{path} must be a YAML mapping (name, seen, new, unseen, ...)")
     document = {**document, **{k: v for k, v in overrides.items() if v is not None}}

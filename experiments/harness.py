@@ -42,6 +42,7 @@ from elmreg.inference.evaluation import metric_score
 from elmreg.inference.router import exact_vote, sample_queries
 from elmreg.registry.errors import CatalogueError, NotFoundError, UserError
 from elmreg.registry.library import SAMPLES_PER_EXPERT, sample_indices
+from elmreg.registry.outputs import check_writable_folder
 from elmreg.registry.prompts import PromptedExample, library_text
 from elmreg.registry.store.entities import Expert
 
@@ -681,6 +682,7 @@ def run_experiment(
     from elmreg.experiments.report import write_results
 
     echo = echo or (lambda line: None)
+    out = check_writable_folder(out_dir or registry.settings.home / "experiments" / config.name)
     harness = Harness(registry, config, echo=echo, hooks=hooks)
     result = ExperimentResult(provenance(registry, config))
     started = time.perf_counter()
@@ -712,6 +714,5 @@ def run_experiment(
     result.seconds["total"] = round(time.perf_counter() - started, 1)
     result.provenance["mt_expert"] = harness.mt.name if harness.mt else None
     result.provenance["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    out = out_dir or registry.settings.home / "experiments" / config.name
     result.files = write_results(result, Path(out))
     return result

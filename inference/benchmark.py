@@ -18,6 +18,7 @@ from typing import Any
 from elmreg.inference.evaluation import Evaluator
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.errors import UserError
+from elmreg.registry.outputs import check_writable_folder
 from elmreg.registry.store.entities import Task
 from elmreg.registry.templating import render
 
@@ -63,6 +64,8 @@ def run_benchmark(
     Raises:
         UserError: No registered task to benchmark on.
     """
+    if out_dir is not None:  # before anything is evaluated or recorded
+        check_writable_folder(out_dir)
     since = since if since is not None else context.evaluations.last_benchmark_start()
     tasks = context.catalogue.list_tasks()
     if not tasks:

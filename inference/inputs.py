@@ -9,19 +9,36 @@ from typing import Any
 from elmreg.registry.errors import UserError
 from elmreg.registry.prompts import PromptedExample, PromptTemplate
 
+# One instance is a prompt for a backbone whose context holds a few thousand tokens; a line of megabytes is a
+# wrong file (a data dump, a binary), and embedding or tokenizing it would take minutes before failing.
+MAX_LINE_BYTES = 1024 * 1024
+
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Objects of a JSON-lines file (blank lines skipped).
+    """Objects of a JSON-lines file in UTF-8 (blank lines skipped).
 
     Raises:
-        UserError: Missing or empty file, or a line that is not a JSON object (with its line number).
+        UserError: Missing or empty file, a line that is not UTF-8, longer than ``MAX_LINE_BYTES`` or not a JSON
+            object (with its line number).
     """
     try:
-        lines = path.read_text().splitlines()
+        data = path.read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror}") from exc
     rows = []
-    for number, line in enumerate(lines, start=1):
+    for number, raw in enumerate(data.splitlines(), start=1):
+        if len(raw) > MAX_LINE_BYTES:
+            raise UserError(
+                f"{path} line {number} is {len(raw) / 1024 / 1024:.1f} MB; one instance may be at most "
+                f"{MAX_LINE_BYTES // 1024 // 1024} MB"
+            )
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(
+                f"{path} line {number} is not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                "save the file as UTF-8"
+            ) from exc
         if not line.strip():
             continue
         try:

@@ -30,10 +30,11 @@ from elmreg.registry.context import RegistryContext
 from elmreg.registry.errors import NotFoundError
 from elmreg.registry.gc import publishing_artifacts
 from elmreg.registry.kinds import get_expert_kind, weights_kind
+from elmreg.registry.names import EXPERT_NAME_LENGTH, check_expert_name, derived_expert_name
 from elmreg.registry.store.entities import Expert, LibraryEntry
 
 LIBRARY_MODES = ("union", "none")
-_NAME_LENGTH = 300  # experts.name
+_NAME_LENGTH = EXPERT_NAME_LENGTH
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ def _default_name(
         name += f"-{spec.method}"
     if len({round(w, 9) for w in spec.weights}) > 1:
         name += "-" + ",".join(f"{w:g}" for w in spec.weights)
-    name = name[: _NAME_LENGTH - 9]
+    name = derived_expert_name(name)[: _NAME_LENGTH - 9]
     try:
         context.catalogue.get_expert(name)
     except NotFoundError:
@@ -153,8 +154,7 @@ def _default_name(
 
 
 def _check_name_free(context: RegistryContext, name: str) -> None:
-    if len(name) > _NAME_LENGTH or not name.strip() or name.isdigit():
-        raise MergeError(f"expert name must be 1 to {_NAME_LENGTH} characters and not a number, got '{name}'")
+    check_expert_name(name)
     try:
         existing = context.catalogue.get_expert(name)
     except NotFoundError:

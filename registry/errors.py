@@ -34,6 +34,10 @@ class AlreadyExistsError(UserError):
     """A unique name is already taken."""
 
 
+class InvalidStateError(UserError):
+    """The named object exists but its state does not allow the operation (retiring a retired expert)."""
+
+
 class TaskSpecError(UserError):
     """A task's dataset, split, columns or prompt template cannot be used."""
 

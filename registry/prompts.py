@@ -27,9 +27,11 @@ import contextvars
 import functools
 import hashlib
 import json
+import math
 import random
+import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,7 @@ from jinja2 import meta
 from jinja2.filters import do_truncate
 from jinja2.sandbox import SandboxedEnvironment
 
-from elmreg.registry.errors import TaskSpecError
+from elmreg.registry.errors import TaskSpecError, first_line
 
 SEPARATOR = "|||"
 # promptsource's TEXT_VAR_LENGTH: Template.apply cuts every {{ ... }} output of a template to this many characters
@@ -61,6 +63,8 @@ class _RenderState:
 
     rng: random.Random
     text_var_length: int | None
+    # Range items this rendering has created so far (a one-item list: the dataclass is frozen, the count is not).
+    range_items: list[int] = field(default_factory=lambda: [0])
 
 
 # A context variable rather than a template variable: a template cannot read or shadow it, and renderings in
@@ -114,8 +118,211 @@ def _finalize(context: jinja2.runtime.Context, value: Any) -> Any:
     return do_truncate(context.environment, text, state.text_var_length)
 
 
-_ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, finalize=_finalize)
+# -- resource limits of the sandbox --------------------------------------------------------------------------------
+# Jinja's sandbox stops attribute access (``__class__``, ``__globals__``) but not resource use: a template of a few
+# characters (``{{ 'a' * 10**10 }}``, ``{{ range(10**9)|list }}``, ``{{ 10**10**10 }}``) would take a worker's
+# memory or CPU, and constant expressions like these are even evaluated while the template compiles. These limits
+# are far above what a prompt needs (a rendered prompt of a million characters is ~250k tokens, beyond any
+# backbone's context), and a template that crosses one is refused as a TaskSpecError.
+MAX_TEMPLATE_SIZE = (
+    1_000_000  # characters of a string, items of a sequence or range, characters of the output
+)
+MAX_TEMPLATE_RANGE_ITEMS = 1_000_000  # items of all ranges of one rendering together (nested loops multiply)
+MAX_TEMPLATE_INT_BITS = 4096  # integers an expression may compute
+
+
+class TemplateTooLargeError(jinja2.exceptions.SecurityError):
+    """A template crossed one of the sandbox's resource limits."""
+
+
+def _size(value: Any) -> int:
+    return len(value) if isinstance(value, (str, bytes, list, tuple, dict, set, frozenset, range)) else 0
+
+
+def _check_size(value: Any, what: str) -> Any:
+    if _size(value) > MAX_TEMPLATE_SIZE:
+        raise TemplateTooLargeError(
+            f"{what} of {_size(value):,} items or characters (limit {MAX_TEMPLATE_SIZE:,})"
+        )
+    return value
+
+
+def _check_int(value: Any, what: str) -> None:
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_TEMPLATE_INT_BITS:
+        raise TemplateTooLargeError(
+            f"{what}: a number of {value.bit_length():,} bits (limit {MAX_TEMPLATE_INT_BITS})"
+        )
+
+
+def _check_count(value: Any, what: str) -> None:
+    """An integer argument that sets how much is produced (a width, a repetition, a count)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_TEMPLATE_SIZE:
+        raise TemplateTooLargeError(f"{what} {value:,} (limit {MAX_TEMPLATE_SIZE:,})")
+
+
+def _limited_multiply(left: Any, right: Any) -> Any:
+    for sequence, count in ((left, right), (right, left)):
+        if _size(sequence) and isinstance(count, int) and len(sequence) * max(count, 0) > MAX_TEMPLATE_SIZE:
+            raise TemplateTooLargeError(
+                f"repeating {len(sequence):,} items {count:,} times (limit {MAX_TEMPLATE_SIZE:,})"
+            )
+    if (
+        isinstance(left, int)
+        and isinstance(right, int)
+        and left.bit_length() + right.bit_length() > MAX_TEMPLATE_INT_BITS
+    ):
+        raise TemplateTooLargeError(f"a product of more than {MAX_TEMPLATE_INT_BITS} bits")
+    return left * right
+
+
+def _limited_power(left: Any, right: Any) -> Any:
+    if (
+        isinstance(left, int)
+        and isinstance(right, int)
+        and abs(left) > 1
+        and right * math.log2(abs(left)) > MAX_TEMPLATE_INT_BITS
+    ):
+        raise TemplateTooLargeError(f"{left} ** {right} has more than {MAX_TEMPLATE_INT_BITS} bits")
+    return left**right
+
+
+def _limited_add(left: Any, right: Any) -> Any:
+    if _size(left) + _size(right) > MAX_TEMPLATE_SIZE:
+        raise TemplateTooLargeError(f"a concatenation longer than {MAX_TEMPLATE_SIZE:,}")
+    return left + right
+
+
+def _limited_modulo(left: Any, right: Any) -> Any:
+    if isinstance(left, str):  # printf-style formatting: '%*d' and '%09999999d' pad to any width
+        for value in right if isinstance(right, tuple) else (right,):
+            _check_count(value, "a formatting width")
+        _check_format_string(left)
+    return left % right
+
+
+def _check_format_string(template: str) -> None:
+    # A width in the format string itself ('{:>999999999}', '%0999999999d'): digits runs beyond the size limit.
+    for digits in re.findall(r"\d+", template):
+        if len(digits) > len(str(MAX_TEMPLATE_SIZE)) or int(digits) > MAX_TEMPLATE_SIZE:
+            raise TemplateTooLargeError(f"a formatting width of {digits} (limit {MAX_TEMPLATE_SIZE:,})")
+
+
+def _replace_size(text: Any, old: Any, new: Any) -> None:
+    if isinstance(text, str) and isinstance(old, str) and isinstance(new, str) and len(new) > len(old):
+        grows = (len(text) + 1 if not old else text.count(old)) * (len(new) - len(old))
+        if len(text) + grows > MAX_TEMPLATE_SIZE:
+            raise TemplateTooLargeError(f"a replacement longer than {MAX_TEMPLATE_SIZE:,} characters")
+
+
+def _join_size(separator: Any, items: Any) -> None:
+    if isinstance(items, (list, tuple)):
+        total = len(str(separator)) * len(items) + sum(len(i) if isinstance(i, str) else 8 for i in items)
+        if total > MAX_TEMPLATE_SIZE:
+            raise TemplateTooLargeError(f"a join longer than {MAX_TEMPLATE_SIZE:,} characters")
+
+
+# str methods whose integer arguments say how much they produce, and those that grow text by their arguments.
+_PADDING_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
+
+
+def _limited_range(*args: int) -> range:
+    for value in args:
+        _check_count(value, "a range bound")
+    numbers = range(*args)
+    _check_size(numbers, "a range")
+    state = _STATE.get()
+    if state is not None:
+        # Each range counts against the rendering's budget: nested loops multiply, one range alone does not show it.
+        state.range_items[0] += len(numbers)
+        if state.range_items[0] > MAX_TEMPLATE_RANGE_ITEMS:
+            raise TemplateTooLargeError(
+                f"loops over more than {MAX_TEMPLATE_RANGE_ITEMS:,} range items in one rendering"
+            )
+    return numbers
+
+
+class _LimitedNamespace(jinja2.utils.Namespace):
+    """``namespace()`` whose attributes cannot hold more than the size limit (``{% set ns.s = ns.s ~ ns.s %}`` in
+    a loop doubles a string at every step)."""
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _check_size(value, f"namespace attribute '{name}'")
+        super().__setitem__(name, value)
+
+
+class _LimitedSandbox(SandboxedEnvironment):
+    """Jinja's sandbox with resource limits on the operators, calls and filters that can build large values.
+
+    Intercepting the operators also keeps Jinja's optimizer from evaluating them while compiling.
+    """
+
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        self.binop_table.update(
+            {"*": _limited_multiply, "**": _limited_power, "+": _limited_add, "%": _limited_modulo}
+        )
+        self.globals["range"] = _limited_range
+        self.globals["namespace"] = _LimitedNamespace
+
+    def call_binop(self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any) -> Any:
+        _check_int(left, f"'{operator}'")
+        _check_int(right, f"'{operator}'")
+        result = super().call_binop(context, operator, left, right)
+        _check_int(result, f"'{operator}'")
+        return _check_size(result, f"'{operator}' gave a value")
+
+    def call(__self, __context: jinja2.runtime.Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - Jinja's signature
+        receiver = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
+        method = getattr(__obj, "__name__", "")
+        for value in (*args, *kwargs.values()):
+            _check_size(value, "an argument")  # a macro calling itself with a doubled string
+            if isinstance(receiver, str) and method in _PADDING_METHODS:
+                _check_count(value, f"'{method}' to a width of")
+        if isinstance(receiver, str):
+            if method in ("format", "format_map"):
+                _check_format_string(receiver)
+            elif method == "replace" and len(args) >= 2:
+                _replace_size(receiver, args[0], args[1])
+            elif method == "join" and args:
+                _join_size(receiver, args[0])
+        if method == "generate_lorem_ipsum" or __obj is __self.globals.get("lipsum"):
+            for value in (*args, *kwargs.values()):
+                _check_count(value, "lipsum of")
+        result = super().call(__context, __obj, *args, **kwargs)
+        return _check_size(result, f"'{method or __obj}' gave a value")
+
+
+def _limited_filter(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    """A filter whose count arguments (widths, batch sizes) and whose result stay within the size limit."""
+
+    @functools.wraps(function)
+    def limited(*args: Any, **kwargs: Any) -> Any:
+        # Jinja passes the context, eval context or environment first to some filters; the value follows.
+        values = [
+            a
+            for a in args
+            if not isinstance(a, (jinja2.runtime.Context, jinja2.nodes.EvalContext, jinja2.Environment))
+        ]
+        for value in (*values[1:], *kwargs.values()):
+            _check_count(value, f"filter '{name}' with")
+        if name == "replace" and len(values) >= 3:
+            _replace_size(str(values[0]), values[1], values[2])
+        if name == "join" and values:
+            items = list(values[0]) if not isinstance(values[0], (list, tuple, str)) else values[0]
+            _join_size(values[1] if len(values) > 1 else kwargs.get("d", ""), items)
+            args = tuple(items if a is values[0] else a for a in args)
+        if name == "format" and values and isinstance(values[0], str):
+            _check_format_string(values[0])
+        return _check_size(function(*args, **kwargs), f"filter '{name}' gave a value")
+
+    return limited
+
+
+_ENV = _LimitedSandbox(undefined=jinja2.StrictUndefined, finalize=_finalize)
 _ENV.filters.update(choice=_choice, random=_choice, most_frequent=_most_frequent, highlight=_highlight)
+_ENV.filters.update({name: _limited_filter(name, f) for name, f in _ENV.filters.items()})
 # promptsource's environment has zip() as a global (16 templates of the 0.2.3 collection call it).
 _ENV.globals["zip"] = zip
 
@@ -341,7 +548,20 @@ def _compile(source: str) -> jinja2.Template:
 def _render(source: str, context: dict[str, Any], name: str, state: _RenderState) -> str:
     token = _STATE.set(state)
     try:
-        return _compile(source).render(**context)
+        # Streamed, so that output past the limit stops the rendering instead of being joined first.
+        parts, length = [], 0
+        for part in _compile(source).generate(**context):
+            length += len(part)
+            if length > MAX_TEMPLATE_SIZE:
+                raise TemplateTooLargeError(f"output longer than {MAX_TEMPLATE_SIZE:,} characters")
+            parts.append(part)
+        return "".join(parts)
+    except TemplateTooLargeError as exc:
+        raise TaskSpecError(f"template '{name}' builds something too large: {exc}") from exc
+    except (OverflowError, MemoryError, RecursionError) as exc:
+        raise TaskSpecError(
+            f"template '{name}' builds something too large: {type(exc).__name__}: {first_line(exc)}"
+        ) from exc
     except jinja2.UndefinedError as exc:
         raise TaskSpecError(
             f"template '{name}' failed on a row: {exc.message}; check the field names"
@@ -374,9 +594,13 @@ def load_promptsource_templates(path: Path) -> list[PromptTemplate]:
         TaskSpecError: The file is missing, not YAML, or holds no templates.
     """
     try:
-        document = yaml.load(Path(path).read_text(), Loader=_PromptsourceLoader)  # noqa: S506 - SafeLoader subclass
+        document = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_PromptsourceLoader)  # noqa: S506 - SafeLoader subclass
     except OSError as exc:
         raise TaskSpecError(f"cannot read template file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise TaskSpecError(
+            f"template file {path} is not UTF-8 (at byte {exc.start}); save it as UTF-8"
+        ) from exc
     except yaml.YAMLError as exc:
         raise TaskSpecError(f"{path} is not valid YAML: {exc}") from exc
     raw = (document or {}).get("templates") if isinstance(document, dict) else None

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from elmreg.registry.context import RegistryContext
+from elmreg.registry.outputs import check_writable_file
 from elmreg.registry.templating import render
 
 
@@ -184,7 +185,12 @@ def _score(value: float | None) -> str:
 
 
 def write_report(context: RegistryContext, out: Path) -> Report:
-    """Write the HTML report (``templates/report.html.j2``) to ``out`` and return which figures it holds."""
+    """Write the HTML report (``templates/report.html.j2``) to ``out`` and return which figures it holds.
+
+    Raises:
+        UserError: ``out`` cannot be written (checked before the figures are drawn).
+    """
+    check_writable_file(out, create_parents=True)
     summary = context.audit.summary()
     figures = {figure_id: build(context) for figure_id, build in BUILDERS.items()}
     page = render(

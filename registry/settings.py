@@ -135,10 +135,22 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _postgresql_url(cls, value: str) -> str:
+        example = "postgresql+psycopg://user:password@host:5432/db, or nothing for the embedded server"
         if value and not value.startswith("postgresql"):
-            raise ValueError(
-                "use a PostgreSQL URL such as postgresql+psycopg://user@host/db, or nothing for the embedded server"
-            )
+            raise ValueError(f"use a PostgreSQL URL such as {example}")
+        if value:
+            # Parsed and its driver loaded now, so that a mistyped port or driver is this one line naming the
+            # setting, not a traceback from the first verb that opens the database.
+            from sqlalchemy.engine import make_url
+            from sqlalchemy.exc import ArgumentError
+
+            try:
+                make_url(value).get_dialect().import_dbapi()
+            except (ArgumentError, ValueError, ImportError) as exc:
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ValueError(
+                    f"not a usable PostgreSQL URL ({reason}); use one such as {example}"
+                ) from None
         return value
 
     @field_validator("s3_endpoint_url")

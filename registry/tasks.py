@@ -18,6 +18,7 @@ from elmreg.registry.backbones import backbone_family
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.errors import AlreadyExistsError, NotFoundError, TaskSpecError, UserError, first_line
 from elmreg.registry.kinds import get_expert_kind, trainable_kinds
+from elmreg.registry.names import InvalidNameError, check_task_name
 from elmreg.registry.prompts import (
     PromptTemplate,
     check_classification,
@@ -35,7 +36,6 @@ METRICS = ("accuracy", "rouge_l", "bleu")
 # The paper samples K=50,000 training examples per classification task and 10,000 per generative task.
 DEFAULT_MAX_EXAMPLES = {"classification": 50_000, "generative": 10_000}
 _VALIDATION_ROWS = 64
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,199}$")
 
 
 @dataclass(frozen=True)
@@ -151,10 +151,8 @@ def plan_task(context: RegistryContext, request: TaskRequest, *, to_register: bo
         raise TaskSpecError("--task-type must be 'classification' or 'generative'")
     if request.metric not in (None, *METRICS):
         raise TaskSpecError(f"unknown metric '{request.metric}'; choose one of {', '.join(METRICS)}")
-    if request.name is not None and not _NAME.match(request.name):
-        raise TaskSpecError(
-            f"task name '{request.name}' must start with a letter or digit and use letters, digits and ._:/@+-"
-        )
+    if request.name is not None:
+        check_task_name(request.name)
     if request.name is not None and to_register:
         _ensure_free(context, request.name)
     get_expert_kind(request.kind).make_config(request.training)
@@ -178,8 +176,10 @@ def plan_task(context: RegistryContext, request: TaskRequest, *, to_register: bo
         check_classification(examples, request.name or request.dataset)
     name = request.name or default_task_name(request)
     if request.name is None:
-        if not _NAME.match(name):
-            raise TaskSpecError(f"cannot derive a task name from '{request.dataset}'; give --name")
+        try:
+            check_task_name(name)
+        except InvalidNameError:
+            raise TaskSpecError(f"cannot derive a task name from '{request.dataset}'; give --name") from None
         if to_register:
             _ensure_free(context, name)
     backbone_name = request.backbone or context.settings.backbone

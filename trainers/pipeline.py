@@ -33,6 +33,8 @@ from elmreg.registry.examples import task_examples
 from elmreg.registry.gc import publishing_artifacts
 from elmreg.registry.kinds import LORA, weights_kind
 from elmreg.registry.library import SAMPLES_PER_EXPERT, embed_entries, register_embedder, sample_indices
+from elmreg.registry.names import check_expert_name, derived_expert_name
+from elmreg.registry.outputs import check_writable_folder
 from elmreg.registry.pause_points import pause_point
 from elmreg.registry.prompts import PromptedExample, library_text
 from elmreg.registry.store.entities import Expert, Task
@@ -238,12 +240,26 @@ def import_peft_adapter(
         UserError: Not a PEFT LoRA folder, or it does not fit the task's backbone.
     """
     hooks = hooks or TrainingHooks()
+    # Checked before the backbone loads: a bad name must not cost a minute of loading first.
+    name = check_expert_name(name) if name is not None else derived_expert_name(f"{task.name}-imported")
     config_file, weights = folder / CONFIG_FILE, folder / LORA.weights_file
+    pickled = [p.name for p in (folder / "adapter_model.bin", folder / "pytorch_model.bin") if p.is_file()]
+    if pickled and not weights.is_file():
+        # A .bin adapter is a torch pickle: loading it can run any code, so elmreg never does (DESIGN: no pickles).
+        raise TaskSpecError(
+            f"{folder} holds {pickled[0]}, a pickle; elmreg loads weights only from safetensors: save the adapter "
+            f"with save_pretrained(..., safe_serialization=True) to get {LORA.weights_file}"
+        )
     if not config_file.is_file() or not weights.is_file():
         raise TaskSpecError(
             f"{folder} is not a PEFT adapter folder (needs {CONFIG_FILE} and {LORA.weights_file})"
         )
-    adapter_config = json.loads(config_file.read_text())
+    try:
+        adapter_config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TaskSpecError(f"{config_file} is not JSON in UTF-8: {first_line(exc)}") from exc
+    if not isinstance(adapter_config, dict):
+        raise TaskSpecError(f"{config_file} is not a JSON object; is {folder} a PEFT adapter folder?")
     if adapter_config.get("peft_type") != "LORA":
         raise TaskSpecError(
             f"{folder} holds a {adapter_config.get('peft_type')} adapter; only LoRA can be imported"
@@ -263,7 +279,7 @@ def import_peft_adapter(
     unload_expert(backbone, model)
     examples = task_examples(task, cache_dir=context.settings.cache_path, limit=task.max_examples)
     expert = context.catalogue.create_expert(
-        name=name or f"{task.name}-imported", backbone_id=backbone_record.id, kind=LORA.name, task_id=task.id
+        name=name, backbone_id=backbone_record.id, kind=LORA.name, task_id=task.id
     )
     return publish(
         context,
@@ -281,6 +297,7 @@ def export_expert(context: RegistryContext, expert: Expert, out_dir: Path) -> Pa
     """Write an expert to ``out_dir``: a PEFT folder for LoRA, else its safetensors file; always a JSON card."""
     if expert.artifact is None:
         raise CatalogueError(f"expert {expert.name} has no weights yet (status {expert.status})")
+    check_writable_folder(out_dir)  # before a download of maybe gigabytes
     weights = context.artifact_cache.fetch(expert.artifact)
     out_dir.mkdir(parents=True, exist_ok=True)
     if weights_kind(expert) == LORA.name:  # merged LoRA experts are PEFT adapters too

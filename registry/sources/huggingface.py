@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import logging
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,30 @@ def _datasets():
     return datasets
 
 
+def _check_utf8(path: Path, chunk_bytes: int = 1 << 20) -> None:
+    """Refuse a text file that is not UTF-8, naming the line: ``datasets`` would fail with a message that names
+    neither (or, for JSON lines, let a UnicodeDecodeError escape). Streamed: data files can be large."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, offset = 1, 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            try:
+                decoder.decode(chunk, final=len(chunk) < chunk_bytes)
+            except UnicodeDecodeError as exc:
+                line += chunk.count(b"\n", 0, max(exc.start, 0))
+                raise TaskSpecError(
+                    f"{path} is not UTF-8 (line {line}, byte {offset + max(exc.start, 0)}); save it as UTF-8"
+                ) from None
+            line += chunk.count(b"\n")
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise TaskSpecError(
+                f"{path} is not UTF-8 (it ends inside a character); save it as UTF-8"
+            ) from None
+
+
 def load_local(path: Path, split: str, cache_dir: Path) -> list[dict[str, Any]]:
     """Rows of one split of a local dataset file or folder.
 
@@ -56,6 +81,9 @@ def load_local(path: Path, split: str, cache_dir: Path) -> list[dict[str, Any]]:
         raise TaskSpecError(f"split '{split}' of {path} mixes file formats ({', '.join(sorted(suffixes))})")
     if all(Path(f).stat().st_size == 0 for f in splits[split]):
         raise TaskSpecError(f"dataset {path} [{split}] is empty; pick another split or dataset")
+    for file in splits[split]:
+        if Path(file).suffix != ".parquet":
+            _check_utf8(Path(file))
     try:
         dataset = datasets.load_dataset(
             builders.pop(), data_files={split: splits[split]}, split=split, cache_dir=str(cache_dir)

@@ -137,7 +137,12 @@ class CatalogueStore(ABC):
 
     @abstractmethod
     def retire_expert(self, expert_id: int) -> Expert:
-        """Take a ready expert out of routing (a new library version); its weights and audit history stay."""
+        """Take a ready expert out of routing (a new library version); its weights and audit history stay.
+
+        Raises:
+            NotFoundError: No such expert.
+            InvalidStateError: The expert is not ready (already retired, or not trained yet).
+        """
 
     @abstractmethod
     def referenced_artifact_uris(self) -> set[str]:

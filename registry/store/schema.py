@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.script.revision import RevisionError
+from alembic.util.exc import CommandError
 from sqlalchemy import Engine
 
 import elmreg.migrations
+from elmreg.registry.errors import UserError, first_line
 
 
 def include_object(obj, name, type_, reflected, compare_to) -> bool:
@@ -46,17 +50,52 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
+def revisions() -> list[str]:
+    """Every revision this version of elmreg ships, oldest first."""
+    script = ScriptDirectory.from_config(alembic_config())
+    return [r.revision for r in reversed(list(script.walk_revisions()))]
+
+
+def _check_revision(revision: str) -> None:
+    """Refuse a revision elmreg does not ship before a transaction starts (Alembic's own error is a traceback)."""
+    if re.fullmatch(r"[+-]\d+", revision):
+        return  # relative steps ('-1'): Alembic checks them against the current revision
+    script = ScriptDirectory.from_config(alembic_config())
+    try:
+        script.get_revisions(revision)
+    except (CommandError, RevisionError) as exc:
+        raise UserError(
+            f"no schema revision '{revision}': use head, base or one of {', '.join(revisions())}"
+        ) from exc
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Migrate the catalogue up to ``revision``."""
+    """Migrate the catalogue up to ``revision``.
+
+    Raises:
+        UserError: elmreg ships no such revision, or it is not above the current one.
+    """
+    _check_revision(revision)
     with engine.begin() as connection:
         config = alembic_config(engine)
         config.attributes["connection"] = connection
-        command.upgrade(config, revision)
+        try:
+            command.upgrade(config, revision)
+        except (CommandError, RevisionError) as exc:  # e.g. "upgrade" to a revision below the current one
+            raise UserError(f"cannot upgrade to '{revision}': {first_line(exc)}") from exc
 
 
 def downgrade(engine: Engine, revision: str) -> None:
-    """Migrate the catalogue down to ``revision`` ('base' drops every elmreg table)."""
+    """Migrate the catalogue down to ``revision`` ('base' drops every elmreg table).
+
+    Raises:
+        UserError: elmreg ships no such revision, or it is not below the current one.
+    """
+    _check_revision(revision)
     with engine.begin() as connection:
         config = alembic_config(engine)
         config.attributes["connection"] = connection
-        command.downgrade(config, revision)
+        try:
+            command.downgrade(config, revision)
+        except (CommandError, RevisionError) as exc:
+            raise UserError(f"cannot downgrade to '{revision}': {first_line(exc)}") from exc

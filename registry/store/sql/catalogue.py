@@ -10,7 +10,8 @@ from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from elmreg.registry.errors import CatalogueError, NotFoundError
+from elmreg.registry.errors import CatalogueError, InvalidStateError, NotFoundError
+from elmreg.registry.names import check_task_name
 from elmreg.registry.pause_points import pause_point
 from elmreg.registry.store.catalogue import CatalogueStore
 from elmreg.registry.store.entities import (
@@ -96,6 +97,8 @@ class SqlCatalogueStore(CatalogueStore):
 
     # -- tasks ---------------------------------------------------------------------------------------------
     def create_task(self, *, enqueue_training: bool = True, **fields: Any) -> tuple[Task, Job | None]:
+        # Every way a task is created (CLI, API, manifests, the experiment harness) ends here.
+        check_task_name(fields["name"])
         with self.sessions() as session:
             row = TaskRow(**fields)
             session.add(row)
@@ -251,8 +254,14 @@ class SqlCatalogueStore(CatalogueStore):
             row = session.scalar(select(ExpertRow).where(ExpertRow.id == expert_id).with_for_update())
             if row is None:
                 raise NotFoundError(f"no expert '{expert_id}'")
+            if row.status == "retired":
+                raise InvalidStateError(
+                    f"expert {row.name} is already retired (at library version {row.retired_at_version})"
+                )
             if row.status != "ready":
-                raise CatalogueError(f"expert {row.name} is {row.status}; only ready experts can be retired")
+                raise InvalidStateError(
+                    f"expert {row.name} is {row.status}; only ready experts can be retired"
+                )
             version = next_library_version(session)
             session.add(LibraryChangeRow(version=version, expert_id=expert_id, change="retired"))
             row.status, row.retired_at_version = "retired", version
