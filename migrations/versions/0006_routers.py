@@ -16,6 +16,9 @@ Create Date: 2026-11-30
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pgvector.sqlalchemy
 import sqlalchemy as sa
 from alembic import op
@@ -69,12 +72,33 @@ PREVIOUS_VIEWS = {
     """,
 }
 
-CENTROIDS_FROM_ENTRIES = """
-    INSERT INTO expert_centroids (expert_id, embedder_id, embedding, entries)
-    SELECT expert_id, embedder_id, l2_normalize(avg(embedding)), count(*)
-    FROM library_entries
-    GROUP BY expert_id, embedder_id
-"""
+
+def _backfill_centroids() -> None:
+    """Each existing expert's centroid per embedder: the mean of its entries, normalised in Python (pgvector's
+    l2_normalize needs 0.7; a catalogue being migrated may still run an older pgvector)."""
+    bind = op.get_bind()
+    means = bind.execute(
+        sa.text(
+            "SELECT expert_id, embedder_id, avg(embedding)::text AS mean, count(*) AS entries "
+            "FROM library_entries GROUP BY expert_id, embedder_id"
+        )
+    ).all()
+    for m in means:
+        vector = np.asarray(json.loads(m.mean), dtype=np.float64)
+        norm = float(np.linalg.norm(vector))
+        unit = vector / norm if norm > 0 else vector
+        bind.execute(
+            sa.text(
+                "INSERT INTO expert_centroids (expert_id, embedder_id, embedding, entries) "
+                "VALUES (:e, :m, CAST(:v AS vector), :n)"
+            ),
+            {
+                "e": m.expert_id,
+                "m": m.embedder_id,
+                "v": "[" + ",".join(map(repr, unit.tolist())) + "]",
+                "n": m.entries,
+            },
+        )
 
 
 def upgrade() -> None:
@@ -112,7 +136,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("expert_id", "embedder_id", name=op.f("pk_expert_centroids")),
     )
-    op.execute(CENTROIDS_FROM_ENTRIES)
+    _backfill_centroids()
     op.execute(f"CREATE OR REPLACE VIEW audit_decisions AS {AUDIT_DECISIONS}")
     op.execute(f"CREATE OR REPLACE VIEW audit_votes AS {AUDIT_VOTES}")
 

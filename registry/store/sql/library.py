@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -157,20 +158,44 @@ def _refresh_centroids(session: Session, embedder_id: int, expert_ids: Sequence[
     expert is never routable by its entries without its centroid, or the other way round)."""
     if not expert_ids:
         return
-    session.execute(
+    means = session.execute(
         text(
             f"""
-            INSERT INTO expert_centroids (expert_id, embedder_id, embedding, entries)
-            SELECT expert_id, embedder_id, l2_normalize(avg(embedding)), count(*)
+            SELECT expert_id, avg(embedding)::text AS mean, count(*) AS entries
             FROM library_entries
             WHERE embedder_id = {int(embedder_id)} AND expert_id = ANY(:experts)
-            GROUP BY expert_id, embedder_id
+            GROUP BY expert_id
+            """
+        ),
+        {"experts": list(expert_ids)},
+    ).all()
+    session.execute(
+        text(
+            """
+            INSERT INTO expert_centroids (expert_id, embedder_id, embedding, entries)
+            VALUES (:expert_id, :embedder_id, CAST(:embedding AS vector), :entries)
             ON CONFLICT (expert_id, embedder_id)
             DO UPDATE SET embedding = EXCLUDED.embedding, entries = EXCLUDED.entries
             """
         ),
-        {"experts": list(expert_ids)},
+        [
+            {
+                "expert_id": m.expert_id,
+                "embedder_id": embedder_id,
+                "embedding": centroid_literal(m.mean),
+                "entries": m.entries,
+            }
+            for m in means
+        ],
     )
+
+
+def centroid_literal(mean: str) -> str:
+    """The unit-length direction of a mean embedding (pgvector's text form in and out). Normalised here rather
+    than with pgvector's l2_normalize, which servers before pgvector 0.7 lack."""
+    vector = np.asarray(json.loads(mean), dtype=np.float64)
+    norm = float(np.linalg.norm(vector))
+    return "[" + ",".join(repr(float(x)) for x in (vector / norm if norm > 0 else vector)) + "]"
 
 
 @lru_cache(maxsize=8)
