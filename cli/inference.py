@@ -144,7 +144,9 @@ def route(
         return echo_json(decision)
     click.echo(
         f"chosen expert: {decision.chosen_expert_name} (id {decision.chosen_expert_id})  "
-        f"decision {decision.decision_id}, router {decision.router}, library version {decision.library_version}, "
+        f"decision {decision.decision_id}, router {decision.router}"
+        + (f" (embedder {decision.embedder})" if decision.router == "trained" else "")
+        + f", library version {decision.library_version}, "
         f"Q={decision.q}, {decision.latency_ms:.1f} ms"
     )
     weighted = any(t.weight is not None for t in decision.tallies)
