@@ -162,7 +162,10 @@ def route(
 
 @click.command(context_settings=CONTEXT_SETTINGS)
 def routers() -> None:
-    """List the routing methods, what each does and its options (--router / --route NAME, --router-option)."""
+    """List the routing methods, what each does and its options (--router / --route NAME, --router-option).
+
+    Example: elmreg routers
+    """
     for name in router_names():
         method = router_class(name)
         click.echo(f"{name}: {method.summary}")

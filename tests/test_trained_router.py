@@ -26,6 +26,7 @@ from elmreg.registry.library import embed_entries, register_embedder
 from elmreg.registry.prompts import PromptedExample, library_text
 from elmreg.registry.retrievers import load_catalogued_embedder, unpacked_folder
 from elmreg.registry.store.entities import StoredArtifact
+from elmreg.trainers.retriever import expert_batches, library_pairs
 
 SENTENCES = [
     "The team won the final match after extra time.",
@@ -237,3 +238,21 @@ def test_trained_router_end_to_end(lab, shared_subjects, tmp_path):
     with pytest.raises(ArtifactIntegrityError, match="does not match the catalogue"):
         load_catalogued_embedder(context, "retriever-1")
     assert not folder.exists()
+
+
+def test_batches_never_hold_two_pairs_of_one_expert():
+    # In-batch negatives must be other experts' samples: a second pair of the same expert would be a positive
+    # the loss pushes away. Uneven experts, a batch size below the expert count, and a lone expert at the end.
+    samples = {1: [f"a{i}" for i in range(9)], 2: [f"b{i}" for i in range(5)], 3: [f"c{i}" for i in range(2)]}
+    samples[4] = ["only one"]  # no positive for it: no pair
+    pairs = library_pairs(samples, seed=0)
+    assert len(pairs) == 16 and {e for e, _, _ in pairs} == {1, 2, 3}
+    assert all(a != p and a[0] == p[0] for _, a, p in pairs)  # a positive is another sample of its expert
+    batches = expert_batches(pairs, batch_size=2, seed=0)
+    for batch in batches:
+        assert 2 <= len(batch) <= 2 and len({e for e, _, _ in batch}) == len(batch)
+    used = [pair for batch in batches for pair in batch]
+    assert len(used) == len(set(used))
+    # Only pairs that would have been alone are left out (here: expert 1 outlasts the others).
+    assert {e for e, _, _ in set(pairs) - set(used)} <= {1}
+    assert expert_batches(pairs, 2, seed=0) == batches  # seeded
