@@ -153,7 +153,9 @@ def route(
         return echo_json(decision)
     click.echo(
         f"chosen expert: {decision.chosen_expert_name} (id {decision.chosen_expert_id})  "
-        f"decision {decision.decision_id}, router {decision.router}, library version {decision.library_version}, "
+        f"decision {decision.decision_id}, router {decision.router}"
+        + (f" (embedder {decision.embedder})" if decision.router == "trained" else "")
+        + f", library version {decision.library_version}, "
         f"Q={decision.q}, {decision.latency_ms:.1f} ms"
     )
     weighted = any(t.weight is not None for t in decision.tallies)
@@ -169,7 +171,10 @@ def route(
 
 @click.command(context_settings=CONTEXT_SETTINGS)
 def routers() -> None:
-    """List the routing methods, what each does and its options (--router / --route NAME, --router-option)."""
+    """List the routing methods, what each does and its options (--router / --route NAME, --router-option).
+
+    Example: elmreg routers
+    """
     for name in router_names():
         method = router_class(name)
         click.echo(f"{name}: {method.summary}")

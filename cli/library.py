@@ -258,6 +258,59 @@ def library_reembed(ctx: click.Context, embedder: str, source: str | None) -> No
     )
 
 
+@library.command("train-retriever")
+@click.option("--name", help="Name of the new embedder (default: retriever-v<library version>-<UTC time>).")
+@click.option("--epochs", type=int, default=2, show_default=True, help="Passes over the library's pairs.")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=16,
+    show_default=True,
+    help="Pairs per step, at most one per expert (the other pairs are each pair's negatives).",
+)
+@click.option("--learning-rate", type=float, default=5e-5, show_default=True, help="AdamW learning rate.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds pairs, batches and dropout.")
+@click.option(
+    "--library-version", type=int, help="Train on the experts routable at this version (default: now)."
+)
+@click.option("--from", "source", help="Embedder to fine-tune, on its entries (default: ELMREG_EMBEDDER).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.pass_context
+def library_train_retriever(
+    ctx: click.Context,
+    name: str | None,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    library_version: int | None,
+    source: str | None,
+    quiet: bool,
+) -> None:
+    """Fine-tune the embedder on the library (samples labelled by expert), publish it as a new embedder and
+    re-embed the library with it; then route with it: elmreg route --router trained.
+
+    Example: elmreg library train-retriever --name retriever-1 --epochs 2
+    """
+    with training_progress(is_quiet(ctx, quiet)) as hooks:
+        report = _registry(ctx).train_retriever(
+            name=name,
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            seed=seed,
+            library_version=library_version,
+            source=source,
+            hooks=hooks,
+        )
+    click.echo(
+        f"retriever {report.embedder} (embedder id {report.embedder_id}): {report.pairs} pairs of {report.experts} "
+        f"experts at library version {report.library_version}, {report.epochs} epoch(s), {report.steps} steps, "
+        f"final loss {report.final_loss:.4f}, {report.seconds:.1f} s; {report.entries} entries re-embedded. "
+        "Route with it: elmreg route --router trained"
+    )
+
+
 @click.group(context_settings=CONTEXT_SETTINGS)
 def bigbench() -> None:
     """BIG-bench tasks available as --dataset bigbench:<task>."""

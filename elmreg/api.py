@@ -93,14 +93,63 @@ class Registry:
 
     def reembed(self, embedder: str, *, source: str | None = None) -> ReembedReport:
         """Build library entries for another sentence encoder from the texts of ``source`` (default: the
-        configured embedder), so that retrievers can be compared."""
-        from elmreg.registry.embedder import load_embedder
+        configured embedder), so that retrievers can be compared. ``embedder`` is a hub id, a local folder or a
+        trained retriever of the catalogue (fetched from the artifact store)."""
+        from elmreg.registry.retrievers import load_catalogued_embedder
 
         return reembed_library(
             self.context.catalogue,
             self.context.library,
-            load_embedder(embedder),
+            load_catalogued_embedder(self.context, embedder),
             source_embedder=source or self.settings.embedder,
+        )
+
+    def train_retriever(
+        self,
+        *,
+        name: str | None = None,
+        epochs: int = 2,
+        batch_size: int = 16,
+        learning_rate: float = 5e-5,
+        seed: int = 0,
+        library_version: int | None = None,
+        source: str | None = None,
+        hooks=None,
+    ):
+        """Fine-tune the embedder on the library itself (pairs of samples of one expert, contrasted with the
+        other experts' pairs of the batch by MultipleNegativesRankingLoss), publish it to the artifact store as
+        the embedder ``name`` and re-embed the library with it; the ``trained`` router then routes with it.
+
+        Args:
+            name: The new embedder's name (default: ``retriever-v<library version>-<UTC time>``).
+            epochs, batch_size, learning_rate, seed: ``trainers.retriever.RetrieverConfig``.
+            library_version: Train on the experts routable at this version (default: now).
+            source: The embedder whose entries are the training data and which is fine-tuned (default: the
+                configured one).
+            hooks: ``trainers.pipeline.TrainingHooks`` for progress reporting.
+
+        Returns:
+            ``trainers.retriever.RetrieverReport``.
+
+        Raises:
+            UserError: An existing name, an unknown library version or source, or fewer than two experts with
+                library samples; nothing is written.
+
+        Example::
+
+            registry.train_retriever(name="retriever-1", epochs=1)
+            registry.route(queries, router="trained")
+        """
+        from elmreg.trainers.retriever import RetrieverConfig, train_retriever
+
+        config = RetrieverConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
+        return train_retriever(
+            self.context,
+            name=name,
+            config=config,
+            library_version=library_version,
+            source=source,
+            hooks=hooks,
         )
 
     def export_expert(self, key: int | str, out_dir: str | Path) -> Path:

@@ -25,6 +25,7 @@ from elmreg.registry.context import RegistryContext
 from elmreg.registry.embedder import Embedder, load_embedder
 from elmreg.registry.errors import NotFoundError, UserError
 from elmreg.registry.prompts import PromptedExample, library_text
+from elmreg.registry.retrievers import load_catalogued_embedder
 from elmreg.registry.store.entities import ExpertTally, RoutingDecisionRecord, RoutingVote, VoteResult
 
 # HNSW returns approximate neighbours from a candidate list of ef_search entries (the routing_ef_search
@@ -53,6 +54,8 @@ class RoutingDecision:
     votes: list[RoutingVote] = field(default_factory=list)
     router: str = "roe"
     router_params: dict[str, Any] = field(default_factory=dict)
+    # The embedder that embedded the queries and whose library entries were searched.
+    embedder: str | None = None
 
     @property
     def margin(self) -> int:
@@ -111,8 +114,10 @@ def _search_details(result: VoteResult, ef_search: int) -> dict:
 
 
 class Router:
-    """Routes instances to experts with any registered routing method (RoE by default), for a registry with one
-    embedder (loaded once), and records each decision with its method's name and options."""
+    """Routes instances to experts with any registered routing method (RoE by default), and records each decision
+    with its method's name and options. Queries are embedded with the registry's embedder (loaded once), or with
+    the one a method names (``RoutingMethod.embedder_name``, e.g. a trained retriever), loaded on first use and
+    kept."""
 
     def __init__(
         self,
@@ -124,11 +129,25 @@ class Router:
         self.context = context
         self.embedder = embedder or load_embedder(context.settings.embedder)
         self.ef_search = ef_search if ef_search is not None else context.settings.routing_ef_search
+        self._embedders: dict[str, Embedder] = {self.embedder.name: self.embedder}
 
-    def embed_queries(self, queries: Sequence[PromptedExample | str]) -> np.ndarray:
-        """Queries formatted exactly like library samples (``Answer Choices: ..., Instance: ...``), embedded."""
+    def embedder_for(self, method: RoutingMethod) -> Embedder:
+        """The embedder ``method`` routes with: the router's own, or the one it names (fetched from the artifact
+        store and loaded on first use)."""
+        name = method.embedder_name(self.context.catalogue)
+        if name is None:
+            return self.embedder
+        if name not in self._embedders:
+            self._embedders[name] = load_catalogued_embedder(self.context, name)
+        return self._embedders[name]
+
+    def embed_queries(
+        self, queries: Sequence[PromptedExample | str], embedder: Embedder | None = None
+    ) -> np.ndarray:
+        """Queries formatted exactly like library samples (``Answer Choices: ..., Instance: ...``), embedded (by
+        the router's embedder unless another is given)."""
         texts = [q if isinstance(q, str) else library_text(q) for q in queries]
-        return self.embedder.embed(texts)
+        return (embedder or self.embedder).embed(texts)
 
     def route(
         self,
@@ -177,13 +196,14 @@ class Router:
             )
         queries = sample_queries(queries, q, seed=seed)
         version = self._version(library_version)
+        embedder = self.embedder_for(method)
         started = time.perf_counter()
-        vectors = self.embed_queries(queries)
-        result = method.retrieve(self._retrieval(version, kinds, backbone_id), vectors)
+        vectors = self.embed_queries(queries, embedder)
+        result = method.retrieve(self._retrieval(embedder, version, kinds, backbone_id), vectors)
         votes, tallies = method.tally(result)
         latency_ms = (time.perf_counter() - started) * 1000
-        self._require_votes(votes, version, kinds)
-        facts = _DecisionFacts(method, version, kinds, backbone_id, caller_label, task_id)
+        self._require_votes(embedder, votes, version, kinds)
+        facts = _DecisionFacts(method, embedder, version, kinds, backbone_id, caller_label, task_id)
         decision_id = (
             self._record(facts, result, votes, tallies, len(vectors), latency_ms, recorder)
             if record
@@ -216,16 +236,17 @@ class Router:
         if not queries:
             raise UserError("routing needs at least one input instance")
         version = self._version(library_version)
+        embedder = self.embedder_for(method)
         started = time.perf_counter()
-        vectors = self.embed_queries(queries)
-        result = method.retrieve(self._retrieval(version, kinds, backbone_id), vectors)
+        vectors = self.embed_queries(queries, embedder)
+        result = method.retrieve(self._retrieval(embedder, version, kinds, backbone_id), vectors)
         # One latency for the shared search, split evenly over the decisions it made.
         latency_ms = (time.perf_counter() - started) * 1000 / len(queries)
         names = {t.expert_id: t.expert_name for t in result.tallies}
         by_query: dict[int, list[RoutingVote]] = {}
         for vote in result.votes:
             by_query.setdefault(vote.query_index, []).append(replace(vote, query_index=0))
-        facts = _DecisionFacts(method, version, kinds, backbone_id, caller_label, task_id)
+        facts = _DecisionFacts(method, embedder, version, kinds, backbone_id, caller_label, task_id)
         decisions = []
         for index in range(len(queries)):
             own = VoteResult(
@@ -235,7 +256,7 @@ class Router:
                 exact_search=[0] if index in result.exact_search else [],
             )
             votes, tallies = method.tally(own)
-            self._require_votes(votes, version, kinds)
+            self._require_votes(embedder, votes, version, kinds)
             decision_id = (
                 self._record(facts, own, votes, tallies, 1, latency_ms, recorder) if record else None
             )
@@ -263,14 +284,18 @@ class Router:
             raise UserError(f"library version {version} does not exist (current: {current})")
         return version
 
-    def _retrieval(self, version: int, kinds: Sequence[str] | None, backbone_id: int | None) -> Retrieval:
-        embedder = self.context.catalogue.get_or_create_embedder(self.embedder.name, self.embedder.dimension)
-        return Retrieval(self.context.library, embedder.id, version, kinds, backbone_id, self.ef_search)
+    def _retrieval(
+        self, embedder: Embedder, version: int, kinds: Sequence[str] | None, backbone_id: int | None
+    ) -> Retrieval:
+        record = self.context.catalogue.get_or_create_embedder(embedder.name, embedder.dimension)
+        return Retrieval(self.context.library, record.id, version, kinds, backbone_id, self.ef_search)
 
-    def _require_votes(self, votes: Sequence[RoutingVote], version: int, kinds: Sequence[str] | None) -> None:
+    def _require_votes(
+        self, embedder: Embedder, votes: Sequence[RoutingVote], version: int, kinds: Sequence[str] | None
+    ) -> None:
         if not votes:
             raise NotFoundError(
-                f"no routable expert at library version {version} for embedder {self.embedder.name}"
+                f"no routable expert at library version {version} for embedder {embedder.name}"
                 + (f" and kinds {', '.join(kinds)}" if kinds else "")
                 + "; train one with 'elmreg add-task' and 'elmreg worker'"
             )
@@ -285,7 +310,9 @@ class Router:
         latency_ms: float,
         recorder: Recorder | None,
     ) -> int:
-        embedder = self.context.catalogue.get_or_create_embedder(self.embedder.name, self.embedder.dimension)
+        embedder = self.context.catalogue.get_or_create_embedder(
+            facts.embedder.name, facts.embedder.dimension
+        )
         record = RoutingDecisionRecord(
             embedder_id=embedder.id,
             library_version=facts.version,
@@ -309,6 +336,7 @@ class _DecisionFacts:
     """What every decision of one call shares."""
 
     method: RoutingMethod
+    embedder: Embedder
     version: int
     kinds: Sequence[str] | None
     backbone_id: int | None
@@ -335,4 +363,5 @@ class _DecisionFacts:
             votes=votes,
             router=self.method.name,
             router_params=dict(self.method.options),
+            embedder=self.embedder.name,
         )

@@ -22,6 +22,7 @@ from elmreg.registry.store.entities import ExpertTally, RoutingVote, VoteResult
 if TYPE_CHECKING:  # annotations only: the CLI imports this module for its choices, and must start instantly
     import numpy as np
 
+    from elmreg.registry.store.catalogue import CatalogueStore
     from elmreg.registry.store.library import LibraryStore
 
 
@@ -97,6 +98,12 @@ class RoutingMethod(ABC):
     def weigh(self, votes: list[RoutingVote]) -> list[RoutingVote]:
         """The votes with the weight each counts for (default: unchanged, one each)."""
         return votes
+
+    def embedder_name(self, catalogue: CatalogueStore) -> str | None:
+        """The embedder this method routes with, when it needs its own (default None: the router's). The
+        :class:`~elmreg.inference.router.Router` loads it once, embeds the queries with it, searches its library
+        entries and records it with the decision."""
+        return None
 
     def tally(self, result: VoteResult) -> tuple[list[RoutingVote], list[ExpertTally]]:
         """Weighted votes and one tally per expert, ranked: most weight, then summed similarity, then lower id."""
@@ -220,6 +227,39 @@ class NearestCentroid(RoutingMethod):
 
 
 @register_router
+class TrainedRetriever(RetrievalOfExperts):
+    name = "trained"
+    summary = (
+        "RoE over the library re-embedded by a retriever fine-tuned on it ('elmreg library train-retriever')"
+    )
+    params = (
+        _TOP_K,
+        RouterParam(
+            "embedder", str, None, "The trained retriever to route with (default: the most recently trained)."
+        ),
+    )
+
+    def embedder_name(self, catalogue: CatalogueStore) -> str:
+        chosen = self.options["embedder"]
+        if chosen is None:
+            latest = catalogue.latest_trained_embedder()
+            if latest is None:
+                raise UserError(
+                    "router trained: the catalogue has no trained retriever; "
+                    "train one with 'elmreg library train-retriever'"
+                )
+            # Recorded with the decision: which retriever the default meant at the time.
+            self.options["embedder"] = latest.name
+            return latest.name
+        if not catalogue.get_embedder(chosen).trained:
+            raise UserError(
+                f"router trained: embedder '{chosen}' is not a trained retriever; route with it by configuring "
+                "it as ELMREG_EMBEDDER, or train one with 'elmreg library train-retriever'"
+            )
+        return chosen
+
+
+@register_router
 class PerInstance(RoutingMethod):
     name = "per-instance"
     summary = "every instance routed alone (Q=1) by another router and answered by its own expert"
@@ -229,7 +269,7 @@ class PerInstance(RoutingMethod):
             str,
             "roe",
             "The router that routes each instance.",
-            choices=("roe", "roe-knn", "centroid"),
+            choices=("roe", "roe-knn", "centroid", "trained"),
         ),
     )
     per_instance = True
@@ -247,3 +287,6 @@ class PerInstance(RoutingMethod):
 
     def weigh(self, votes: list[RoutingVote]) -> list[RoutingVote]:
         return self.base.weigh(votes)
+
+    def embedder_name(self, catalogue: CatalogueStore) -> str | None:
+        return self.base.embedder_name(catalogue)

@@ -32,14 +32,16 @@ def resolve_embedder_path(name: str) -> str:
 
 
 class Embedder:
-    """A loaded sentence encoder. ``name`` is what the catalogue records for its library entries."""
+    """A loaded sentence encoder. ``name`` is what the catalogue records for its library entries; ``path`` is
+    where it was loaded from (the name resolved, unless a folder is given, as for a trained retriever)."""
 
-    def __init__(self, name: str, device: str = "cpu"):
+    def __init__(self, name: str, device: str = "cpu", path: str | None = None):
         from sentence_transformers import SentenceTransformer
 
         self.name = name
+        self.path = path or resolve_embedder_path(name)
         try:
-            self.model = SentenceTransformer(resolve_embedder_path(name), device=device)
+            self.model = SentenceTransformer(self.path, device=device)
         except (OSError, ValueError) as exc:
             raise ConfigurationError(
                 f"cannot load embedder '{name}': {first_line(exc)}; set ELMREG_EMBEDDER to a local "
@@ -83,11 +85,22 @@ class Embedder:
 
 
 @lru_cache(maxsize=4)
-def _cached(name: str, device: str) -> Embedder:
-    return Embedder(name, device)
+def _cached(name: str, device: str, path: str | None) -> Embedder:
+    return Embedder(name, device, path)
 
 
-def load_embedder(name: str, device: str = "cpu") -> Embedder:
-    """A process-wide shared embedder: loading one takes seconds, so each process does it once."""
+def load_embedder(name: str, device: str = "cpu", *, path: str | None = None) -> Embedder:
+    """A process-wide shared embedder: loading one takes seconds, so each process does it once.
+
+    Args:
+        path: Load from this folder but record ``name`` (a trained retriever fetched from the artifact store;
+            see ``registry.retrievers.load_catalogued_embedder``).
+    """
     with _load_lock:
-        return _cached(name, device)
+        return _cached(name, device, path)
+
+
+def forget_loaded_embedders() -> None:
+    """Drop the process-wide embedders (tests that load a trained retriever again from a clean cache)."""
+    with _load_lock:
+        _cached.cache_clear()

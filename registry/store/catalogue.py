@@ -48,6 +48,26 @@ class CatalogueStore(ABC):
     def get_embedder(self, key: int | str) -> Embedder:
         """Look an embedder up by id or name. Raises NotFoundError."""
 
+    @abstractmethod
+    def register_trained_embedder(
+        self,
+        name: str,
+        dimension: int,
+        artifact: StoredArtifact,
+        *,
+        trained_from_id: int,
+        training: dict[str, Any],
+    ) -> Embedder:
+        """Register a retriever trained by elmreg, whose weights are ``artifact`` (and its HNSW index).
+
+        Raises:
+            AlreadyExistsError: An embedder called ``name`` exists.
+        """
+
+    @abstractmethod
+    def latest_trained_embedder(self) -> Embedder | None:
+        """The most recently registered trained retriever (None when there is none)."""
+
     # -- tasks ---------------------------------------------------------------------------------------------
     @abstractmethod
     def create_task(self, *, enqueue_training: bool = True, **fields: Any) -> tuple[Task, Job | None]:

@@ -25,6 +25,15 @@ class Embedder:
     dimension: int
     normalized: bool
     created_at: dt.datetime
+    # A retriever trained by elmreg: its packed sentence-transformers folder (None for hub ids and paths),
+    # the embedder it was fine-tuned from and how it was trained.
+    artifact: StoredArtifact | None = None
+    trained_from_id: int | None = None
+    training: dict[str, Any] | None = None
+
+    @property
+    def trained(self) -> bool:
+        return self.artifact is not None
 
 
 @dataclass(frozen=True)

@@ -72,13 +72,27 @@ class BackboneRow(Base):
 
 class EmbedderRow(Base):
     __tablename__ = "embedders"
-    __table_args__ = (CheckConstraint("dimension > 0", name="dimension_positive"),)
+    __table_args__ = (
+        CheckConstraint("dimension > 0", name="dimension_positive"),
+        # An artifact is all three or none: a loader must never fetch bytes it cannot verify.
+        CheckConstraint(
+            "(artifact_uri IS NULL) = (artifact_sha256 IS NULL) AND (artifact_uri IS NULL) = (artifact_size IS NULL)",
+            name="artifact_complete",
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(500), unique=True)
     dimension: Mapped[int] = mapped_column(Integer)
     normalized: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
     created_at: Mapped[dt.datetime] = _now()
+    # A retriever trained by elmreg (migration 0007): its packed sentence-transformers folder in the artifact
+    # store, the embedder it was fine-tuned from, and how. NULL for encoders named by a hub id or a path.
+    artifact_uri: Mapped[str | None] = mapped_column(Text)
+    artifact_sha256: Mapped[str | None] = mapped_column(String(64))
+    artifact_size: Mapped[int | None] = mapped_column(BigInteger)
+    trained_from_id: Mapped[int | None] = mapped_column(ForeignKey("embedders.id"))
+    training: Mapped[dict[str, Any] | None] = mapped_column()
 
 
 class TaskRow(Base):

@@ -10,7 +10,7 @@ from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from elmreg.registry.errors import CatalogueError, InvalidStateError, NotFoundError
+from elmreg.registry.errors import AlreadyExistsError, CatalogueError, InvalidStateError, NotFoundError
 from elmreg.registry.names import check_task_name
 from elmreg.registry.pause_points import pause_point
 from elmreg.registry.store.catalogue import CatalogueStore
@@ -94,6 +94,43 @@ class SqlCatalogueStore(CatalogueStore):
     def get_embedder(self, key: int | str) -> Embedder:
         with self.sessions() as session:
             return records.embedder(records.by_key(session, EmbedderRow, key, "embedder"))
+
+    def register_trained_embedder(
+        self,
+        name: str,
+        dimension: int,
+        artifact: StoredArtifact,
+        *,
+        trained_from_id: int,
+        training: dict[str, Any],
+    ) -> Embedder:
+        with self.sessions() as session:
+            if session.scalar(select(EmbedderRow.id).where(EmbedderRow.name == name)) is not None:
+                raise AlreadyExistsError(f"an embedder named '{name}' exists; choose another --name")
+            row = EmbedderRow(
+                name=name,
+                dimension=dimension,
+                normalized=True,
+                artifact_uri=artifact.uri,
+                artifact_sha256=artifact.sha256,
+                artifact_size=artifact.size,
+                trained_from_id=trained_from_id,
+                training=training,
+            )
+            session.add(row)
+            session.flush()  # a concurrent insert of the same name fails here, as a unique violation
+            session.execute(text(create_hnsw_index_sql(row.id, dimension, self.index_type)))
+            return records.embedder(row)
+
+    def latest_trained_embedder(self) -> Embedder | None:
+        with self.sessions() as session:
+            row = session.scalar(
+                select(EmbedderRow)
+                .where(EmbedderRow.artifact_uri.is_not(None))
+                .order_by(EmbedderRow.id.desc())
+                .limit(1)
+            )
+            return records.embedder(row) if row is not None else None
 
     # -- tasks ---------------------------------------------------------------------------------------------
     def create_task(self, *, enqueue_training: bool = True, **fields: Any) -> tuple[Task, Job | None]:
@@ -271,8 +308,11 @@ class SqlCatalogueStore(CatalogueStore):
 
     def referenced_artifact_uris(self) -> set[str]:
         with self.sessions() as session:
+            # Trained retrievers' weights are referenced too: collecting them would strand their entries.
             return set(
                 session.scalars(select(ExpertRow.artifact_uri).where(ExpertRow.artifact_uri.is_not(None)))
+            ) | set(
+                session.scalars(select(EmbedderRow.artifact_uri).where(EmbedderRow.artifact_uri.is_not(None)))
             )
 
     # -- merged experts ------------------------------------------------------------------------------------

@@ -37,7 +37,21 @@ def backbone(row: BackboneRow) -> Backbone:
 
 
 def embedder(row: EmbedderRow) -> Embedder:
-    return Embedder(row.id, row.name, row.dimension, row.normalized, row.created_at)
+    artifact = (
+        StoredArtifact(row.artifact_uri, row.artifact_sha256, row.artifact_size)
+        if row.artifact_uri is not None
+        else None
+    )
+    return Embedder(
+        row.id,
+        row.name,
+        row.dimension,
+        row.normalized,
+        row.created_at,
+        artifact=artifact,
+        trained_from_id=row.trained_from_id,
+        training=dict(row.training) if row.training is not None else None,
+    )
 
 
 def task(row: TaskRow) -> Task:
