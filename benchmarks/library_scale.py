@@ -231,7 +231,7 @@ def bench_size(
         print(f"   end to end (embed 32 + vote): p50 {row['end_to_end']['p50_ms']:.1f} ms", flush=True)
         save(row)
 
-    if faiss is not None:
+    if faiss is not None and size <= args.faiss_max:
         index = faiss.IndexHNSWFlat(DIM, 16, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = 64
         started = time.perf_counter()
@@ -376,6 +376,9 @@ def main() -> None:
         "--index-types", default="halfvec,vector", help="Index types to build and route on, vector last."
     )
     parser.add_argument("--faiss-threads", type=int, default=1, help="OpenMP threads for FAISS.")
+    parser.add_argument(
+        "--faiss-max", type=int, default=10**9, help="Build the FAISS reference only up to this size."
+    )
     parser.add_argument("--no-embedder", action="store_true", help="Skip the end-to-end measurement.")
     parser.add_argument("--out", type=Path, help="Write every number as JSON here.")
     parser.add_argument("--figure", type=Path, help="Draw the growth curves here (PNG).")
