@@ -16,11 +16,14 @@ from typing import Any
 
 import yaml
 
+from elmreg.inference.routers import make_router
 from elmreg.registry.errors import UserError, first_line
 from elmreg.registry.prompts import load_promptsource_templates
 from elmreg.registry.tasks import TaskRequest, default_task_name
 
-SECTIONS = ("routing", "multitask", "continual", "unseen", "ablation")
+SECTIONS = ("routing", "multitask", "continual", "unseen", "ablation", "routers")
+# "routers" compares routing methods and is opt-in: run when a config lists it in 'sections' or lists routers.
+DEFAULT_SECTIONS = SECTIONS[:5]
 # The paper's Table 10: what the retrieval text of a library sample / query holds.
 TEXT_FORMATS = ("both", "instance", "choices")
 # Presets live with the benchmarks, not in the package: they are documentation as much as configuration.
@@ -38,6 +41,28 @@ class TaskSpec:
 
     def request(self) -> TaskRequest:
         return TaskRequest(dataset=self.dataset, name=self.name, **self.options)
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """One router of the 'routers' section: a registered routing method with its options."""
+
+    router: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        if not self.options:
+            return self.router
+        return f"{self.router}({', '.join(f'{k}={v}' for k, v in sorted(self.options.items()))})"
+
+
+DEFAULT_ROUTERS = (
+    RouterSpec("roe"),
+    RouterSpec("roe-knn"),
+    RouterSpec("centroid"),
+    RouterSpec("per-instance"),
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +85,7 @@ class ExperimentConfig:
     sections: tuple[str, ...] = SECTIONS
     formats: tuple[str, ...] = TEXT_FORMATS
     embedders: tuple[str, ...] = ()
+    routers: tuple[RouterSpec, ...] = DEFAULT_ROUTERS
     source: str = ""
     shared: dict[str, Any] = field(default_factory=dict)
 
@@ -109,6 +135,7 @@ def load_config(preset_or_path: str, **overrides: Any) -> ExperimentConfig:
 
 _TOP_KEYS = {
     "name",
+    "routers",
     "description",
     "backbone",
     "kind",
@@ -172,7 +199,7 @@ def config_from_mapping(
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise UserError(f"{source}: task(s) listed twice: {', '.join(duplicates)}")
-    sections = tuple(document.get("sections") or SECTIONS)
+    sections = tuple(document.get("sections") or (SECTIONS if document.get("routers") else DEFAULT_SECTIONS))
     bad = sorted(set(sections) - set(SECTIONS))
     if bad:
         raise UserError(f"{source}: unknown section(s) {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
@@ -180,6 +207,7 @@ def config_from_mapping(
     formats = tuple(ablation.get("formats") or TEXT_FORMATS)
     if set(formats) - set(TEXT_FORMATS):
         raise UserError(f"{source}: ablation formats must be among {', '.join(TEXT_FORMATS)}")
+    routers = _routers(document.get("routers"), source)
     q = int(document.get("q", 32))
     eval_limit = document.get("eval_limit", 32)
     if q < 1 or (eval_limit is not None and int(eval_limit) < 1):
@@ -201,9 +229,33 @@ def config_from_mapping(
         sections=tuple(s for s in SECTIONS if s in sections),
         formats=formats,
         embedders=tuple(ablation.get("embedders") or ()),
+        routers=routers,
         source=source,
         shared=shared,
     )
+
+
+def _routers(entries: Any, source: str) -> tuple[RouterSpec, ...]:
+    """The 'routers' key: names or ``{router: NAME, options: {...}}``, each checked against the registry."""
+    if not entries:
+        return DEFAULT_ROUTERS
+    if not isinstance(entries, list):
+        raise UserError(
+            f"{source}: 'routers' must be a list of router names or {{router: NAME, options: ...}}"
+        )
+    specs = []
+    for entry in entries:
+        spec = RouterSpec(entry) if isinstance(entry, str) else None
+        if isinstance(entry, dict) and isinstance(entry.get("router"), str):
+            spec = RouterSpec(entry["router"], dict(entry.get("options") or {}))
+        if spec is None:
+            raise UserError(f"{source}: a router is a name or {{router: NAME, options: ...}}, not {entry!r}")
+        make_router(spec.router, spec.options)  # unknown names and options fail here, before anything runs
+        specs.append(spec)
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"{source}: a router is listed twice")
+    return tuple(specs)
 
 
 def _eval_only(shared: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,9 @@ Sections (each a table in the report):
 4. ``unseen``: held-out tasks (never registered): base, MT, the best single seen expert (chosen by its mean
    score on the seen tasks), RoE and the oracle.
 5. ``ablation``: routing accuracy of exact in-process retrieval for the paper's text formats x embedders.
+6. ``routers`` (opt-in): every configured router (``inference.routers``) on the unseen tasks, against the oracle
+   over the same routable experts: mean score with its standard error, the share of RoE's gap to the oracle it
+   closes, its seen-task routing accuracy and latency.
 
 Reruns are cheap: tasks already registered with the same specification, and their experts, are reused.
 """
@@ -36,10 +39,11 @@ from typing import Any
 import numpy as np
 
 from elmreg.api import Registry
-from elmreg.experiments.config import ExperimentConfig, TaskSpec
+from elmreg.experiments.config import ExperimentConfig, RouterSpec, TaskSpec
 from elmreg.experiments.continual import PredictionCheck, compare_predictions
 from elmreg.inference.evaluation import metric_score
 from elmreg.inference.router import exact_vote, sample_queries
+from elmreg.inference.routers import make_router
 from elmreg.registry.errors import CatalogueError, NotFoundError, UserError
 from elmreg.registry.library import SAMPLES_PER_EXPERT, sample_indices
 from elmreg.registry.outputs import check_writable_folder
@@ -554,6 +558,128 @@ class Harness:
             "seen_means": means,
         }
 
+    def run_routers(self) -> dict[str, Any]:
+        """Every configured router against the seen library: on the unseen tasks the score of the expert(s) it
+        picks (mean over tasks with its standard error, the gap to the oracle, and how much of RoE's gap it
+        closes), its routing accuracy on the seen tasks (picks the task's own expert), and its latency."""
+        unseen = [self._eval(spec, registered=False) for spec in self.config.unseen]
+        seen = [self._eval(spec, registered=True) for spec in self.config.seen]
+        if not unseen:
+            raise UserError("the routers section needs unseen tasks")
+        specs = [self._with_retriever(spec) for spec in self.config.routers]
+        # The oracle picks among exactly the experts the routers can pick: those routable at the pinned version
+        # (in a shared catalogue that can include other experiments' experts, not only this one's seen tasks).
+        candidates = self._routable_experts()
+        oracle: dict[str, float] = {}
+        for task in unseen:
+            oracle[task.name] = max(self.score(task, expert) for expert in candidates)
+        results = []
+        for spec in specs:
+            self.echo(f"    router {spec.label}")
+            rows, latencies = [], []
+            for task in unseen:
+                score, chosen, latency = self._routed_score(task, spec)
+                rows.append({"task": task.name, "score": score, "experts": chosen, "n": len(task.instances)})
+                latencies.append(latency)
+            hits = [self._routed_to_own(task, spec) for task in seen]
+            results.append(
+                {
+                    "router": spec.label,
+                    "rows": rows,
+                    "unseen_mean": round(float(np.mean([r["score"] for r in rows])), 2),
+                    "unseen_se": _mean_standard_error(rows, unseen),
+                    "seen_routing_accuracy": round(100.0 * float(np.mean(hits)), 1),
+                    "latency_ms": round(float(np.median(latencies)), 1),
+                }
+            )
+        oracle_mean = round(float(np.mean(list(oracle.values()))), 2)
+        roe = next((r for r in results if r["router"] == "roe"), None)
+        for r in results:
+            r["gap_to_oracle"] = round(oracle_mean - r["unseen_mean"], 2)
+            if roe is not None and oracle_mean > roe["unseen_mean"]:
+                # 1.0: closes RoE's whole gap to the oracle; 0: no better than RoE; negative: worse.
+                r["gap_closed_vs_roe"] = round(
+                    (r["unseen_mean"] - roe["unseen_mean"]) / (oracle_mean - roe["unseen_mean"]), 3
+                )
+        return {
+            "routers": results,
+            "oracle": {"rows": oracle, "mean": oracle_mean, "candidates": [e.name for e in candidates]},
+            "unseen_tasks": len(unseen),
+            "examples_per_task": [len(t.instances) for t in unseen],
+        }
+
+    def _routable_experts(self) -> list[Expert]:
+        """Ready experts of the experiment's kind in the library at its pinned version."""
+        version, kind = self.library_version, self.config.shared.get("kind", "lora")
+        return [
+            e
+            for e in self.registry.experts(status="ready")
+            if e.kind == kind
+            and e.library_version is not None
+            and e.library_version <= version
+            and (e.retired_at_version is None or e.retired_at_version > version)
+        ]
+
+    def _with_retriever(self, spec: RouterSpec) -> RouterSpec:
+        """A ``trained`` router without an ``embedder`` option routes with this experiment's retriever, trained
+        on the seen library (at its pinned version) the first time and reused by later runs."""
+        if spec.router != "trained" or "embedder" in spec.options:
+            return spec
+        name = f"{self.config.name}-retriever-v{self.library_version}-{self.config.fingerprint()}"
+        try:
+            self.registry.context.catalogue.get_embedder(name)
+        except NotFoundError:
+            started = time.perf_counter()
+            self.registry.train_retriever(
+                name=name, library_version=self.library_version, seed=self.config.seed
+            )
+            self.echo(f"    trained retriever {name} in {time.perf_counter() - started:.1f} s")
+        # Labelled as configured: the embedder's name is in the decisions' router options.
+        return _LabelledRouterSpec(spec.router, {**spec.options, "embedder": name}, spec.label)
+
+    def _routed_score(self, task: _Eval, spec) -> tuple[float, dict[str, int], float]:
+        """The score on ``task`` of what the router picks: one expert for the task, or one per instance (the
+        predictions of every seen expert on the task are computed once, so per-instance routing only reads
+        them). Returns the score, the experts picked (instances each) and the routing latency (ms)."""
+        options = {
+            "router": spec.router,
+            "router_options": spec.options,
+            "library_version": self.library_version,
+            "kinds": [self.config.shared.get("kind", "lora")],
+            "caller_label": f"experiment:{self.config.name}:routers",
+        }
+        targets = [e.target for e in task.instances]
+        if make_router(spec.router, spec.options).per_instance:
+            decisions = self.registry.route_each(task.instances, **options)
+            predictions, chosen = [], {}
+            for index, decision in enumerate(decisions):
+                expert = self.registry.expert(decision.chosen_expert_id)
+                predictions.append(self.predictions(task, expert)[index])
+                chosen[expert.name] = chosen.get(expert.name, 0) + 1
+            score = round(metric_score(task.metric, predictions, targets), 2)
+            return score, chosen, sum(d.latency_ms for d in decisions)
+        decision = self.registry.route(task.instances, q=min(self.config.q, len(task.instances)), **options)
+        expert = self.registry.expert(decision.chosen_expert_id)
+        return self.score(task, expert), {expert.name: len(task.instances)}, decision.latency_ms
+
+    def _routed_to_own(self, task: _Eval, spec) -> float:
+        """The share of the seen task's routing that picks its own expert (per decision, or per instance)."""
+        own = self.experts[task.name].id
+        options = {
+            "router": spec.router,
+            "router_options": spec.options,
+            "library_version": self.library_version,
+            "kinds": [self.config.shared.get("kind", "lora")],
+            "caller_label": f"experiment:{self.config.name}:routers-seen",
+        }
+        if make_router(spec.router, spec.options).per_instance:
+            decisions = self.registry.route_each(task.instances, task=task.name, **options)
+            return float(np.mean([d.chosen_expert_id == own for d in decisions]))
+        decision = self.registry.route(
+            task.instances, task=task.name, q=min(self.config.q, len(task.instances)), **options
+        )
+        return float(decision.chosen_expert_id == own)
+
     def run_ablation(self) -> dict[str, Any]:
         from elmreg.registry.embedder import load_embedder
 
@@ -602,6 +728,28 @@ class Harness:
                     }
                 )
         return {"rows": rows, "library_size": len(library), "experts": len(config.seen)}
+
+
+@dataclass(frozen=True)
+class _LabelledRouterSpec(RouterSpec):
+    """A router spec whose options were filled in by the harness, shown under the label it was configured with."""
+
+    configured_label: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.configured_label
+
+
+def _mean_standard_error(rows: list[dict[str, Any]], tasks: list[_Eval]) -> float | None:
+    """Standard error of the mean accuracy over tasks: each task's binomial standard error (in points),
+    combined as for a mean of independent estimates. None for metrics other than accuracy."""
+    if any(t.metric != "accuracy" for t in tasks):
+        return None
+    variances = [
+        r["score"] * (100.0 - r["score"]) / len(t.instances) for r, t in zip(rows, tasks, strict=True)
+    ]
+    return round(float(np.sqrt(sum(variances))) / len(tasks), 2)
 
 
 def _means(rows: list[dict[str, Any]], columns) -> dict[str, float]:
@@ -711,6 +859,8 @@ def run_experiment(
         result.check = check
     if "ablation" in config.sections:
         result.sections["ablation"] = timed("ablation", harness.run_ablation)
+    if "routers" in config.sections and config.unseen:
+        result.sections["routers"] = timed("routers", harness.run_routers)
     result.seconds["total"] = round(time.perf_counter() - started, 1)
     result.provenance["mt_expert"] = harness.mt.name if harness.mt else None
     result.provenance["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -15,6 +15,7 @@ SECTION_TITLES = {
     "continual": "3. Continual learning: adding new tasks",
     "unseen": "4. Unseen (held-out) tasks",
     "ablation": "5. Retriever ablation (text format x embedder)",
+    "routers": "6. Routers on unseen tasks",
 }
 
 

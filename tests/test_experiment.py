@@ -33,6 +33,13 @@ def tiny_config(**overrides):
             "seen": ["bigbench:colours", "bigbench:moods"],
             "new": ["bigbench:sizes/small_things"],
             "unseen": ["bigbench:sizes/big_things", "bigbench:echo"],
+            "routers": [
+                "roe",
+                {"router": "roe-knn", "options": {"top_k": 2}},
+                "centroid",
+                "per-instance",
+                "trained",
+            ],
             **overrides,
         },
         source="test",
@@ -41,7 +48,7 @@ def tiny_config(**overrides):
 
 def test_harness_runs_every_section_and_the_library_keeps_old_predictions(lab, tmp_path):
     result = run_experiment(lab, tiny_config(), out_dir=tmp_path / "out")
-    assert set(result.sections) == {"routing", "multitask", "continual", "unseen", "ablation"}
+    assert set(result.sections) == {"routing", "multitask", "continual", "unseen", "ablation", "routers"}
     assert result.passed and result.check.identical and result.check.compared > 0
 
     routing = result.sections["routing"]
@@ -61,6 +68,21 @@ def test_harness_runs_every_section_and_the_library_keeps_old_predictions(lab, t
     assert unseen["best_single_expert"] in {"colours", "moods"}
     formats = {(r["embedder"], r["format"]) for r in result.sections["ablation"]["rows"]}
     assert {f for _, f in formats} == {"both", "instance", "choices"}
+    routers = result.sections["routers"]
+    by_router = {r["router"]: r for r in routers["routers"]}
+    assert set(by_router) == {"roe", "roe-knn(top_k=2)", "centroid", "per-instance", "trained"}
+    oracle = routers["oracle"]["rows"]
+    for label, r in by_router.items():
+        assert [row["task"] for row in r["rows"]] == ["sizes.big_things", "echo"]
+        assert [sum(row["experts"].values()) for row in r["rows"]] == [row["n"] for row in r["rows"]], r[
+            "rows"
+        ]
+        assert 0 <= r["seen_routing_accuracy"] <= 100 and r["latency_ms"] > 0
+        assert r["unseen_se"] is None  # echo is scored by ROUGE-L: no binomial standard error
+        if label != "per-instance":  # one seen expert per task: never above the best seen expert
+            assert all(row["score"] <= oracle[row["task"]] for row in r["rows"])
+            assert all(len(row["experts"]) == 1 for row in r["rows"])
+    assert by_router["roe"]["seen_routing_accuracy"] == roe_seen_accuracy(result)
 
     # Baselines are retired at once: they never take part in routing, and unseen tasks stay unregistered.
     names = {t.name for t in lab.tasks()}
@@ -105,6 +127,24 @@ def test_harness_runs_every_section_and_the_library_keeps_old_predictions(lab, t
         {**r, "decision_id": a["decision_id"]}
         for r, a in zip(routing["rows"], again.sections["routing"]["rows"], strict=True)
     ]
+
+
+def roe_seen_accuracy(result) -> float:
+    """RoE's seen-task routing accuracy as the routing section measured it (same routes, same library)."""
+    rows = result.sections["routing"]["rows"]
+    return round(100.0 * sum(r["chosen"] == r["task"] for r in rows) / len(rows), 1)
+
+
+def test_routers_section_is_opt_in_and_checked_before_running():
+    assert "routers" not in tiny_config(routers=None).sections
+    for routers, phrase in [
+        (["nope"], "unknown router 'nope'"),
+        ([{"router": "roe-knn", "options": {"top_k": 0}}], "at least 1"),
+        ([{"options": {}}], "a router is a name"),
+        (["roe", "roe"], "listed twice"),
+    ]:
+        with pytest.raises(UserError, match=phrase):
+            tiny_config(routers=routers)
 
 
 def test_a_registered_task_with_another_spec_is_not_reused(lab, tmp_path):
