@@ -637,17 +637,22 @@ class Harness:
         # Labelled as configured: the embedder's name is in the decisions' router options.
         return _LabelledRouterSpec(spec.router, {**spec.options, "embedder": name}, spec.label)
 
-    def _routed_score(self, task: _Eval, spec) -> tuple[float, dict[str, int], float]:
-        """The score on ``task`` of what the router picks: one expert for the task, or one per instance (the
-        predictions of every seen expert on the task are computed once, so per-instance routing only reads
-        them). Returns the score, the experts picked (instances each) and the routing latency (ms)."""
-        options = {
+    def _routing_options(self, spec, label: str) -> dict[str, Any]:
+        """How the routers section routes: ``spec``'s router against the pinned seen library, experts of the
+        experiment's kind only, labelled for the audit views."""
+        return {
             "router": spec.router,
             "router_options": spec.options,
             "library_version": self.library_version,
             "kinds": [self.config.shared.get("kind", "lora")],
-            "caller_label": f"experiment:{self.config.name}:routers",
+            "caller_label": f"experiment:{self.config.name}:{label}",
         }
+
+    def _routed_score(self, task: _Eval, spec) -> tuple[float, dict[str, int], float]:
+        """The score on ``task`` of what the router picks: one expert for the task, or one per instance (the
+        predictions of every seen expert on the task are computed once, so per-instance routing only reads
+        them). Returns the score, the experts picked (instances each) and the routing latency (ms)."""
+        options = self._routing_options(spec, "routers")
         targets = [e.target for e in task.instances]
         if make_router(spec.router, spec.options).per_instance:
             decisions = self.registry.route_each(task.instances, **options)
@@ -665,13 +670,7 @@ class Harness:
     def _routed_to_own(self, task: _Eval, spec) -> float:
         """The share of the seen task's routing that picks its own expert (per decision, or per instance)."""
         own = self.experts[task.name].id
-        options = {
-            "router": spec.router,
-            "router_options": spec.options,
-            "library_version": self.library_version,
-            "kinds": [self.config.shared.get("kind", "lora")],
-            "caller_label": f"experiment:{self.config.name}:routers-seen",
-        }
+        options = self._routing_options(spec, "routers-seen")
         if make_router(spec.router, spec.options).per_instance:
             decisions = self.registry.route_each(task.instances, task=task.name, **options)
             return float(np.mean([d.chosen_expert_id == own for d in decisions]))

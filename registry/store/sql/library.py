@@ -82,6 +82,17 @@ def visible_experts_clause(version_param: str = "library_version") -> str:
     )
 
 
+def routable_filters(kinds: bool, backbone: bool) -> list[str]:
+    """SQL conditions on ``experts e`` for a routing search: visible at ``:library_version``, and of ``:kinds`` /
+    on ``:backbone_id`` when those filters are given."""
+    filters = [visible_experts_clause()]
+    if kinds:
+        filters.append("e.kind = ANY(:kinds)")
+    if backbone:
+        filters.append("e.backbone_id = :backbone_id")
+    return filters
+
+
 def vector_cast(index_type: str, dimension: int) -> str:
     """The type an embedder's entries and queries are cast to for its index: ``vector(d)`` or ``halfvec(d)``."""
     if index_type not in INDEX_TYPES:
@@ -231,11 +242,7 @@ def vote_sql(
     iterative index scan (pgvector 0.8) keeps walking the graph until ``:top_k`` visible entries are found, and
     with index scans disabled the same statement is an exact search over the visible entries.
     """
-    filters = [visible_experts_clause()]
-    if kinds:
-        filters.append("e.kind = ANY(:kinds)")
-    if backbone:
-        filters.append("e.backbone_id = :backbone_id")
+    filters = routable_filters(kinds, backbone)
     cast = vector_cast(index_type, dimension)
     d = int(dimension)
     # Scores are float32 inner products even when the index compares float16 copies (halfvec).
@@ -388,6 +395,14 @@ def _recount_daily_choices_of_day(session: Session, moment: dt.datetime) -> None
             & (RoutingDecisionRow.created_at < day + text("interval '1 day'"))
         )
     )
+
+
+def _tallies(votes: Sequence[RoutingVote], names: dict[int, str]) -> list[ExpertTally]:
+    """One unweighted tally per expert that got a vote, by expert id (the router ranks them)."""
+    scores: dict[int, list[float]] = {}
+    for v in votes:
+        scores.setdefault(v.expert_id, []).append(v.score)
+    return [ExpertTally(e, names[e], len(s), float(sum(s))) for e, s in sorted(scores.items())]
 
 
 def _margin(chosen_expert_id: int | None, votes: Sequence[RoutingVote]) -> dict[str, int | None]:
@@ -626,11 +641,7 @@ class SqlLibraryStore(LibraryStore):
                     select(ExpertRow.id, ExpertRow.name).where(ExpertRow.id.in_({v.expert_id for v in votes}))
                 ).all()
             )
-        counts: dict[int, list[float]] = {}
-        for v in votes:
-            counts.setdefault(v.expert_id, []).append(v.score)
-        tallies = [ExpertTally(e, names[e], len(s), float(sum(s))) for e, s in sorted(counts.items())]
-        return VoteResult(votes, tallies, scanned_past_ef_search=widened, exact_search=exact)
+        return VoteResult(votes, _tallies(votes, names), scanned_past_ef_search=widened, exact_search=exact)
 
     def centroid_vote(
         self,
@@ -642,11 +653,7 @@ class SqlLibraryStore(LibraryStore):
         kinds: Sequence[str] | None = None,
         backbone_id: int | None = None,
     ) -> VoteResult:
-        filters = [visible_experts_clause()]
-        if kinds:
-            filters.append("e.kind = ANY(:kinds)")
-        if backbone_id is not None:
-            filters.append("e.backbone_id = :backbone_id")
+        filters = routable_filters(bool(kinds), backbone_id is not None)
         with self.sessions() as session:
             d = int(records.by_key(session, EmbedderRow, embedder_id, "embedder").dimension)
             # One centroid per expert: an exact scan of a few thousand rows at most, no index needed.
@@ -683,11 +690,7 @@ class SqlLibraryStore(LibraryStore):
             rank = rank + 1 if i and rows[i - 1].query_index == r.query_index else 0
             votes.append(RoutingVote(r.query_index, rank, None, r.expert_id, float(r.score)))
             names[r.expert_id] = r.name
-        scores: dict[int, list[float]] = {}
-        for v in votes:
-            scores.setdefault(v.expert_id, []).append(v.score)
-        tallies = [ExpertTally(e, names[e], len(s), float(sum(s))) for e, s in sorted(scores.items())]
-        return VoteResult(votes, tallies)
+        return VoteResult(votes, _tallies(votes, names))
 
     def _hits(
         self,
