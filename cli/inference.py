@@ -22,6 +22,16 @@ if TYPE_CHECKING:
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
+def q_option(help: str):
+    """``--q``: how many instances a router routes on (the paper's Q)."""
+    return click.option("--q", "q", type=click.IntRange(min=1), default=32, show_default=True, help=help)
+
+
+def router_option(help: str):
+    """``--router-option NAME=VALUE`` (repeatable), parsed by ``inference.routers.parse_router_options``."""
+    return click.option("--router-option", "router_options", multiple=True, metavar="NAME=VALUE", help=help)
+
+
 def _registry(ctx: click.Context) -> Registry:
     return ctx.obj["registry"]
 
@@ -60,14 +70,7 @@ def load_instances(
 @click.option(
     "--task", help="Registered task the instances come from: its template renders raw rows; shown in audits."
 )
-@click.option(
-    "--q",
-    "q",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-    help="Instances used (a seeded sample of the input).",
-)
+@q_option("Instances used (a seeded sample of the input).")
 @click.option(
     "--router",
     type=click.Choice(router_names()),
@@ -75,13 +78,7 @@ def load_instances(
     show_default=True,
     help="Routing method ('elmreg routers' describes each).",
 )
-@click.option(
-    "--router-option",
-    "router_options",
-    multiple=True,
-    metavar="NAME=VALUE",
-    help="An option of the router, e.g. top_k=8 (repeatable).",
-)
+@router_option("An option of the router, e.g. top_k=8 (repeatable).")
 @click.option(
     "--top-k",
     type=click.IntRange(min=1),
@@ -204,21 +201,8 @@ def routers() -> None:
     type=click.Choice(router_names()),
     help="Let a router choose the expert: roe (the paper's), ..., per-instance (one expert per instance).",
 )
-@click.option(
-    "--router-option",
-    "router_options",
-    multiple=True,
-    metavar="NAME=VALUE",
-    help="An option of the --route router, e.g. top_k=8 (repeatable).",
-)
-@click.option(
-    "--q",
-    "q",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-    help="Instances the router uses to choose.",
-)
+@router_option("An option of the --route router, e.g. top_k=8 (repeatable).")
+@q_option("Instances the router uses to choose.")
 @click.option(
     "--compose",
     type=click.IntRange(min=1),
@@ -310,25 +294,12 @@ def predict(
     show_default=True,
     help=f"base, oracle, expert:<id or name>, or a router: {', '.join(router_names())} (repeatable).",
 )
-@click.option(
-    "--router-option",
-    "router_options",
-    multiple=True,
-    metavar="NAME=VALUE",
-    help="An option of the router routes, e.g. top_k=8 (repeatable; each router route must accept it).",
-)
+@router_option("An option of the router routes, e.g. top_k=8 (repeatable; each router route must accept it).")
 @click.option("--split", default="validation", show_default=True, help="Labelled split to evaluate on.")
 @click.option(
     "--limit", type=click.IntRange(min=1), help="Evaluate on at most this many examples (seeded sample)."
 )
-@click.option(
-    "--q",
-    "q",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-    help="Instances a router uses to choose.",
-)
+@q_option("Instances a router uses to choose.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def evaluate(
