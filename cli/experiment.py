@@ -63,14 +63,26 @@ def list_command(as_json: bool) -> None:
 )
 @click.option("--q", type=click.IntRange(min=1), help="Override the preset's Q (instances routed per task).")
 @click.option("--seed", type=click.IntRange(min=0), help="Override the preset's seed.")
+@click.option(
+    "--fresh",
+    is_flag=True,
+    help="Recompute every prediction instead of reusing earlier runs' (e.g. after changing elmreg's scoring).",
+)
 @click.pass_context
 def run_command(
-    ctx: click.Context, preset: str, out: Path | None, eval_limit: int | None, q: int | None, seed: int | None
+    ctx: click.Context,
+    preset: str,
+    out: Path | None,
+    eval_limit: int | None,
+    q: int | None,
+    seed: int | None,
+    fresh: bool,
 ) -> None:
     """Run PRESET (a name from 'elmreg experiment list') or CONFIG.yaml through the public API.
 
     Registers and trains the seen and new tasks (reusing those already registered with the same
-    specification), trains the multitask baseline, and writes results.md and results.json. Exits with code 1
+    specification, and the predictions of earlier runs unless --fresh), trains the multitask baseline, and
+    writes results.md and results.json. Exits with code 1
     if an old task's prediction changed after new experts joined the library.
 
     \b
@@ -89,7 +101,7 @@ def run_command(
     quiet = is_quiet(ctx)
     echo = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
     with training_progress(quiet) as hooks:
-        result = run_experiment(registry, config, out_dir=out, echo=echo, hooks=hooks)
+        result = run_experiment(registry, config, out_dir=out, echo=echo, hooks=hooks, fresh=fresh)
     for path in result.files:
         click.echo(f"wrote {path}")
     if not result.passed:

@@ -21,7 +21,8 @@ Sections (each a table in the report):
    over the same routable experts: mean score with its standard error, the share of RoE's gap to the oracle it
    closes, its seen-task routing accuracy and latency.
 
-Reruns are cheap: tasks already registered with the same specification, and their experts, are reused.
+Reruns are cheap: tasks already registered with the same specification, and their experts, are reused, and so
+are the predictions of earlier runs (``prediction_cache``; ``fresh=True`` recomputes them).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import numpy as np
 from elmreg.api import Registry
 from elmreg.experiments.config import ExperimentConfig, RouterSpec, TaskSpec
 from elmreg.experiments.continual import PredictionCheck, compare_predictions
+from elmreg.experiments.prediction_cache import PredictionCache, prediction_key
 from elmreg.inference.evaluation import metric_score
 from elmreg.inference.router import exact_vote, sample_queries
 from elmreg.inference.routers import make_router
@@ -114,11 +116,22 @@ def git_commit(root: Path = REPO_ROOT) -> str:
 class Harness:
     """Runs one experiment configuration against a registry (see the module docstring)."""
 
-    def __init__(self, registry: Registry, config: ExperimentConfig, *, echo: Echo | None = None, hooks=None):
+    def __init__(
+        self,
+        registry: Registry,
+        config: ExperimentConfig,
+        *,
+        echo: Echo | None = None,
+        hooks=None,
+        fresh: bool = False,
+    ):
         self.registry = registry
         self.config = config
         self.echo = echo or (lambda line: None)
         self.hooks = hooks
+        # Predictions of earlier runs, unless asked to recompute them (see prediction_cache).
+        self.cache = PredictionCache(registry.settings.cache_path / "experiments" / "predictions")
+        self.use_cache = not fresh
         self._predictions: dict[tuple[str, int | None, int | None], list[str]] = {}
         self._evals: dict[tuple[str, int | None], _Eval] = {}
         self.experts: dict[str, Expert] = {}  # seen and new task name -> its expert
@@ -246,6 +259,10 @@ class Harness:
     def predictions(self, task: _Eval, expert: Expert | None, *, fresh: bool = False) -> list[str]:
         """The predictions of ``expert`` (None: the base backbone) on the task's evaluation instances."""
         key = (task.name, task.limit, expert.id if expert else None)
+        if not fresh and key not in self._predictions and self.use_cache:
+            stored = self.cache.get(self._disk_key(task, expert), len(task.instances))
+            if stored is not None:
+                self._predictions[key] = stored
         if fresh or key not in self._predictions:
             started = time.perf_counter()
             answered = self.registry.predict(
@@ -254,11 +271,15 @@ class Harness:
                 task=None if expert else self.config.seen[0].name,  # the base backbone of the experiment
             )
             self._predictions[key] = [a["prediction"] for a in answered]
+            self.cache.put(self._disk_key(task, expert), self._predictions[key])
             self.echo(
                 f"    {task.name} x {expert.name if expert else 'base'}: "
                 f"{len(task.instances)} answered in {time.perf_counter() - started:.1f} s"
             )
         return self._predictions[key]
+
+    def _disk_key(self, task: _Eval, expert: Expert | None) -> str:
+        return prediction_key(expert, self.config.seen[0].name, task.instances)
 
     def score(self, task: _Eval, expert: Expert | None) -> float:
         predictions = self.predictions(task, expert)
@@ -823,14 +844,16 @@ def run_experiment(
     out_dir: Path | None = None,
     echo: Echo | None = None,
     hooks=None,
+    fresh: bool = False,
 ) -> ExperimentResult:
     """Run every section of ``config`` and write ``results.json`` and ``results.md`` to ``out_dir``
-    (default: HOME/experiments/<name>/). A failed continual check is recorded, not raised: see ``passed``."""
+    (default: HOME/experiments/<name>/). A failed continual check is recorded, not raised: see ``passed``.
+    Predictions of earlier runs (same expert weights, same instances) are reused unless ``fresh``."""
     from elmreg.experiments.report import write_results
 
     echo = echo or (lambda line: None)
     out = check_writable_folder(out_dir or registry.settings.home / "experiments" / config.name)
-    harness = Harness(registry, config, echo=echo, hooks=hooks)
+    harness = Harness(registry, config, echo=echo, hooks=hooks, fresh=fresh)
     result = ExperimentResult(provenance(registry, config))
     started = time.perf_counter()
 
