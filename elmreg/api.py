@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,21 @@ class Registry:
             load_catalogued_embedder(self.context, embedder),
             source_embedder=source or self.settings.embedder,
         )
+
+    def reindex(self, embedder: str | None = None):
+        """Rebuild an embedder's HNSW index (default: the configured embedder's) with the current ``library_*``
+        settings (index type, m, ef_construction, build memory and workers): settings changed after an index was
+        built apply from then on. Routing keeps answering meanwhile, by exact scan, with the same decisions.
+
+        Returns:
+            ``(storage before, storage after, seconds)`` (``LibraryStorage``: entries, sizes, index type).
+        """
+        record = self.context.catalogue.get_embedder(embedder or self.settings.embedder)
+        library = self.context.library
+        before = library.storage(record.id)
+        started = time.perf_counter()
+        library.build_index(record.id, record.dimension)
+        return before, library.storage(record.id), time.perf_counter() - started
 
     def train_retriever(
         self,
@@ -238,7 +254,13 @@ class Registry:
         from elmreg.inference.router import Router
 
         if self._router is None:
-            self._router = Router(self.context)
+            # In-model routers (Arrow) run on this registry's adapter pool of the backbone.
+            self._router = Router(
+                self.context,
+                pool_for=lambda backbone_id: self._pool(
+                    self.context.catalogue.get_backbone(backbone_id).name
+                ),
+            )
         return self._router
 
     def route(self, instances, *, task: int | str | None = None, router: str = "roe", **options: Any):
@@ -328,6 +350,11 @@ class Registry:
             from elmreg.inference.routers import make_router
 
             method = make_router(route, router_options)
+            if method.in_model:
+                decision = self.route(
+                    instances, task=task, q=min(q, len(instances)), router=method, caller_label="predict"
+                )
+                return self.predict_mixture(instances, decision)
             if method.per_instance:
                 decisions = self.route_each(instances, task=task, router=method, caller_label="predict")
                 rows = self.predict_each(
@@ -358,6 +385,27 @@ class Registry:
                 "prediction": p,
                 "expert": chosen.name if chosen else None,
                 "decision_id": decision_id,
+            }
+            for i, p in zip(instances, predictions, strict=True)
+        ]
+
+    def predict_mixture(self, instances, decision) -> list[dict[str, Any]]:
+        """Answer instances as an in-model router's ``decision`` (e.g. ``route(..., router="arrow")``) routed them:
+        with its mixture of experts, token by token. ``expert`` in each row is the expert with the most routing
+        mass (the decision's choice); ``mixture`` names them all."""
+        from elmreg.inference.arrow import answer_mixture
+
+        expert = self.expert(decision.chosen_expert_id)
+        pool = self._pool(self.context.catalogue.get_backbone(expert.backbone_id).name)
+        predictions = answer_mixture(pool, self.context.catalogue, decision, instances)
+        mixture = [t.expert_name for t in decision.tallies]
+        return [
+            {
+                "input": i.input,
+                "prediction": p,
+                "expert": expert.name,
+                "mixture": mixture,
+                "decision_id": decision.decision_id,
             }
             for i, p in zip(instances, predictions, strict=True)
         ]

@@ -42,7 +42,12 @@ import numpy as np
 from elmreg.api import Registry
 from elmreg.experiments.config import ExperimentConfig, RouterSpec, TaskSpec
 from elmreg.experiments.continual import PredictionCheck, compare_predictions
-from elmreg.experiments.prediction_cache import PredictionCache, prediction_key
+from elmreg.experiments.prediction_cache import (
+    PredictionCache,
+    answering,
+    mixture_answering,
+    prediction_key,
+)
 from elmreg.inference.evaluation import metric_score
 from elmreg.inference.router import exact_vote, sample_queries
 from elmreg.inference.routers import make_router
@@ -136,6 +141,8 @@ class Harness:
         self._evals: dict[tuple[str, int | None], _Eval] = {}
         self.experts: dict[str, Expert] = {}  # seen and new task name -> its expert
         self.mt: Expert | None = None
+        # The MT adapter trained for only as many optimiser steps as one expert (claim 2 at equal steps).
+        self.mt_equal_steps: Expert | None = None
         self.library_version: int | None = None  # the seen library, before the new tasks joined
         self.fresh_continual = False
 
@@ -224,6 +231,16 @@ class Harness:
             for e in examples
         ]
 
+    def _expert_steps(self) -> int:
+        """The optimiser steps one seen expert took (the most of any, if K differs between tasks)."""
+        steps = [int(e.metrics["steps"]) for e in self.experts.values() if "steps" in e.metrics]
+        if steps:
+            return max(steps)
+        # Experts without recorded steps: the schedule says it (ceil(K / batch size) x epochs).
+        training = self._mt_training()
+        largest = max(len(self._training_rows(spec.name)) for spec in self.config.seen)
+        return -(-largest // int(training.get("batch_size", 8))) * int(training.get("epochs", 5))
+
     def _mt_training(self) -> dict[str, Any]:
         # The MT adapter is of the same kind and size as an expert: the seen tasks' shared training options.
         return dict(self.config.shared.get("training", {}))
@@ -279,7 +296,7 @@ class Harness:
         return self._predictions[key]
 
     def _disk_key(self, task: _Eval, expert: Expert | None) -> str:
-        return prediction_key(expert, self.config.seen[0].name, task.instances)
+        return prediction_key(answering(expert, self.config.seen[0].name), task.instances)
 
     def score(self, task: _Eval, expert: Expert | None) -> float:
         predictions = self.predictions(task, expert)
@@ -319,6 +336,15 @@ class Harness:
             self.echo(f"Multitask baseline: one adapter on the union of {len(rows)} examples")
             self.mt = self._derived_task(
                 f"{config.name}.mt-{config.fingerprint()}", rows, training=self._mt_training()
+            )
+        if "multitask" in config.sections:
+            rows = [row for spec in config.seen for row in self._training_rows(spec.name)]
+            steps = self._expert_steps()
+            self.echo(f"Multitask baseline at one expert's budget: {steps} optimiser steps on the same union")
+            self.mt_equal_steps = self._derived_task(
+                f"{config.name}.mt-steps{steps}-{config.fingerprint()}",
+                rows,
+                training={**self._mt_training(), "max_steps": steps},
             )
         # Routing before the new tasks joined: the earliest library version at which they were all absent.
         new_versions = [
@@ -394,12 +420,15 @@ class Harness:
                     roe_expert=roe.name,
                     oracle=scores[oracle_name],
                     oracle_expert=oracle_name,
+                    mt_equal_steps=self.score(task, self.mt_equal_steps),
                 )
             )
+        mt_steps = self.mt.metrics.get("steps") if self.mt else None
         return {
             "rows": rows,
-            "mean": _means(rows, ("base", "mt", "own_expert", "roe", "oracle")),
+            "mean": _means(rows, ("base", "mt", "own_expert", "roe", "oracle", "mt_equal_steps")),
             "matrix": matrix,
+            "steps": {"expert": self._expert_steps(), "mt": mt_steps},
         }
 
     def _comparison_row(self, name: str, task: _Eval, **columns: Any) -> dict[str, Any]:
@@ -672,10 +701,20 @@ class Harness:
     def _routed_score(self, task: _Eval, spec) -> tuple[float, dict[str, int], float]:
         """The score on ``task`` of what the router picks: one expert for the task, or one per instance (the
         predictions of every seen expert on the task are computed once, so per-instance routing only reads
-        them). Returns the score, the experts picked (instances each) and the routing latency (ms)."""
+        them), or an in-model router's mixture. Returns the score, the experts picked (instances each; for a
+        mixture, each expert's share of the routing mass) and the routing latency (ms)."""
         options = self._routing_options(spec, "routers")
         targets = [e.target for e in task.instances]
-        if make_router(spec.router, spec.options).per_instance:
+        method = make_router(spec.router, spec.options)
+        if method.in_model:
+            decision = self.registry.route(
+                task.instances, q=min(self.config.q, len(task.instances)), **options
+            )
+            predictions = self._mixture_predictions(task, decision)
+            # Each expert's share of the routing mass (the answers come from the whole mixture).
+            shares = {t.expert_name: round(t.strength / decision.q, 3) for t in decision.tallies}
+            return round(metric_score(task.metric, predictions, targets), 2), shares, decision.latency_ms
+        if method.per_instance:
             decisions = self.registry.route_each(task.instances, **options)
             predictions, chosen = [], {}
             for index, decision in enumerate(decisions):
@@ -687,6 +726,22 @@ class Harness:
         decision = self.registry.route(task.instances, q=min(self.config.q, len(task.instances)), **options)
         expert = self.registry.expert(decision.chosen_expert_id)
         return self.score(task, expert), {expert.name: len(task.instances)}, decision.latency_ms
+
+    def _mixture_predictions(self, task: _Eval, decision) -> list[str]:
+        """The answers of an in-model router's mixture on ``task`` (kept on disk like any expert's)."""
+        experts = [self.registry.expert(expert_id) for expert_id in decision.mixture]
+        key = prediction_key(mixture_answering(experts, decision.router_params), task.instances)
+        stored = self.cache.get(key, len(task.instances)) if self.use_cache else None
+        if stored is not None:
+            return stored
+        started = time.perf_counter()
+        predictions = [row["prediction"] for row in self.registry.predict_mixture(task.instances, decision)]
+        self.echo(
+            f"    {task.name} x {decision.router} mixture of {len(experts)}: "
+            f"{len(task.instances)} answered in {time.perf_counter() - started:.1f} s"
+        )
+        self.cache.put(key, predictions)
+        return predictions
 
     def _routed_to_own(self, task: _Eval, spec) -> float:
         """The share of the seen task's routing that picks its own expert (per decision, or per instance)."""

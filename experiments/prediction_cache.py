@@ -21,13 +21,20 @@ from elmreg.registry.store.entities import Expert
 FORMAT = 1
 
 
-def prediction_key(expert: Expert | None, base_task: str, instances: list[PromptedExample]) -> str:
-    """The cache key of ``expert``'s (None: the base backbone of ``base_task``'s) predictions on ``instances``."""
-    answering = (
-        {"expert": expert.id, "sha256": expert.artifact.sha256 if expert.artifact else None}
-        if expert is not None
-        else {"base_of_task": base_task}
-    )
+def answering(expert: Expert | None, base_task: str) -> dict[str, Any]:
+    """What answers: ``expert``'s verified weights, or (None) the base backbone of ``base_task``."""
+    if expert is None:
+        return {"base_of_task": base_task}
+    return {"expert": expert.id, "sha256": expert.artifact.sha256 if expert.artifact else None}
+
+
+def mixture_answering(experts: list[Expert], options: dict[str, Any]) -> dict[str, Any]:
+    """What answers for an in-model router: its experts' weights, mixed with ``options``."""
+    return {"mixture": [answering(e, "") for e in experts], "options": options}
+
+
+def prediction_key(answering: dict[str, Any], instances: list[PromptedExample]) -> str:
+    """The cache key of the predictions of ``answering`` (see :func:`answering`) on ``instances``."""
     payload = {
         "format": FORMAT,
         "answering": answering,

@@ -113,7 +113,7 @@ class Evaluator:
     @property
     def router(self) -> Router:
         if self._router is None:
-            self._router = Router(self.context)
+            self._router = Router(self.context, pool_for=lambda backbone_id: self.pool)
         return self._router
 
     def _predictions(
@@ -199,6 +199,9 @@ class Evaluator:
             if method.per_instance:
                 score, per_instance = self._score_per_instance(data, method, label)
                 details |= per_instance
+            elif method.in_model:
+                score, mixed = self._score_mixture(data, method, q, label)
+                details |= mixed
             else:
                 decision = self.router.route(
                     data.examples,
@@ -237,6 +240,25 @@ class Evaluator:
             evaluation_id=evaluation_id,
             details=details,
         )
+
+    def _score_mixture(self, data: EvaluationData, method, q: int, label: str) -> tuple[float, dict]:
+        """Every example answered by the mixture an in-model router (Arrow) routed Q of them to."""
+        from elmreg.inference.arrow import answer_mixture
+
+        decision = self.router.route(
+            data.examples,
+            q=min(q, len(data.examples)),
+            router=method,
+            task_id=data.task_id,
+            backbone_id=data.backbone_id,
+            caller_label=label,
+        )
+        predictions = answer_mixture(
+            self.pool, self.context.catalogue, decision, data.examples, task_type=data.task_type
+        )
+        score = metric_score(data.metric, predictions, [e.target for e in data.examples])
+        mass = {t.expert_name: round(t.strength, 3) for t in decision.tallies}
+        return score, {"decision_id": decision.decision_id, "mass": mass}
 
     def _score_per_instance(self, data: EvaluationData, method, label: str) -> tuple[float, dict]:
         """Each example answered by the expert routed for it alone; one metric over all the answers."""

@@ -23,7 +23,7 @@ from elmreg.experts import get_loader, load_adapter, load_expert, unload_expert
 from elmreg.registry.backbones import Backbone
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.errors import UserError
-from elmreg.registry.kinds import get_expert_kind, weights_kind
+from elmreg.registry.kinds import LORA, get_expert_kind, weights_kind
 from elmreg.registry.store.entities import Expert
 
 # PEFT's adapter name for "no adapter" in a mixed batch.
@@ -157,6 +157,48 @@ class AdapterPool:
         for expert in distinct:
             self._adapter_model(expert)  # loads it (verified) and marks it most recently used
         yield self._peft, {e.id: self._adapters[e.id] for e in distinct}
+
+    @contextmanager
+    def use_arrow(self, experts: Sequence[Expert], *, top_k: int, temperature: float) -> Iterator[PeftModel]:
+        """The backbone with exactly ``experts`` (LoRA, one rank and one set of target modules) under PEFT's Arrow
+        router (``inference.arrow``): every token mixes its ``top_k`` best-aligned experts. Afterwards the pool
+        is empty again: an Arrow layer mixes every adapter resident in it, so nothing else may be."""
+        from peft import ArrowConfig, LoraConfig
+        from peft.tuners.lora.arrow import check_loaded_lora_compatibility_arrow
+
+        from elmreg.inference.arrow import ARROW_ADAPTER
+
+        for expert in experts:
+            if weights_kind(expert) != LORA.name:
+                raise UserError(
+                    f"router arrow mixes LoRA experts only; {expert.name} is of kind {expert.kind}"
+                )
+        self.release()
+        self.backbone.hold(self.release)
+        capacity, self.capacity = self.capacity, max(self.capacity, len(experts))
+        try:
+            for expert in experts:
+                self._adapter_model(expert)
+            names = [self._adapters[e.id] for e in experts]
+            try:
+                target_modules, rank = check_loaded_lora_compatibility_arrow(self._peft, adapter_names=names)
+            except ValueError as error:
+                raise UserError(f"router arrow needs LoRA experts of one shape: {error}") from None
+            config = ArrowConfig(
+                top_k=min(top_k, len(experts)),
+                router_temperature=temperature,
+                rng_seed=0,  # the prototypes' power iteration starts from a seeded vector: decisions repeat
+            )
+            config.task_adapter_names, config.gks_adapter_names = names, []  # not init fields in PEFT
+            self._peft.add_adapter(
+                ARROW_ADAPTER, LoraConfig(arrow_config=config, target_modules=target_modules, r=rank)
+            )
+            self._peft.set_adapter(ARROW_ADAPTER)
+            self._peft.eval()
+            yield self._peft
+        finally:
+            self.capacity = capacity
+            self.release()
 
     @property
     def resident(self) -> list[int]:

@@ -54,8 +54,10 @@ class RoutingDecision:
     votes: list[RoutingVote] = field(default_factory=list)
     router: str = "roe"
     router_params: dict[str, Any] = field(default_factory=dict)
-    # The embedder that embedded the queries and whose library entries were searched.
+    # The embedder that embedded the queries and whose library entries were searched (None: an in-model router).
     embedder: str | None = None
+    # An in-model router's experts, mixed inside the model for the answers (ids); empty for the others.
+    mixture: tuple[int, ...] = ()
 
     @property
     def margin(self) -> int:
@@ -113,11 +115,18 @@ def _search_details(result: VoteResult, ef_search: int) -> dict:
     return details
 
 
+# The adapter pool of a backbone (by id): what in-model routers run on.
+PoolFor = Callable[[int], Any]
+
+# Arrow's routing mass below this share is not recorded as a vote (it would be hundreds of empty rows).
+MIN_RECORDED_MASS = 1e-3
+
+
 class Router:
     """Routes instances to experts with any registered routing method (RoE by default), and records each decision
     with its method's name and options. Queries are embedded with the registry's embedder (loaded once), or with
     the one a method names (``RoutingMethod.embedder_name``, e.g. a trained retriever), loaded on first use and
-    kept."""
+    kept. In-model methods (Arrow) run on the adapter pool ``pool_for`` gives for the backbone."""
 
     def __init__(
         self,
@@ -125,8 +134,10 @@ class Router:
         embedder: Embedder | None = None,
         *,
         ef_search: int | None = None,
+        pool_for: PoolFor | None = None,
     ):
         self.context = context
+        self.pool_for = pool_for
         self.embedder = embedder or load_embedder(context.settings.embedder)
         self.ef_search = ef_search if ef_search is not None else context.settings.routing_ef_search
         self._embedders: dict[str, Embedder] = {self.embedder.name: self.embedder}
@@ -196,6 +207,9 @@ class Router:
             )
         queries = sample_queries(queries, q, seed=seed)
         version = self._version(library_version)
+        if method.in_model:
+            facts = _DecisionFacts(method, None, version, kinds, backbone_id, caller_label, task_id)
+            return self._route_in_model(facts, queries, record=record, recorder=recorder)
         embedder = self.embedder_for(method)
         started = time.perf_counter()
         vectors = self.embed_queries(queries, embedder)
@@ -263,6 +277,56 @@ class Router:
             decisions.append(facts.decision(decision_id, 1, latency_ms, tallies, votes))
         return decisions
 
+    def _route_in_model(
+        self,
+        facts: _DecisionFacts,
+        queries: Sequence[PromptedExample | str],
+        *,
+        record: bool,
+        recorder: Recorder | None,
+    ) -> RoutingDecision:
+        """Arrow: the backbone runs the queries with every visible LoRA expert mixed in; each (query, expert)
+        share of the routing mass is a weighted vote, and the expert with the most mass is the choice."""
+        from elmreg.inference.arrow import arrow_experts, routing_mass
+
+        if self.pool_for is None:
+            raise UserError(
+                f"router {facts.method.name} runs the backbone: route through elmreg.Registry or an Evaluator"
+            )
+        if any(isinstance(query, str) for query in queries):
+            raise UserError(f"router {facts.method.name} needs prompted instances, not library texts")
+        backbone_id = facts.backbone_id
+        if backbone_id is None:
+            backbone_id = self.context.catalogue.get_backbone(self.context.settings.backbone).id
+        facts = replace(facts, backbone_id=backbone_id)
+        experts = arrow_experts(
+            self.context.catalogue, library_version=facts.version, backbone_id=backbone_id, kinds=facts.kinds
+        )
+        pool = self.pool_for(backbone_id)
+        loading = time.perf_counter()
+        options = facts.method.options
+        with pool.use_arrow(experts, top_k=options["top_k"], temperature=options["temperature"]) as model:
+            started = time.perf_counter()
+            mass = routing_mass(model, pool.backbone, queries)
+            latency_ms = (time.perf_counter() - started) * 1000
+        load_ms = (started - loading) * 1000
+        votes = [
+            RoutingVote(index, rank, None, experts[e].id, float(row[e]), float(row[e]))
+            for index, row in enumerate(mass)
+            for rank, e in enumerate(np.argsort(-row, kind="stable"))
+            if row[e] >= MIN_RECORDED_MASS
+        ]
+        result = VoteResult(votes, [ExpertTally(e.id, e.name, 0, 0.0) for e in experts])
+        votes, tallies = facts.method.tally(result)
+        mixture = tuple(e.id for e in experts)
+        details = {"mixture": list(mixture), "load_ms": round(load_ms, 1)}
+        decision_id = (
+            self._record(facts, result, votes, tallies, len(queries), latency_ms, recorder, details)
+            if record
+            else None
+        )
+        return replace(facts.decision(decision_id, len(queries), latency_ms, tallies, votes), mixture=mixture)
+
     def _method(
         self, router: str | RoutingMethod, options: Mapping[str, Any] | None, top_k: int | None
     ) -> RoutingMethod:
@@ -309,12 +373,15 @@ class Router:
         q: int,
         latency_ms: float,
         recorder: Recorder | None,
+        details: dict | None = None,
     ) -> int:
-        embedder = self.context.catalogue.get_or_create_embedder(
-            facts.embedder.name, facts.embedder.dimension
+        embedder_id = (
+            self.context.catalogue.get_or_create_embedder(facts.embedder.name, facts.embedder.dimension).id
+            if facts.embedder is not None
+            else None
         )
         record = RoutingDecisionRecord(
-            embedder_id=embedder.id,
+            embedder_id=embedder_id,
             library_version=facts.version,
             q=q,
             top_k=facts.method.top_k,
@@ -324,7 +391,11 @@ class Router:
             task_id=facts.task_id,
             backbone_id=facts.backbone_id,
             kinds=tuple(facts.kinds) if facts.kinds else None,
-            details=_search_details(result, max(self.ef_search, facts.method.top_k)),
+            details=(
+                details
+                if details is not None
+                else _search_details(result, max(self.ef_search, facts.method.top_k))
+            ),
             router=facts.method.name,
             router_params=facts.method.options,
         )
@@ -336,7 +407,7 @@ class _DecisionFacts:
     """What every decision of one call shares."""
 
     method: RoutingMethod
-    embedder: Embedder
+    embedder: Embedder | None  # None: an in-model router
     version: int
     kinds: Sequence[str] | None
     backbone_id: int | None
@@ -363,5 +434,5 @@ class _DecisionFacts:
             votes=votes,
             router=self.method.name,
             router_params=dict(self.method.options),
-            embedder=self.embedder.name,
+            embedder=self.embedder.name if self.embedder is not None else None,
         )

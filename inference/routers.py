@@ -2,7 +2,8 @@
 
 Every method retrieves from the catalogue (in SQL) and turns what it found into votes with weights; the
 :class:`~elmreg.inference.router.Router` then ranks the tallies, records the decision with the method's name and
-parameters, and returns it. Adding a method is a subclass of :class:`RoutingMethod` decorated with
+parameters, and returns it. Methods that route inside the model (``in_model``: Arrow) need no library search: the
+router runs the backbone with the experts mixed and records each expert's share of the routing mass as its votes. Adding a method is a subclass of :class:`RoutingMethod` decorated with
 :func:`register_router`; the CLI's ``--router`` / ``--route`` choices, the API's ``router=`` and the experiment
 harness read this registry, so the method is available everywhere at once.
 
@@ -74,6 +75,9 @@ class RoutingMethod(ABC):
     params: ClassVar[tuple[RouterParam, ...]] = ()
     # True: every instance is routed on its own (Q=1) and answered by its own expert.
     per_instance: ClassVar[bool] = False
+    # True: the method routes inside the model (token by token, no library search) and answers with a mixture
+    # of experts; the Router runs the backbone for it (inference.arrow) instead of calling retrieve.
+    in_model: ClassVar[bool] = False
 
     def __init__(self, **options: Any):
         known = {p.name: p for p in self.params}
@@ -290,3 +294,22 @@ class PerInstance(RoutingMethod):
 
     def embedder_name(self, catalogue: CatalogueStore) -> str | None:
         return self.base.embedder_name(catalogue)
+
+
+@register_router
+class ArrowRouting(RoutingMethod):
+    name = "arrow"
+    summary = (
+        "PEFT's Arrow: the library's LoRA experts mixed token by token inside the model, by each adapter's top "
+        "singular direction (no library samples)"
+    )
+    params = (
+        RouterParam("top_k", int, 3, "Experts mixed per token at each layer.", minimum=1),
+        RouterParam(
+            "temperature", float, 1.0, "Softmax temperature of the mixing coefficients.", minimum=1e-6
+        ),
+    )
+    in_model = True
+
+    def retrieve(self, retrieval: Retrieval, vectors: np.ndarray) -> VoteResult:
+        raise UserError("router arrow routes inside the model, not by library search")

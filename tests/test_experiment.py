@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,16 @@ from elmreg.cli.main import cli
 from elmreg.experiments import compare_predictions, list_presets, load_config
 from elmreg.experiments.config import config_from_mapping
 from elmreg.experiments.harness import ExperimentResult, run_experiment
+from elmreg.experiments.prediction_cache import (
+    PredictionCache,
+    answering,
+    mixture_answering,
+    prediction_key,
+)
 from elmreg.experiments.report import SECTION_TITLES, markdown
 from elmreg.registry.errors import ConfigurationError, UserError
+from elmreg.registry.prompts import PromptedExample
+from elmreg.registry.store.entities import Expert, StoredArtifact
 
 FAST = {"epochs": 1, "learning_rate": 1e-3, "batch_size": 8}
 
@@ -39,6 +48,7 @@ def tiny_config(**overrides):
                 "centroid",
                 "per-instance",
                 "trained",
+                {"router": "arrow", "options": {"top_k": 2}},
             ],
             **overrides,
         },
@@ -55,7 +65,12 @@ def test_harness_runs_every_section_and_the_library_keeps_old_predictions(lab, t
     assert routing["tasks"] == 2 and {r["task"] for r in routing["rows"]} == {"colours", "moods"}
     multitask = result.sections["multitask"]
     for row in multitask["rows"]:
-        assert row["oracle"] >= row["own_expert"] and {"base", "mt", "roe"} <= set(row)
+        assert row["oracle"] >= row["own_expert"] and {"base", "mt", "roe", "mt_equal_steps"} <= set(row)
+    # Claim 2 at equal steps: a second MT adapter stopped after as many optimiser steps as one expert took.
+    steps = multitask["steps"]
+    assert steps["expert"] == lab.expert("colours").metrics["steps"] and steps["mt"] > steps["expert"]
+    equal = lab.expert(f"tiny.mt-steps{steps['expert']}-{tiny_config().fingerprint()}")
+    assert equal.metrics["steps"] == steps["expert"] and equal.status == "retired"
     continual = result.sections["continual"]
     assert set(continual["variants"]) == {"mt_sequential", "mt_rehearsal"}
     assert (
@@ -70,15 +85,26 @@ def test_harness_runs_every_section_and_the_library_keeps_old_predictions(lab, t
     assert {f for _, f in formats} == {"both", "instance", "choices"}
     routers = result.sections["routers"]
     by_router = {r["router"]: r for r in routers["routers"]}
-    assert set(by_router) == {"roe", "roe-knn(top_k=2)", "centroid", "per-instance", "trained"}
+    assert set(by_router) == {
+        "roe",
+        "roe-knn(top_k=2)",
+        "centroid",
+        "per-instance",
+        "trained",
+        "arrow(top_k=2)",
+    }
     oracle = routers["oracle"]["rows"]
     for label, r in by_router.items():
         assert [row["task"] for row in r["rows"]] == ["sizes.big_things", "echo"]
+        assert 0 <= r["seen_routing_accuracy"] <= 100 and r["latency_ms"] > 0
+        assert r["unseen_se"] is None  # echo is scored by ROUGE-L: no binomial standard error
+        if label.startswith("arrow"):  # a mixture of both experts: each one's share of the routing mass
+            assert all(set(row["experts"]) <= {"colours", "moods"} for row in r["rows"])
+            assert all(0.99 <= sum(row["experts"].values()) <= 1.01 for row in r["rows"]), r["rows"]
+            continue
         assert [sum(row["experts"].values()) for row in r["rows"]] == [row["n"] for row in r["rows"]], r[
             "rows"
         ]
-        assert 0 <= r["seen_routing_accuracy"] <= 100 and r["latency_ms"] > 0
-        assert r["unseen_se"] is None  # echo is scored by ROUGE-L: no binomial standard error
         if label != "per-instance":  # one seen expert per task: never above the best seen expert
             assert all(row["score"] <= oracle[row["task"]] for row in r["rows"])
             assert all(len(row["experts"]) == 1 for row in r["rows"])
@@ -234,3 +260,31 @@ def test_committed_results_md_is_the_template_rendering_of_results_json():
     assert (
         markdown(json.loads((results / "results.json").read_text())) == (results / "results.md").read_text()
     )
+
+
+def test_prediction_cache_keys_on_weights_and_instances(tmp_path):
+    expert = Expert(
+        id=3, name="e", task_id=1, backbone_id=1, kind="lora", status="ready",
+        artifact=StoredArtifact("s3://b/e", "a" * 64, 10), config={}, metrics={}, library_version=1,
+        retired_at_version=None, merge_method=None, merge_params=None, created_at=None, ready_at=None,
+        retired_at=None,
+    )  # fmt: skip
+    instances = [PromptedExample("2 + 2 =", "4", ("4", "5")), PromptedExample("1 + 1 =", "2", ("2", "3"))]
+    key = prediction_key(answering(expert, "t"), instances)
+    cache = PredictionCache(tmp_path)
+    assert cache.get(key, 2) is None
+    cache.put(key, ["4", "3"])
+    assert cache.get(key, 2) == ["4", "3"]
+    assert cache.get(key, 3) is None  # a different number of instances is not these predictions
+    # Other weights, other instances, the base backbone or a mixture: other keys.
+    republished = replace(expert, artifact=StoredArtifact("s3://b/e2", "b" * 64, 10))
+    others = {
+        prediction_key(answering(republished, "t"), instances),
+        prediction_key(answering(expert, "t"), instances[:1]),
+        prediction_key(answering(None, "t"), instances),
+        prediction_key(mixture_answering([expert], {"top_k": 3}), instances),
+    }
+    assert key not in others and len(others) == 4
+    # A damaged file reads as absent (recomputed), never as predictions.
+    next(tmp_path.rglob(f"{key}.json")).write_text("{not json")
+    assert cache.get(key, 2) is None

@@ -124,6 +124,30 @@ def test_training_learns_and_load_unload_restores_the_backbone(backbone: Backbon
     assert torch.equal(_logits(backbone), logits_before)
 
 
+@pytest.mark.parametrize("backbone", ["llama"], indirect=True)
+def test_max_steps_stops_mid_epoch_where_the_full_schedule_was(backbone: Backbone, tmp_path: Path):
+    """A run stopped at max_steps is the first steps of the same run without it (same seed, same order)."""
+    trainer = get_trainer("lora")
+    options = {**FAST, "epochs": 3, "batch_size": 3}
+    full = trainer.train(backbone, EXAMPLES, trainer.make_config(options), tmp_path / "full", seed=3)
+    per_epoch = -(-len(EXAMPLES) // 3)
+    stop = per_epoch + 1  # one step into the second epoch
+    steps = []
+    short = trainer.train(
+        backbone,
+        EXAMPLES,
+        trainer.make_config({**options, "max_steps": stop}),
+        tmp_path / "short",
+        seed=3,
+        progress=lambda step, total, loss: steps.append((step, total)),
+    )
+    assert short.metrics["steps"] == stop and steps[-1] == (stop, stop)
+    assert short.metrics["loss_per_step"] == full.metrics["loss_per_step"][:stop]
+    assert len(short.metrics["loss_per_epoch"]) == 2
+    with pytest.raises(ConfigurationError, match="max_steps must be at least 1"):
+        trainer.make_config({"max_steps": 0})
+
+
 @pytest.mark.parametrize("backbone", NAMES, indirect=True)
 @pytest.mark.parametrize("kind", KINDS)
 def test_same_seed_gives_identical_weights(backbone: Backbone, kind: str, tmp_path: Path):

@@ -189,16 +189,22 @@ class ExpertTrainer(ABC):
         order_rng = random.Random(config.seed)
         batches_per_epoch = -(-len(examples) // config.batch_size)
         total_steps = batches_per_epoch * config.epochs
+        if config.max_steps is not None:
+            total_steps = min(total_steps, config.max_steps)
         step, step_losses, epoch_losses = 0, [], []
         tokens = target_tokens = 0
         started = time.perf_counter()
         model.train()
         try:
             for _ in range(config.epochs):
+                if step >= total_steps:  # max_steps reached
+                    break
                 order = list(range(len(examples)))
                 order_rng.shuffle(order)
-                epoch_total = 0.0
+                epoch_total, epoch_steps = 0.0, 0
                 for start in range(0, len(order), config.batch_size):
+                    if step >= total_steps:
+                        break
                     if should_stop is not None:
                         should_stop()
                     chosen = [examples[i] for i in order[start : start + config.batch_size]]
@@ -220,13 +226,14 @@ class ExpertTrainer(ABC):
                     value = float(loss.detach())
                     step_losses.append(round(value, 5))
                     epoch_total += value
+                    epoch_steps += 1
                     tokens += int(batch.attention_mask.sum()) + (
                         int((batch.labels != -100).sum()) if backbone.family == "seq2seq" else 0
                     )
                     target_tokens += int((batch.labels != -100).sum())
                     if progress is not None:
                         progress(step, total_steps, value)
-                epoch_losses.append(round(epoch_total / batches_per_epoch, 5))
+                epoch_losses.append(round(epoch_total / epoch_steps, 5))
         finally:
             model.eval()
         seconds = time.perf_counter() - started

@@ -18,6 +18,13 @@ class TrainingConfig:
     """Hyper-parameters common to all kinds; defaults follow the paper (5 epochs, constant LR 1e-4, AdamW)."""
 
     epochs: int = field(default=5, metadata={"help": "Passes over the task's sampled examples."})
+    max_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stop after this many optimiser steps, mid-epoch if need be (default: all the epochs). "
+            "For budgets compared at equal steps, e.g. a multitask adapter trained as long as one expert."
+        },
+    )
     learning_rate: float = field(default=1e-4, metadata={"help": "Constant AdamW learning rate."})
     batch_size: int = field(default=8, metadata={"help": "Examples per optimiser step."})
     max_source_length: int = field(
@@ -41,6 +48,8 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ConfigurationError(f"epochs must be at least 1, got {self.epochs}")
+        if self.max_steps is not None and (isinstance(self.max_steps, bool) or self.max_steps < 1):
+            raise ConfigurationError(f"max_steps must be at least 1, got {self.max_steps}")
         if not 0 < self.learning_rate < 1:
             raise ConfigurationError(f"learning_rate must be in (0, 1), got {self.learning_rate}")
         if self.batch_size < 1:

@@ -196,7 +196,7 @@ class ExpertTally:
 class RoutingDecisionRecord:
     """What ``routing_decisions`` keeps about one decision (its votes go to ``routing_votes``)."""
 
-    embedder_id: int
+    embedder_id: int | None  # None: an in-model router (Arrow), which searches no library
     library_version: int
     q: int
     top_k: int
@@ -302,6 +302,10 @@ class LibrarySearchOptions:
     # Memory and parallel workers for an HNSW build.
     build_memory: str = "2GB"
     build_workers: int = 2
+    # The HNSW graph: links per node and candidate list while building (pgvector's m and ef_construction).
+    # Larger is a better graph (recall at the same ef_search) for a slower build and a larger index.
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 64
 
 
 @dataclass(frozen=True)

@@ -263,7 +263,7 @@ class RoutingDecisionRow(Base):
     created_at: Mapped[dt.datetime] = _now()
     caller_label: Mapped[str | None] = mapped_column(String(200), index=True)
     task_id: Mapped[int | None] = mapped_column(ForeignKey("tasks.id"), index=True)
-    embedder_id: Mapped[int] = mapped_column(ForeignKey("embedders.id"))
+    embedder_id: Mapped[int | None] = mapped_column(ForeignKey("embedders.id"))  # None: in-model routing
     backbone_id: Mapped[int | None] = mapped_column(ForeignKey("backbones.id"))
     library_version: Mapped[int] = mapped_column(Integer)
     q: Mapped[int] = mapped_column(Integer)
