@@ -11,7 +11,9 @@ the entries) with the index dropped (``index_built_after``), then measures at th
   of the SQL vote alone for each index type, ef_search value and connection split, and end to end (embedding the
   32 query texts with the real embedder, then the vote);
 - per-query recall@1 and whether the decision (RoE's vote, same tie rule) equals exact numpy search; exact numpy
-  and FAISS HNSW (``pip install -e '.[bench]'``) in the same process as the references.
+  and FAISS HNSW (``pip install -e '.[bench]'``) in the same process as the references;
+- with ``--graphs 16:64,32:128``: other HNSW graphs (m, ef_construction), their build time, size, and latency
+  with recall at every ef_search (a second table).
 
     ELMREG_HOME=/tmp/elmreg-bench .venv/bin/python benchmarks/library_scale.py --sizes 30000,300000,1000000 \\
         --out benchmarks/results/library_scale.json
@@ -259,8 +261,58 @@ def bench_size(
         }
         print(f"   FAISS: build {build_s:.1f} s, p50 {row['faiss']['p50_ms']:.2f} ms", flush=True)
         del index
+    for m, ef_construction in args.graphs:
+        bench_graph(row, library, decisions, exact, args, m, ef_construction)
+        save(row)
     row["load_average_end"] = os.getloadavg()[0]
     return row
+
+
+def bench_graph(row: dict, library: Library, decisions, exact, args, m: int, ef_construction: int) -> None:
+    """Another HNSW graph (m, ef_construction) of ``--graph-index-type``, built with the parallel workers and
+    routed on with the default split over 2 connections at every ef_search: what a better graph buys in recall
+    per millisecond, and what it costs to build."""
+    index_type, name = args.graph_index_type, f"m={m} ef_construction={ef_construction}"
+    options = {"index_type": index_type, "hnsw_m": m, "hnsw_ef_construction": ef_construction}
+    store = store_with(library.context, **options, build_workers=args.workers, build_memory=args.build_memory)
+    started = time.perf_counter()
+    store.build_index(library.embedder.id, DIM)
+    graph = {
+        "index_type": index_type,
+        "build_s": time.perf_counter() - started,
+        "index_bytes": store.storage(library.embedder.id).index_bytes,
+        "routing": {},
+    }
+    print(f"   graph {name} ({index_type}): build {graph['build_s']:.1f} s", flush=True)
+    for ef in args.ef_search:
+        search = store_with(library.context, **options, parallel_connections=2)
+        measured = measure_sql(search, library, decisions, exact, ef)
+        graph["routing"][str(ef)] = measured
+        print(
+            f"   graph {name} ef={ef} conn=2: p50 {measured['p50_ms']:.1f} ms, recall {measured['recall']:.3f}, "
+            f"vote {measured['vote_agreement']:.3f}",
+            flush=True,
+        )
+    row.setdefault("graphs", {})[name] = graph
+
+
+def graph_table(rows: list[dict]) -> str:
+    """Per size and graph: build time, index size, and per ef_search the split-connection p50 with recall."""
+    lines = [
+        "| entries | graph | index | build (s) | index (MiB) | ef_search: p50 ms (recall@1, vote = exact) |",
+        "|---:|---|---|---:|---:|---|",
+    ]
+    for r in rows:
+        for name, g in r.get("graphs", {}).items():
+            cells = "; ".join(
+                f"{ef}: {x['p50_ms']:.0f} ({x['recall']:.3f}, {x['vote_agreement']:.0%})"
+                for ef, x in g["routing"].items()
+            )
+            lines.append(
+                f"| {r['size']:,} | {name} | {g['index_type']} | {g['build_s']:.0f} "
+                f"| {g['index_bytes'] / 2**20:,.0f} | {cells} |"
+            )
+    return "\n".join(lines)
 
 
 def _build(row: dict, index_type: str, parallel: bool = True) -> dict | None:
@@ -357,6 +409,8 @@ def report(paths: list[Path], figure_path: Path | None, ef: int) -> None:
         meta = json.loads(path.read_text())["meta"]
         print(f"{path}: PostgreSQL {meta['server']}, pgvector {meta['pgvector']}; {meta['machine']}")
     print(table(rows, ef))
+    if any(r.get("graphs") for r in rows):
+        print("\n" + graph_table(rows))
     if figure_path:
         figure(rows, figure_path, ef)
 
@@ -379,6 +433,12 @@ def main() -> None:
     parser.add_argument(
         "--faiss-max", type=int, default=10**9, help="Build the FAISS reference only up to this size."
     )
+    parser.add_argument(
+        "--graphs",
+        default="",
+        help="HNSW graphs to compare besides the default, as m:ef_construction pairs (e.g. 16:64,32:128).",
+    )
+    parser.add_argument("--graph-index-type", default="halfvec", help="Index type the --graphs are built in.")
     parser.add_argument("--no-embedder", action="store_true", help="Skip the end-to-end measurement.")
     parser.add_argument("--out", type=Path, help="Write every number as JSON here.")
     parser.add_argument("--figure", type=Path, help="Draw the growth curves here (PNG).")
@@ -390,6 +450,7 @@ def main() -> None:
     if args.report:
         return report(args.report, args.figure, args.ef_search[0])
     args.index_types = args.index_types.split(",")
+    args.graphs = [tuple(int(v) for v in pair.split(":")) for pair in args.graphs.split(",") if pair]
     try:
         import faiss
 
@@ -435,6 +496,8 @@ def main() -> None:
             rows.append(bench_size(library, size, args, faiss, router, save))
             save()
         print("\n" + table(rows, args.ef_search[0]))
+        if args.graphs:
+            print("\n" + graph_table(rows))
         if args.figure:
             figure(rows, args.figure, args.ef_search[0])
     finally:

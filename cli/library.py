@@ -258,6 +258,22 @@ def library_reembed(ctx: click.Context, embedder: str, source: str | None) -> No
     )
 
 
+@library.command("reindex")
+@click.option("--embedder", help="Whose index to rebuild (default: ELMREG_EMBEDDER).")
+@click.pass_context
+def library_reindex(ctx: click.Context, embedder: str | None) -> None:
+    """Rebuild the library's HNSW index with the current settings (ELMREG_LIBRARY_INDEX_TYPE, _HNSW_M,
+    _HNSW_EF_CONSTRUCTION, _BUILD_MEMORY, _BUILD_WORKERS); they apply only to indexes built after they changed.
+
+    Example: ELMREG_LIBRARY_HNSW_M=32 ELMREG_LIBRARY_HNSW_EF_CONSTRUCTION=128 elmreg library reindex
+    """
+    before, after, seconds = _registry(ctx).reindex(embedder)
+    click.echo(
+        f"rebuilt the index of {after.entries} entries in {seconds:.1f} s: {after.index_type}, "
+        f"{before.index_bytes / 2**20:.1f} MiB -> {after.index_bytes / 2**20:.1f} MiB"
+    )
+
+
 @library.command("train-retriever")
 @click.option("--name", help="Name of the new embedder (default: retriever-v<library version>-<UTC time>).")
 @click.option("--epochs", type=int, default=2, show_default=True, help="Passes over the library's pairs.")

@@ -245,8 +245,10 @@ def config_command() -> None:
     """
     from elmreg.registry.settings import setting_docs
 
-    for name, default, help_text in setting_docs():
-        click.echo(f"{name:<30} {default or '(empty)':<40} {help_text}")
+    docs = setting_docs()
+    width = max(len(name) for name, _, _ in docs)
+    for name, default, help_text in docs:
+        click.echo(f"{name:<{width}} {default or '(empty)':<40} {help_text}")
 
 
 for command in (catalogue.tasks, catalogue.experts, catalogue.jobs, catalogue.gc):

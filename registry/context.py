@@ -71,22 +71,26 @@ class RegistryContext:
     # -- the stores ----------------------------------------------------------------------------------------
     @cached_property
     def catalogue(self) -> CatalogueStore:
-        return SqlCatalogueStore(self._migrated, index_type=self.settings.library_index_type)
+        return SqlCatalogueStore(self._migrated, library_options=self.library_options)
+
+    @cached_property
+    def library_options(self) -> LibrarySearchOptions:
+        """How the library's index is built and searched, from the ``library_*`` / ``routing_*`` settings."""
+        s = self.settings
+        return LibrarySearchOptions(
+            index_type=s.library_index_type,
+            iterative_scan=s.routing_iterative_scan,
+            max_scan_tuples=s.routing_max_scan_tuples,
+            parallel_connections=s.routing_parallel_connections,
+            build_memory=s.library_build_memory,
+            build_workers=s.library_build_workers,
+            hnsw_m=s.library_hnsw_m,
+            hnsw_ef_construction=s.library_hnsw_ef_construction,
+        )
 
     @cached_property
     def library(self) -> LibraryStore:
-        s = self.settings
-        return SqlLibraryStore(
-            self._migrated,
-            LibrarySearchOptions(
-                index_type=s.library_index_type,
-                iterative_scan=s.routing_iterative_scan,
-                max_scan_tuples=s.routing_max_scan_tuples,
-                parallel_connections=s.routing_parallel_connections,
-                build_memory=s.library_build_memory,
-                build_workers=s.library_build_workers,
-            ),
-        )
+        return SqlLibraryStore(self._migrated, self.library_options)
 
     @cached_property
     def jobs(self) -> JobStore:

@@ -23,7 +23,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -126,6 +126,19 @@ class Settings(BaseSettings):
     library_build_workers: int = Field(
         2, ge=0, le=64, description="max_parallel_maintenance_workers for HNSW builds (0: serial)."
     )
+    library_hnsw_m: int = Field(
+        16,
+        ge=2,
+        le=100,
+        description="HNSW links per node (pgvector m); larger: better recall, slower build, larger index. "
+        "Applies to indexes built from now on ('elmreg library reindex' rebuilds).",
+    )
+    library_hnsw_ef_construction: int = Field(
+        64,
+        ge=4,
+        le=1000,
+        description="HNSW candidate list while building (pgvector ef_construction, at least 2 x m).",
+    )
 
     @field_validator("home", "cache_dir")
     @classmethod
@@ -173,6 +186,14 @@ class Settings(BaseSettings):
         if not re.fullmatch(r"\d+\s*(kB|MB|GB|TB)", value.strip()):
             raise ValueError("use a PostgreSQL memory size such as 512MB or 2GB")
         return value.strip()
+
+    @field_validator("library_hnsw_ef_construction")
+    @classmethod
+    def _graph_candidates(cls, value: int, info: ValidationInfo) -> int:
+        m = info.data.get("library_hnsw_m")
+        if m is not None and value < 2 * m:
+            raise ValueError(f"pgvector needs at least 2 x library_hnsw_m ({2 * m})")
+        return value
 
     @field_validator("log_level")
     @classmethod

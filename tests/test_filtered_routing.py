@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
+from conftest import lab_environ
+from sqlalchemy import text
 
+from elmreg.cli.main import cli
 from elmreg.inference.router import Router, rank_tallies
 from elmreg.registry.store.entities import LibraryEntry, LibrarySearchOptions, StoredArtifact
+from elmreg.registry.store.models import hnsw_index_name
 from elmreg.registry.store.sql.library import SqlLibraryStore
 
 DIM, Q, EF_SEARCH = 384, 16, 40
@@ -216,3 +221,27 @@ def test_decision_records_queries_that_scanned_past_ef_search(crowded):
         ).scalar_one()
     assert recorded["scanned_past_ef_search"] == list(range(Q))
     assert recorded["ef_search"] == EF_SEARCH
+
+
+def test_hnsw_graph_settings_apply_when_the_index_is_rebuilt(lab):
+    """m and ef_construction are settings; 'elmreg library reindex' rebuilds with them, nothing else changes."""
+    embedder = lab.context.catalogue.get_or_create_embedder(lab.settings.embedder, DIM)
+    index = hnsw_index_name(embedder.id)
+
+    def definition() -> str:
+        with lab.context.engine.begin() as c:
+            return c.scalar(text("SELECT indexdef FROM pg_indexes WHERE indexname = :i"), {"i": index})
+
+    assert "m='16'" in definition() and "ef_construction='64'" in definition()  # pgvector's defaults
+    env = {
+        **lab_environ(lab),
+        "ELMREG_LIBRARY_HNSW_M": "8",
+        "ELMREG_LIBRARY_HNSW_EF_CONSTRUCTION": "40",
+        "ELMREG_LIBRARY_INDEX_TYPE": "halfvec",
+    }
+    result = CliRunner().invoke(cli, ["library", "reindex"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "rebuilt the index of 0 entries" in result.output and "halfvec" in result.output
+    assert "m='8'" in definition() and "ef_construction='40'" in definition() and "halfvec" in definition()
+    bad = CliRunner().invoke(cli, ["library", "reindex"], env={**env, "ELMREG_LIBRARY_HNSW_M": "1"})
+    assert bad.exit_code == 2 and "Traceback" not in bad.output and "library_hnsw_m" in bad.output.lower()

@@ -20,6 +20,7 @@ from elmreg.registry.store.entities import (
     Expert,
     Job,
     LibraryEntry,
+    LibrarySearchOptions,
     Publication,
     StoredArtifact,
     Task,
@@ -47,10 +48,10 @@ from elmreg.registry.store.sql.library import (
 class SqlCatalogueStore(CatalogueStore):
     """:class:`CatalogueStore` on PostgreSQL with pgvector."""
 
-    def __init__(self, sessions: ManagedSessions, *, index_type: str = "vector"):
+    def __init__(self, sessions: ManagedSessions, *, library_options: LibrarySearchOptions | None = None):
         self.sessions = sessions
-        # The type a new embedder's HNSW index compares in (the library_index_type setting).
-        self.index_type = index_type
+        # How a new embedder's HNSW index is built (the library_* settings).
+        self.library_options = library_options or LibrarySearchOptions()
 
     # -- backbones and embedders ---------------------------------------------------------------------------
     def get_or_create_backbone(
@@ -88,7 +89,7 @@ class SqlCatalogueStore(CatalogueStore):
                 )
             if inserted is None:
                 return records.embedder(row)
-            session.execute(text(create_hnsw_index_sql(row.id, dimension, self.index_type)))
+            session.execute(text(create_hnsw_index_sql(row.id, dimension, self.library_options)))
             return records.embedder(row)
 
     def get_embedder(self, key: int | str) -> Embedder:
@@ -119,7 +120,7 @@ class SqlCatalogueStore(CatalogueStore):
             )
             session.add(row)
             session.flush()  # a concurrent insert of the same name fails here, as a unique violation
-            session.execute(text(create_hnsw_index_sql(row.id, dimension, self.index_type)))
+            session.execute(text(create_hnsw_index_sql(row.id, dimension, self.library_options)))
             return records.embedder(row)
 
     def latest_trained_embedder(self) -> Embedder | None:

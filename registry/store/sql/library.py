@@ -44,8 +44,6 @@ from elmreg.registry.store.models import (
 from elmreg.registry.store.session import ManagedSessions
 from elmreg.registry.store.sql import records
 
-# HNSW build parameters (pgvector defaults); ef_search is set per query by the router.
-_HNSW_M, _HNSW_EF_CONSTRUCTION = 16, 64
 INDEX_TYPES = ("vector", "halfvec")
 # "off": queries crowded out of their ef_search candidates go straight to an exact scan.
 ITERATIVE_SCANS = ("strict_order", "relaxed_order", "off")
@@ -102,14 +100,18 @@ def vector_cast(index_type: str, dimension: int) -> str:
     return f"{index_type}({int(dimension)})"
 
 
-def create_hnsw_index_sql(embedder_id: int, dimension: int, index_type: str = "vector") -> str:
+def create_hnsw_index_sql(
+    embedder_id: int, dimension: int, options: LibrarySearchOptions | None = None
+) -> str:
     """The embedder's HNSW index. The column has no fixed dimension; a partial expression index per embedder is
     what lets pgvector serve "ORDER BY embedding::vector(d) <#> q" for that embedder's entries. With
     ``halfvec`` the index holds float16 copies (half the size; the table keeps float32)."""
+    options = options or LibrarySearchOptions()
+    index_type = options.index_type
     return (
         f"CREATE INDEX IF NOT EXISTS {hnsw_index_name(embedder_id)} ON library_entries "
         f"USING hnsw ((embedding::{vector_cast(index_type, dimension)}) {index_type}_ip_ops) "
-        f"WITH (m = {_HNSW_M}, ef_construction = {_HNSW_EF_CONSTRUCTION}) "
+        f"WITH (m = {int(options.hnsw_m)}, ef_construction = {int(options.hnsw_ef_construction)}) "
         f"WHERE embedder_id = {int(embedder_id)}"
     )
 
@@ -518,7 +520,7 @@ class SqlLibraryStore(LibraryStore):
                 {"w": str(int(self.options.build_workers))},
             )
             session.execute(text(f"DROP INDEX IF EXISTS {hnsw_index_name(embedder_id)}"))
-            session.execute(text(create_hnsw_index_sql(embedder_id, dimension, self.options.index_type)))
+            session.execute(text(create_hnsw_index_sql(embedder_id, dimension, self.options)))
             session.execute(text("ANALYZE library_entries"))
         self._index_types[embedder_id] = self.options.index_type
 
