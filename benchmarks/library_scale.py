@@ -427,7 +427,9 @@ def main() -> None:
     )
     parser.add_argument("--build-memory", default="3GB", help="maintenance_work_mem for the builds.")
     parser.add_argument(
-        "--index-types", default="halfvec,vector", help="Index types to build and route on, vector last."
+        "--index-types",
+        default="halfvec,vector",
+        help="Index types to build and route on, vector last ('': none, only the --graphs).",
     )
     parser.add_argument("--faiss-threads", type=int, default=1, help="OpenMP threads for FAISS.")
     parser.add_argument(
@@ -449,7 +451,7 @@ def main() -> None:
     args.ef_search = [int(e) for e in args.ef_search.split(",")]
     if args.report:
         return report(args.report, args.figure, args.ef_search[0])
-    args.index_types = args.index_types.split(",")
+    args.index_types = [t for t in args.index_types.split(",") if t]  # none: only the --graphs
     args.graphs = [tuple(int(v) for v in pair.split(":")) for pair in args.graphs.split(",") if pair]
     try:
         import faiss
