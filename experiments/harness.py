@@ -623,14 +623,17 @@ class Harness:
         oracle: dict[str, float] = {}
         for task in unseen:
             oracle[task.name] = max(self.score(task, expert) for expert in candidates)
-        results = []
+        results, correct = [], {}
         for spec in specs:
             self.echo(f"    router {spec.label}")
-            rows, latencies = [], []
+            rows, latencies, correct[spec.label] = [], [], []
             for task in unseen:
-                score, chosen, latency = self._routed_score(task, spec)
+                score, chosen, latency, predictions = self._routed_score(task, spec)
                 rows.append({"task": task.name, "score": score, "experts": chosen, "n": len(task.instances)})
                 latencies.append(latency)
+                correct[spec.label].append(
+                    np.array([p == e.target for p, e in zip(predictions, task.instances, strict=True)], float)
+                )
             hits = [self._routed_to_own(task, spec) for task in seen]
             results.append(
                 {
@@ -644,8 +647,13 @@ class Harness:
             )
         oracle_mean = round(float(np.mean(list(oracle.values()))), 2)
         roe = next((r for r in results if r["router"] == "roe"), None)
+        accuracy = all(t.metric == "accuracy" for t in unseen)
         for r in results:
             r["gap_to_oracle"] = round(oracle_mean - r["unseen_mean"], 2)
+            if roe is not None and accuracy:
+                # Paired: every router answers the same examples, so its difference to RoE is measured far more
+                # precisely than the ± of each mean (which includes how hard the tasks are).
+                r["vs_roe"], r["vs_roe_se"] = _paired_difference(correct[r["router"]], correct["roe"])
             if roe is not None and oracle_mean > roe["unseen_mean"]:
                 # 1.0: closes RoE's whole gap to the oracle; 0: no better than RoE; negative: worse.
                 r["gap_closed_vs_roe"] = round(
@@ -698,11 +706,11 @@ class Harness:
             "caller_label": f"experiment:{self.config.name}:{label}",
         }
 
-    def _routed_score(self, task: _Eval, spec) -> tuple[float, dict[str, int], float]:
+    def _routed_score(self, task: _Eval, spec) -> tuple[float, dict[str, Any], float, list[str]]:
         """The score on ``task`` of what the router picks: one expert for the task, or one per instance (the
         predictions of every seen expert on the task are computed once, so per-instance routing only reads
         them), or an in-model router's mixture. Returns the score, the experts picked (instances each; for a
-        mixture, each expert's share of the routing mass) and the routing latency (ms)."""
+        mixture, each expert's share of the routing mass), the routing latency (ms) and the predictions."""
         options = self._routing_options(spec, "routers")
         targets = [e.target for e in task.instances]
         method = make_router(spec.router, spec.options)
@@ -713,7 +721,8 @@ class Harness:
             predictions = self._mixture_predictions(task, decision)
             # Each expert's share of the routing mass (the answers come from the whole mixture).
             shares = {t.expert_name: round(t.strength / decision.q, 3) for t in decision.tallies}
-            return round(metric_score(task.metric, predictions, targets), 2), shares, decision.latency_ms
+            score = round(metric_score(task.metric, predictions, targets), 2)
+            return score, shares, decision.latency_ms, predictions
         if method.per_instance:
             decisions = self.registry.route_each(task.instances, **options)
             predictions, chosen = [], {}
@@ -722,10 +731,11 @@ class Harness:
                 predictions.append(self.predictions(task, expert)[index])
                 chosen[expert.name] = chosen.get(expert.name, 0) + 1
             score = round(metric_score(task.metric, predictions, targets), 2)
-            return score, chosen, sum(d.latency_ms for d in decisions)
+            return score, chosen, sum(d.latency_ms for d in decisions), predictions
         decision = self.registry.route(task.instances, q=min(self.config.q, len(task.instances)), **options)
         expert = self.registry.expert(decision.chosen_expert_id)
-        return self.score(task, expert), {expert.name: len(task.instances)}, decision.latency_ms
+        chosen = {expert.name: len(task.instances)}
+        return self.score(task, expert), chosen, decision.latency_ms, self.predictions(task, expert)
 
     def _mixture_predictions(self, task: _Eval, decision) -> list[str]:
         """The answers of an in-model router's mixture on ``task`` (kept on disk like any expert's)."""
@@ -825,6 +835,15 @@ def _mean_standard_error(rows: list[dict[str, Any]], tasks: list[_Eval]) -> floa
         r["score"] * (100.0 - r["score"]) / len(t.instances) for r, t in zip(rows, tasks, strict=True)
     ]
     return round(float(np.sqrt(sum(variances))) / len(tasks), 2)
+
+
+def _paired_difference(router: list[np.ndarray], roe: list[np.ndarray]) -> tuple[float, float]:
+    """Mean over tasks of the router's accuracy minus RoE's on the same examples, in points, with its standard
+    error (each task's per-example differences, combined as for a mean of independent estimates)."""
+    differences = [a - b for a, b in zip(router, roe, strict=True)]
+    mean = float(np.mean([d.mean() for d in differences]))
+    variance = sum(d.var(ddof=1) / len(d) if len(d) > 1 else 0.0 for d in differences)
+    return round(100.0 * mean, 2), round(100.0 * float(np.sqrt(variance)) / len(differences), 2)
 
 
 def _means(rows: list[dict[str, Any]], columns) -> dict[str, float]:

@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import lab_environ
@@ -288,3 +289,15 @@ def test_prediction_cache_keys_on_weights_and_instances(tmp_path):
     # A damaged file reads as absent (recomputed), never as predictions.
     next(tmp_path.rglob(f"{key}.json")).write_text("{not json")
     assert cache.get(key, 2) is None
+
+
+def test_paired_difference_to_roe_is_per_example_on_the_same_examples():
+    from elmreg.experiments.harness import _paired_difference
+
+    roe = [np.array([1, 0, 1, 0], float), np.array([1, 1], float)]
+    same = _paired_difference([a.copy() for a in roe], roe)
+    assert same == (0.0, 0.0)  # identical answers: no difference and no uncertainty
+    better = [np.array([1, 1, 1, 0], float), np.array([1, 1], float)]
+    delta, se = _paired_difference(better, roe)
+    # Task 1: +25 points (one of four examples), task 2: 0; per-example differences [0, 1, 0, 0] have variance 1/4.
+    assert delta == 12.5 and se == pytest.approx(100 * np.sqrt(0.25 / 4) / 2, abs=0.01)
