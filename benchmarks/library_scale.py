@@ -346,7 +346,7 @@ def table(rows: list[dict], ef: int) -> str:
         faiss_cell = f"{f['p50_ms']:.1f} ({f['recall']:.3f}, {f['vote_agreement']:.0%})" if f else "–"
         half_size = f" (halfvec {half['index_bytes'] / 2**20:,.0f})" if half else ""
         vec_size = f"{vec['index_bytes'] / 2**20:,.0f}" if vec else "–"
-        table_size = f"{r['table_bytes'] / 2**20:,.0f}" if r["table_bytes"] else "–"
+        table_size = f"{r['table_bytes'] / 2**20:,.0f}" if r.get("table_bytes") else "–"
         lines.append(
             f"| {r['size']:,} | {r['ingest_per_s']:,.0f} | {_ms(serial, 'build_s')} / {_ms(vec, 'build_s')}, "
             f"{_ms(half, 'build_s')} | {table_size} + {vec_size}{half_size} "
@@ -408,7 +408,8 @@ def report(paths: list[Path], figure_path: Path | None, ef: int) -> None:
     for path in paths:
         meta = json.loads(path.read_text())["meta"]
         print(f"{path}: PostgreSQL {meta['server']}, pgvector {meta['pgvector']}; {meta['machine']}")
-    print(table(rows, ef))
+    if any(r.get("builds") for r in rows):
+        print(table(rows, ef))
     if any(r.get("graphs") for r in rows):
         print("\n" + graph_table(rows))
     if figure_path:
@@ -497,7 +498,8 @@ def main() -> None:
         for size in (int(s) for s in args.sizes.split(",")):
             rows.append(bench_size(library, size, args, faiss, router, save))
             save()
-        print("\n" + table(rows, args.ef_search[0]))
+        if args.index_types:
+            print("\n" + table(rows, args.ef_search[0]))
         if args.graphs:
             print("\n" + graph_table(rows))
         if args.figure:
