@@ -199,9 +199,6 @@ class Evaluator:
             if method.per_instance:
                 score, per_instance = self._score_per_instance(data, method, label)
                 details |= per_instance
-            elif method.in_model:
-                score, mixed = self._score_mixture(data, method, q, label)
-                details |= mixed
             else:
                 decision = self.router.route(
                     data.examples,
@@ -211,6 +208,10 @@ class Evaluator:
                     backbone_id=data.backbone_id,
                     caller_label=label,
                 )
+            if method.in_model:
+                score, mixed = self._score_mixture(data, decision)
+                details |= mixed
+            elif not method.per_instance:
                 expert = self.context.catalogue.get_expert(decision.chosen_expert_id)
                 details |= {"decision_id": decision.decision_id, "votes": decision.tallies[0].votes}
                 score = self._score(data, expert)
@@ -241,18 +242,11 @@ class Evaluator:
             details=details,
         )
 
-    def _score_mixture(self, data: EvaluationData, method, q: int, label: str) -> tuple[float, dict]:
-        """Every example answered by the mixture an in-model router (Arrow) routed Q of them to."""
+    def _score_mixture(self, data: EvaluationData, decision) -> tuple[float, dict]:
+        """Every example answered by the mixture an in-model router's (Arrow's) ``decision`` routed Q of them
+        to."""
         from elmreg.inference.arrow import answer_mixture
 
-        decision = self.router.route(
-            data.examples,
-            q=min(q, len(data.examples)),
-            router=method,
-            task_id=data.task_id,
-            backbone_id=data.backbone_id,
-            caller_label=label,
-        )
         predictions = answer_mixture(
             self.pool, self.context.catalogue, decision, data.examples, task_type=data.task_type
         )

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import test_routers
 import torch
 from click.testing import CliRunner
 from conftest import lab_environ
@@ -17,15 +18,8 @@ from elmreg.inference.arrow import ARROW_ADAPTER, _layer_mass, routing_mass
 from elmreg.inference.router import MIN_RECORDED_MASS, Router
 from elmreg.registry.errors import UserError
 
-FAST = {"epochs": 2, "learning_rate": 5e-3, "batch_size": 8}
-
-
-@pytest.fixture
-def trained(lab):
-    lab.add_task("bigbench:colours", max_examples=48, training=FAST)
-    lab.add_task("bigbench:moods", max_examples=48, training=FAST)
-    assert all(j.status == "succeeded" for j in lab.train())
-    return lab
+# The routers tests' fixture: two tiny LoRA experts trained on the real services.
+trained = test_routers.trained
 
 
 def _logits(model, backbone, texts):
