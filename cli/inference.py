@@ -127,25 +127,28 @@ def route(
     registry = _registry(ctx)
     options = parse_router_options(router_options)
     instances = load_instances(registry, input_file, dataset, split, task, None)
-    common = {"kinds": kinds or None, "library_version": library_version, "caller_label": label or dataset}
-    if router_class(router).per_instance:
-        if top_k is not None:
-            options.setdefault("top_k", top_k)
-        decisions = registry.route_each(instances, task=task, router=router, router_options=options, **common)
+    assignment = registry.assign(
+        instances,
+        task=task,
+        q=q,
+        router=router,
+        router_options=options,
+        top_k=top_k,
+        kinds=kinds or None,
+        library_version=library_version,
+        caller_label=label or dataset,
+    )
+    decisions = assignment.decisions
+    if len(decisions) > 1:
         if as_json:
-            return echo_json(decisions)
-        counts: dict[str, int] = {}
-        for d in decisions:
-            counts[d.chosen_expert_name] = counts.get(d.chosen_expert_name, 0) + 1
+            return echo_json(list(decisions))
         click.echo(
             f"{len(decisions)} instances routed one by one: decisions {decisions[0].decision_id}-"
             f"{decisions[-1].decision_id}, library version {decisions[0].library_version}"
         )
-        echo_table(["expert", "instances"], sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        echo_table(["expert", "instances"], list(assignment.experts_chosen().items()))
         return
-    decision = registry.route(
-        instances, task=task, q=q, router=router, router_options=options, top_k=top_k, **common
-    )
+    decision = decisions[0]
     if as_json:
         return echo_json(decision)
     click.echo(

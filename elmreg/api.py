@@ -39,6 +39,7 @@ class Registry:
         # Loaded on first use and kept: an embedder and backbones take seconds to load.
         self._router = None
         self._pools: dict[str, Any] = {}
+        self._engines: dict[str, Any] = {}
 
     @property
     def settings(self) -> Settings:
@@ -284,18 +285,34 @@ class Registry:
         task_id = self.task(task).id if task is not None else None
         return self.router().route(instances, task_id=task_id, router=router, **options)
 
-    def route_each(
-        self, instances, *, task: int | str | None = None, router: str = "per-instance", **options: Any
-    ):
-        """Route every instance on its own (Q=1): one recorded decision per instance, in input order.
+    def assign(self, instances, *, task: int | str | None = None, router: str = "roe", **options: Any):
+        """Who answers each instance, by any router: one expert for the task (RoE and the other per-task
+        routers, on Q of the instances), one per instance (``per-instance``), or a mixture (``arrow``). Every
+        decision is recorded as by :meth:`route`.
 
         Args:
-            router: ``per-instance`` (its ``base`` option picks the router applied to each instance) or any
-                other router.
-            **options: ``router_options``, ``kinds``, ``backbone_id``, ``library_version``, ``caller_label``.
+            instances: ``PromptedExample`` s (or texts in the library format, for routers that search it).
+            task: The registered task they come from, if any (shown in the audit views).
+            router: A name of ``routers()``.
+            **options: As for :meth:`route`.
+
+        Returns:
+            ``inference.assignment.Assignment``: ``answerers`` (one per instance) and ``decisions``; answer it
+            with :meth:`answer`.
+
+        Example::
+
+            assignment = registry.assign(queries, router="per-instance")
+            rows = registry.answer(queries, assignment)
         """
         task_id = self.task(task).id if task is not None else None
-        return self.router().route_each(instances, task_id=task_id, router=router, **options)
+        return self.router().assign(instances, task_id=task_id, router=router, **options)
+
+    def assignment(self, experts):
+        """An assignment that names each instance's expert (id, name or None for the base backbone)."""
+        from elmreg.inference.assignment import assign_each
+
+        return assign_each([self.expert(e) if e is not None else None for e in experts])
 
     @staticmethod
     def routers() -> dict[str, str]:
@@ -316,9 +333,9 @@ class Registry:
         compose: int | None = None,
         router_options: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:
-        """Answer instances with one expert: given (``expert``), chosen by a router (``route="roe"``, or any
-        name of ``routers()``), or none (base). ``route="per-instance"`` answers each instance with the expert
-        routed for it alone.
+        """Answer instances with one expert given (``expert``), with the experts a router assigns (``route``:
+        any name of ``routers()``; ``per-instance`` answers each instance with the expert routed for it alone,
+        ``arrow`` with its mixture), or with the base backbone (neither).
 
         With ``compose=K``, RoE's K most voted experts are merged (once; later calls reuse the merged expert)
         and the merged expert answers: for instructions that combine several tasks' skills. The decision records
@@ -327,128 +344,102 @@ class Registry:
         Classification instances (with answer choices) are rank-classified; the others get greedy generations.
 
         Returns:
-            One dict per instance: ``input``, ``prediction``, ``expert`` and (for RoE) ``decision_id``.
+            One dict per instance, as :meth:`answer` gives.
         """
-        from elmreg.inference.scoring import answer
+        from elmreg.inference.assignment import Assignment
 
         if expert is not None and route is not None:
             raise UserError("give either an expert or a route, not both")
-        chosen, decision_id = None, None
+        count = len(instances)
         if compose is not None:
             from elmreg.merging.compose import compose as compose_experts
 
             if expert is not None or route not in (None, "roe"):
                 raise UserError("compose chooses its experts by RoE: give no expert and no other route")
-            decision = self.route(
-                instances, task=task, q=min(q, len(instances)), caller_label="predict:compose"
-            )
-            chosen, decision_id = (
-                compose_experts(self.context, decision, compose).expert,
-                decision.decision_id,
-            )
+            decision = self.route(instances, task=task, q=min(q, count), caller_label="predict:compose")
+            merged = compose_experts(self.context, decision, compose).expert
+            assignment = Assignment.fixed(merged, count, decision=decision)
         elif route is not None:
-            from elmreg.inference.routers import make_router
-
-            method = make_router(route, router_options)
-            if method.in_model:
-                decision = self.route(
-                    instances, task=task, q=min(q, len(instances)), router=method, caller_label="predict"
-                )
-                return self.predict_mixture(instances, decision)
-            if method.per_instance:
-                decisions = self.route_each(instances, task=task, router=method, caller_label="predict")
-                rows = self.predict_each(
-                    instances, [d.chosen_expert_id for d in decisions], capacity=capacity
-                )
-                return [r | {"decision_id": d.decision_id} for r, d in zip(rows, decisions, strict=True)]
-            decision = self.route(
-                instances, task=task, q=min(q, len(instances)), router=method, caller_label="predict"
+            assignment = self.assign(
+                instances,
+                task=task,
+                q=min(q, count),
+                router=route,
+                router_options=router_options,
+                caller_label="predict",
             )
-            chosen, decision_id = self.expert(decision.chosen_expert_id), decision.decision_id
-        elif expert is not None:
-            chosen = self.expert(expert)
-        backbone = (
-            self.context.catalogue.get_backbone(chosen.backbone_id).name
-            if chosen
-            else (
-                self.context.catalogue.get_backbone(self.task(task).backbone_id).name
-                if task
-                else self.settings.backbone
-            )
-        )
-        pool = self._pool(backbone, capacity)
-        with pool.use(chosen) as model:
-            predictions = answer(model, pool.backbone, instances)
-        return [
-            {
-                "input": i.input,
-                "prediction": p,
-                "expert": chosen.name if chosen else None,
-                "decision_id": decision_id,
-            }
-            for i, p in zip(instances, predictions, strict=True)
-        ]
+        else:
+            assignment = Assignment.fixed(self.expert(expert) if expert is not None else None, count)
+        return self.answer(instances, assignment, task=task, capacity=capacity)
 
-    def predict_mixture(self, instances, decision) -> list[dict[str, Any]]:
-        """Answer instances as an in-model router's ``decision`` (e.g. ``route(..., router="arrow")``) routed them:
-        with its mixture of experts, token by token. ``expert`` in each row is the expert with the most routing
-        mass (the decision's choice); ``mixture`` names them all."""
-        from elmreg.inference.arrow import answer_mixture
-
-        expert = self.expert(decision.chosen_expert_id)
-        pool = self._pool(self.context.catalogue.get_backbone(expert.backbone_id).name)
-        predictions = answer_mixture(pool, self.context.catalogue, decision, instances)
-        mixture = [t.expert_name for t in decision.tallies]
-        return [
-            {
-                "input": i.input,
-                "prediction": p,
-                "expert": expert.name,
-                "mixture": mixture,
-                "decision_id": decision.decision_id,
-            }
-            for i, p in zip(instances, predictions, strict=True)
-        ]
-
-    def predict_each(
-        self, instances, experts, *, capacity: int = 4, task_type: str | None = None
+    def answer(
+        self,
+        instances,
+        assignment,
+        *,
+        task: int | str | None = None,
+        capacity: int = 4,
+        task_type: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Answer each instance with its own expert (id, name or None for the base backbone), all experts of one
-        backbone. LoRA experts share batches (PEFT mixed-adapter batches for generation), on one loaded backbone.
+        """Answer each instance by its answerer in ``assignment`` (from :meth:`assign` or :meth:`assignment`),
+        on the one engine of the experts' backbone (the task's, or the configured one, for the base backbone).
 
         Returns:
-            One dict per instance, in input order: ``input``, ``prediction``, ``expert``.
+            One dict per instance, in input order: ``input``, ``prediction``, ``expert`` (the answering expert's
+            name; for a mixture, the expert with the most routing mass; None: the base backbone),
+            ``decision_id`` (None: named by the caller), and for a mixture ``mixture`` (its experts' names, most
+            routing mass first).
 
         Raises:
             UserError: Counts differ, or the experts are on different backbones.
         """
-        from elmreg.inference.mixed import answer_each
+        from elmreg.inference.engine import answer_texts
 
-        if len(instances) != len(experts):
+        if len(instances) != len(assignment):
             raise UserError(
-                f"{len(instances)} instances but {len(experts)} experts; give one expert per instance"
+                f"{len(instances)} instances but {len(assignment)} experts; give one expert per instance"
             )
-        records = [self.expert(e) if e is not None else None for e in experts]
-        backbone_ids = {r.backbone_id for r in records if r is not None}
-        if len(backbone_ids) > 1:
-            raise UserError("the experts of one call must share a backbone; split the instances by backbone")
-        backbone = (
-            self.context.catalogue.get_backbone(backbone_ids.pop()).name
-            if backbone_ids
-            else self.settings.backbone
-        )
-        pool = self._pool(backbone, capacity)
-        predictions = answer_each(pool, instances, records, task_type=task_type)
-        return [
-            {"input": i.input, "prediction": p, "expert": r.name if r else None}
-            for i, p, r in zip(instances, predictions, records, strict=True)
-        ]
+        backbone_id = assignment.backbone_id()
+        if backbone_id is not None:
+            backbone = self.context.catalogue.get_backbone(backbone_id).name
+        elif task is not None:
+            backbone = self.context.catalogue.get_backbone(self.task(task).backbone_id).name
+        else:
+            backbone = self.settings.backbone
+        engine = self.engine(backbone, capacity=capacity)
+        predictions = answer_texts(engine, instances, assignment, task_type=task_type)
+        mixtures = {d.decision_id: [t.expert_name for t in d.tallies] for d in assignment.decisions}
+        rows = []
+        for instance, answerer, prediction in zip(instances, assignment.answerers, predictions, strict=True):
+            row = {
+                "input": instance.input,
+                "prediction": prediction,
+                "expert": answerer.expert.name if answerer.expert else None,
+                "decision_id": answerer.decision_id,
+            }
+            if answerer.mixture is not None:
+                row["mixture"] = mixtures.get(answerer.decision_id) or [
+                    e.name for e in answerer.mixture.experts
+                ]
+            rows.append(row)
+        return rows
 
-    def _pool(self, backbone: str, capacity: int = 4):
+    def engine(self, backbone: str | None = None, *, capacity: int = 4, device: str | None = None):
+        """The engine that answers for experts of ``backbone`` (default: the configured one) in this process: one
+        per backbone, on the registry's one adapter pool of it (``capacity`` and ``device`` apply when it is
+        first made)."""
+        from elmreg.inference.engine import PeftEngine
+
+        backbone = backbone or self.settings.backbone
+        if backbone not in self._engines:
+            self._engines[backbone] = PeftEngine(self._pool(backbone, capacity, device))
+        return self._engines[backbone]
+
+    def _pool(self, backbone: str, capacity: int = 4, device: str | None = None):
         from elmreg.inference.pool import AdapterPool
 
         if backbone not in self._pools:
-            self._pools[backbone] = AdapterPool(self.context, backbone, capacity=capacity)
+            self._pools[backbone] = AdapterPool(self.context, backbone, capacity=capacity, device=device)
         return self._pools[backbone]
 
     def evaluate(
@@ -470,11 +461,7 @@ class Registry:
             progress: ``progress(description, done, total)`` while examples are answered.
             router_options: Options of the router named by ``route`` (e.g. ``{"top_k": 8}``).
         """
-        if limit is not None and limit < 1:
-            # Zero examples would store a score of nothing in the evaluations table.
-            raise UserError(f"limit must be at least 1, got {limit}")
-        if q < 1:
-            raise UserError(f"q must be at least 1, got {q}")
+        _check_evaluation_counts(limit, q)
         record = self.task(task)
         backbone = self.context.catalogue.get_backbone(record.backbone_id).name
         return self._evaluator(backbone, progress).evaluate(
@@ -503,6 +490,7 @@ class Registry:
         """
         from elmreg.inference.evaluation import EvaluationData
 
+        _check_evaluation_counts(limit, q)
         examples = self.examples(plan, split=split, limit=limit)
         try:
             backbone = self.context.catalogue.get_backbone(plan.backbone)
@@ -585,7 +573,9 @@ class Registry:
     def _evaluator(self, backbone: str, progress=None):
         from elmreg.inference.evaluation import Evaluator
 
-        return Evaluator(self.context, backbone, pool=self._pool(backbone), progress=progress)
+        return Evaluator(
+            self.context, backbone, pool=self._pool(backbone), engine=self.engine(backbone), progress=progress
+        )
 
     def benchmark(
         self,
@@ -661,3 +651,11 @@ class Registry:
         return collect_garbage(
             self.context.catalogue, self.context.artifacts, self.context.jobs, delete=delete, min_age=min_age
         )
+
+
+def _check_evaluation_counts(limit: int | None, q: int) -> None:
+    if limit is not None and limit < 1:
+        # Zero examples would store a score of nothing in the evaluations table.
+        raise UserError(f"limit must be at least 1, got {limit}")
+    if q < 1:
+        raise UserError(f"q must be at least 1, got {q}")

@@ -50,7 +50,6 @@ from elmreg.experiments.prediction_cache import (
 )
 from elmreg.inference.evaluation import metric_score
 from elmreg.inference.router import exact_vote, sample_queries
-from elmreg.inference.routers import make_router
 from elmreg.registry.errors import CatalogueError, NotFoundError, UserError
 from elmreg.registry.library import SAMPLES_PER_EXPERT, sample_indices
 from elmreg.registry.outputs import check_writable_folder
@@ -707,63 +706,63 @@ class Harness:
         }
 
     def _routed_score(self, task: _Eval, spec) -> tuple[float, dict[str, Any], float, list[str]]:
-        """The score on ``task`` of what the router picks: one expert for the task, or one per instance (the
-        predictions of every seen expert on the task are computed once, so per-instance routing only reads
-        them), or an in-model router's mixture. Returns the score, the experts picked (instances each; for a
-        mixture, each expert's share of the routing mass), the routing latency (ms) and the predictions."""
+        """The score on ``task`` of what the router assigns: one expert for the task, one per instance, or an
+        in-model router's mixture (each expert's predictions on the task are computed once, so routing only
+        reads them). Returns the score, the experts picked (instances each; for a mixture, each expert's share
+        of the routing mass), the routing latency (ms) and the predictions."""
         options = self._routing_options(spec, "routers")
-        targets = [e.target for e in task.instances]
-        method = make_router(spec.router, spec.options)
-        if method.in_model:
-            decision = self.registry.route(
-                task.instances, q=min(self.config.q, len(task.instances)), **options
-            )
-            predictions = self._mixture_predictions(task, decision)
+        assignment = self.registry.assign(
+            task.instances, q=min(self.config.q, len(task.instances)), **options
+        )
+        predictions = self._assigned_predictions(task, assignment)
+        decision = assignment.decision
+        if decision is not None and assignment.answerers[0].mixture is not None:
             # Each expert's share of the routing mass (the answers come from the whole mixture).
-            shares = {t.expert_name: round(t.strength / decision.q, 3) for t in decision.tallies}
-            score = round(metric_score(task.metric, predictions, targets), 2)
-            return score, shares, decision.latency_ms, predictions
-        if method.per_instance:
-            decisions = self.registry.route_each(task.instances, **options)
-            predictions, chosen = [], {}
-            for index, decision in enumerate(decisions):
-                expert = self.registry.expert(decision.chosen_expert_id)
-                predictions.append(self.predictions(task, expert)[index])
-                chosen[expert.name] = chosen.get(expert.name, 0) + 1
-            score = round(metric_score(task.metric, predictions, targets), 2)
-            return score, chosen, sum(d.latency_ms for d in decisions), predictions
-        decision = self.registry.route(task.instances, q=min(self.config.q, len(task.instances)), **options)
-        expert = self.registry.expert(decision.chosen_expert_id)
-        chosen = {expert.name: len(task.instances)}
-        return self.score(task, expert), chosen, decision.latency_ms, self.predictions(task, expert)
+            chosen = {t.expert_name: round(t.strength / decision.q, 3) for t in decision.tallies}
+        else:
+            chosen = assignment.experts_chosen()
+        score = round(metric_score(task.metric, predictions, [e.target for e in task.instances]), 2)
+        return score, chosen, sum(d.latency_ms for d in assignment.decisions), predictions
 
-    def _mixture_predictions(self, task: _Eval, decision) -> list[str]:
+    def _assigned_predictions(self, task: _Eval, assignment) -> list[str]:
+        """Each instance's prediction by its answerer, read from that answerer's predictions on the whole task."""
+        by_answerer: dict[tuple, list[str]] = {}
+        predictions = []
+        for index, answerer in enumerate(assignment.answerers):
+            if answerer.key not in by_answerer:
+                by_answerer[answerer.key] = (
+                    self._mixture_predictions(task, assignment, answerer.mixture)
+                    if answerer.mixture is not None
+                    else self.predictions(task, answerer.expert)
+                )
+            predictions.append(by_answerer[answerer.key][index])
+        return predictions
+
+    def _mixture_predictions(self, task: _Eval, assignment, mixture) -> list[str]:
         """The answers of an in-model router's mixture on ``task`` (kept on disk like any expert's)."""
-        experts = [self.registry.expert(expert_id) for expert_id in decision.mixture]
-        key = prediction_key(mixture_answering(experts, decision.router_params), task.instances)
+        experts = list(mixture.experts)
+        options = {"top_k": mixture.top_k, "temperature": mixture.temperature}
+        key = prediction_key(mixture_answering(experts, options), task.instances)
         stored = self.cache.get(key, len(task.instances)) if self.use_cache else None
         if stored is not None:
             return stored
         started = time.perf_counter()
-        predictions = [row["prediction"] for row in self.registry.predict_mixture(task.instances, decision)]
+        predictions = [row["prediction"] for row in self.registry.answer(task.instances, assignment)]
         self.echo(
-            f"    {task.name} x {decision.router} mixture of {len(experts)}: "
+            f"    {task.name} x {assignment.decisions[0].router} mixture of {len(experts)}: "
             f"{len(task.instances)} answered in {time.perf_counter() - started:.1f} s"
         )
         self.cache.put(key, predictions)
         return predictions
 
     def _routed_to_own(self, task: _Eval, spec) -> float:
-        """The share of the seen task's routing that picks its own expert (per decision, or per instance)."""
+        """The share of the seen task's instances that routing gives to its own expert."""
         own = self.experts[task.name].id
         options = self._routing_options(spec, "routers-seen")
-        if make_router(spec.router, spec.options).per_instance:
-            decisions = self.registry.route_each(task.instances, task=task.name, **options)
-            return float(np.mean([d.chosen_expert_id == own for d in decisions]))
-        decision = self.registry.route(
+        assignment = self.registry.assign(
             task.instances, task=task.name, q=min(self.config.q, len(task.instances)), **options
         )
-        return float(decision.chosen_expert_id == own)
+        return float(np.mean([a.expert is not None and a.expert.id == own for a in assignment.answerers]))
 
     def run_ablation(self) -> dict[str, Any]:
         from elmreg.registry.embedder import load_embedder

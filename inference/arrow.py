@@ -114,24 +114,3 @@ def _batch_mass(model, backbone: Backbone, layers: list[torch.nn.Module], texts:
         for handle in handles:
             handle.remove()
     return torch.stack(captured).mean(0).cpu().numpy()
-
-
-def answer_mixture(
-    pool,
-    catalogue: CatalogueStore,
-    decision,
-    instances: Sequence[PromptedExample],
-    *,
-    task_type: str | None = None,
-    progress=None,
-) -> list[str]:
-    """Answer ``instances`` as an in-model routing ``decision`` (a ``RoutingDecision``) routed them: its mixture
-    of experts, with its top_k and temperature, on ``pool``'s backbone."""
-    from elmreg.inference.scoring import answer
-
-    if not decision.mixture:
-        raise UserError(f"decision {decision.decision_id} was not made inside the model; it has no mixture")
-    experts = [catalogue.get_expert(expert_id) for expert_id in decision.mixture]
-    options = decision.router_params
-    with pool.use_arrow(experts, top_k=options["top_k"], temperature=options["temperature"]) as model:
-        return answer(model, pool.backbone, instances, task_type=task_type, progress=progress)

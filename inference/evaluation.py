@@ -13,10 +13,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from elmreg.inference.assignment import Answerer, Assignment
+from elmreg.inference.engine import Engine, PeftEngine, answer_texts
 from elmreg.inference.pool import AdapterPool
 from elmreg.inference.router import Router
 from elmreg.inference.routers import make_router, router_names
-from elmreg.inference.scoring import answer
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.errors import UserError
 from elmreg.registry.examples import task_examples
@@ -92,6 +93,7 @@ class Evaluator:
         backbone_name: str,
         *,
         pool: AdapterPool | None = None,
+        engine: Engine | None = None,
         progress: EvaluationProgress | None = None,
     ):
         """Args:
@@ -101,14 +103,15 @@ class Evaluator:
         self.progress = progress
         self.pool = pool or AdapterPool(context, backbone_name)
         self._router: Router | None = None
-        # (task, split, limit, expert) -> score: a benchmark run asks for the same expert on the same examples
+        self._engine = engine
+        # (task, split, limit, answerer) -> score: a benchmark run asks for the same expert on the same examples
         # for its matrix, the oracle and RoE; each is computed once per evaluator.
-        self._scores: dict[tuple[int, str, int | None, int | None], float] = {}
+        self._scores: dict[tuple, float] = {}
 
     def remember(self, task: Task, expert: Expert, score: float, *, split: str, limit: int | None) -> None:
         """Take ``expert``'s score on this sample of ``task`` as measured earlier, instead of answering again
         (an expert's weights and a seeded sample never change)."""
-        self._scores[(task.id, split, limit, expert.id)] = score
+        self._scores[(task.id, split, limit, Answerer(expert).key)] = score
 
     @property
     def router(self) -> Router:
@@ -116,26 +119,36 @@ class Evaluator:
             self._router = Router(self.context, pool_for=lambda backbone_id: self.pool)
         return self._router
 
-    def _predictions(
-        self, data: EvaluationData, examples: Sequence[PromptedExample], expert: Expert | None
-    ) -> list[str]:
-        description = f"{data.name} with {expert.name if expert else 'the base backbone'}"
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = PeftEngine(self.pool)
+        return self._engine
+
+    def _predictions(self, data: EvaluationData, assignment: Assignment) -> list[str]:
+        chosen = assignment.experts_chosen()
+        who = next(iter(chosen)) if len(chosen) == 1 else f"{len(chosen)} experts"
+        description = f"{data.name} with {'the base backbone' if who == 'base' else who}"
         tick = None
         if self.progress is not None:
-            progress = self.progress
-            progress(description, 0, len(examples))
+            progress, total = self.progress, len(data.examples)
+            progress(description, 0, total)
 
             def tick(done: int) -> None:
-                progress(description, done, len(examples))
+                progress(description, done, total)
 
-        with self.pool.use(expert) as model:
-            return answer(model, self.pool.backbone, examples, task_type=data.task_type, progress=tick)
+        return answer_texts(self.engine, data.examples, assignment, task_type=data.task_type, progress=tick)
 
-    def _score(self, data: EvaluationData, expert: Expert | None) -> float:
-        key = (*data.key, expert.id if expert else None)
-        if key not in self._scores:
-            predictions = self._predictions(data, data.examples, expert)
-            self._scores[key] = metric_score(data.metric, predictions, [e.target for e in data.examples])
+    def _score(self, data: EvaluationData, assignment: Assignment) -> float:
+        keys = {a.key for a in assignment.answerers}
+        # Weights and a seeded sample never change: one answerer's score on these examples is computed once.
+        key = (*data.key, keys.pop()) if len(keys) == 1 else None
+        if key is None or key not in self._scores:
+            predictions = self._predictions(data, assignment)
+            score = metric_score(data.metric, predictions, [e.target for e in data.examples])
+            if key is None:
+                return score
+            self._scores[key] = score
         return self._scores[key]
 
     def evaluate(
@@ -172,52 +185,14 @@ class Evaluator:
         """Evaluate ``route`` on ``data``; stored in ``evaluations`` when ``record`` and ``data`` is a task's."""
         if not data.examples:
             raise UserError(f"{data.name} has no examples to evaluate on")
-        details: dict = {}
-        expert: Expert | None = None
-        label = f"eval:{data.name}"
-        if route == "base":
-            score = self._score(data, None)
-        elif route.startswith("expert:"):
-            expert = self.context.catalogue.get_expert(route.split(":", 1)[1])
-            score = self._score(data, expert)
-        elif route == "oracle":
-            candidates = [
-                e
-                for e in self.context.catalogue.list_experts(status="ready")
-                if e.backbone_id == data.backbone_id
-            ]
-            if not candidates:
-                raise UserError("the oracle needs at least one ready expert on the task's backbone")
-            scores = {e.id: self._score(data, e) for e in candidates}
-            best = max(candidates, key=lambda e: (scores[e.id], -e.id))
-            expert, score = best, scores[best.id]
-            details = {"scores": {e.name: round(scores[e.id], 3) for e in candidates}}
-        elif route in router_names():
-            method = make_router(route, router_options)
-            details = {"router": method.name, "router_options": dict(method.options)}
-            # Only experts of the data's backbone: the answers are scored on that backbone.
-            if method.per_instance:
-                score, per_instance = self._score_per_instance(data, method, label)
-                details |= per_instance
-            else:
-                decision = self.router.route(
-                    data.examples,
-                    q=min(q, len(data.examples)),
-                    router=method,
-                    task_id=data.task_id,
-                    backbone_id=data.backbone_id,
-                    caller_label=label,
-                )
-            if method.in_model:
-                score, mixed = self._score_mixture(data, decision)
-                details |= mixed
-            elif not method.per_instance:
-                expert = self.context.catalogue.get_expert(decision.chosen_expert_id)
-                details |= {"decision_id": decision.decision_id, "votes": decision.tallies[0].votes}
-                score = self._score(data, expert)
+        if route == "oracle":
+            expert, score, details = self._oracle(data)
         else:
-            routes = ", ".join(["base", "oracle", "expert:<id or name>", *router_names()])
-            raise UserError(f"unknown route '{route}'; use one of {routes}")
+            assignment, details = self._assignment(data, route, q, router_options)
+            score = self._score(data, assignment)
+            only = assignment.answerers[0] if len({a.key for a in assignment.answerers}) == 1 else None
+            # The evaluation names its expert when one expert answered everything.
+            expert = only.expert if only is not None and only.mixture is None else None
         evaluation_id = None
         if record and data.task_id is not None:
             evaluation_id = self.context.evaluations.record_evaluation(
@@ -242,38 +217,44 @@ class Evaluator:
             details=details,
         )
 
-    def _score_mixture(self, data: EvaluationData, decision) -> tuple[float, dict]:
-        """Every example answered by the mixture an in-model router's (Arrow's) ``decision`` routed Q of them
-        to."""
-        from elmreg.inference.arrow import answer_mixture
-
-        predictions = answer_mixture(
-            self.pool, self.context.catalogue, decision, data.examples, task_type=data.task_type
-        )
-        score = metric_score(data.metric, predictions, [e.target for e in data.examples])
-        mass = {t.expert_name: round(t.strength, 3) for t in decision.tallies}
-        return score, {"decision_id": decision.decision_id, "mass": mass}
-
-    def _score_per_instance(self, data: EvaluationData, method, label: str) -> tuple[float, dict]:
-        """Each example answered by the expert routed for it alone; one metric over all the answers."""
-        decisions = self.router.route_each(
+    def _assignment(
+        self, data: EvaluationData, route: str, q: int, router_options: Mapping[str, Any] | None
+    ) -> tuple[Assignment, dict]:
+        """Who answers each example on ``route`` (``base``, ``expert:<id or name>`` or a router), and what the
+        evaluation records about it."""
+        count = len(data.examples)
+        if route == "base":
+            return Assignment.fixed(None, count), {}
+        if route.startswith("expert:"):
+            return Assignment.fixed(self.context.catalogue.get_expert(route.split(":", 1)[1]), count), {}
+        if route not in router_names():
+            routes = ", ".join(["base", "oracle", "expert:<id or name>", *router_names()])
+            raise UserError(f"unknown route '{route}'; use one of {routes}")
+        method = make_router(route, router_options)
+        assignment = self.router.assign(
             data.examples,
+            q=min(q, count),
             router=method,
             task_id=data.task_id,
+            # Only experts of the data's backbone: the answers are scored on that backbone.
             backbone_id=data.backbone_id,
-            caller_label=label,
+            caller_label=f"eval:{data.name}",
         )
-        groups: dict[int, list[int]] = {}
-        for index, decision in enumerate(decisions):
-            groups.setdefault(decision.chosen_expert_id, []).append(index)
-        predictions: list[str] = [""] * len(data.examples)
-        chosen: dict[str, int] = {}
-        for expert_id, indexes in groups.items():
-            expert = self.context.catalogue.get_expert(expert_id)
-            chosen[expert.name] = len(indexes)
-            answers = self._predictions(data, [data.examples[i] for i in indexes], expert)
-            for i, prediction in zip(indexes, answers, strict=True):
-                predictions[i] = prediction
-        score = metric_score(data.metric, predictions, [e.target for e in data.examples])
-        ids = [d.decision_id for d in decisions if d.decision_id is not None]
-        return score, {"experts": chosen, "decision_ids": [min(ids), max(ids)] if ids else []}
+        return assignment, {
+            "router": method.name,
+            "router_options": dict(method.options),
+        } | assignment.details()
+
+    def _oracle(self, data: EvaluationData) -> tuple[Expert, float, dict]:
+        """The best ready expert of the data's backbone on this data (the paper's upper bound)."""
+        candidates = [
+            e
+            for e in self.context.catalogue.list_experts(status="ready")
+            if e.backbone_id == data.backbone_id
+        ]
+        if not candidates:
+            raise UserError("the oracle needs at least one ready expert on the task's backbone")
+        count = len(data.examples)
+        scores = {e.id: self._score(data, Assignment.fixed(e, count)) for e in candidates}
+        best = max(candidates, key=lambda e: (scores[e.id], -e.id))
+        return best, scores[best.id], {"scores": {e.name: round(scores[e.id], 3) for e in candidates}}

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from elmreg.inference.assignment import Answerer, Assignment, Mixture
 from elmreg.inference.routers import Retrieval, RoutingMethod, make_router, rank_tallies
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.embedder import Embedder, load_embedder
@@ -141,6 +142,7 @@ class Router:
         self.embedder = embedder or load_embedder(context.settings.embedder)
         self.ef_search = ef_search if ef_search is not None else context.settings.routing_ef_search
         self._embedders: dict[str, Embedder] = {self.embedder.name: self.embedder}
+        self._embedder_ids: dict[str, int] = {}
 
     def embedder_for(self, method: RoutingMethod) -> Embedder:
         """The embedder ``method`` routes with: the router's own, or the one it names (fetched from the artifact
@@ -197,27 +199,30 @@ class Router:
 
         Raises:
             UserError: No queries, Q larger than the number given, a per-instance router (see
-                :meth:`route_each`), an unknown router or option, or nothing routable.
+                :meth:`assign`), an unknown router or option, or nothing routable.
         """
         method = self._method(router, router_options, top_k)
         if method.per_instance:
             raise UserError(
-                f"router {method.name} chooses an expert per instance, not per task: use route_each "
-                "(elmreg predict/eval --route per-instance)"
+                f"router {method.name} chooses an expert per instance, not per task: use assign "
+                "(elmreg route/predict/eval --router per-instance)"
             )
         queries = sample_queries(queries, q, seed=seed)
         version = self._version(library_version)
         if method.in_model:
-            facts = _DecisionFacts(method, None, version, kinds, backbone_id, caller_label, task_id)
+            facts = _DecisionFacts(method, None, None, version, kinds, backbone_id, caller_label, task_id)
             return self._route_in_model(facts, queries, record=record, recorder=recorder)
         embedder = self.embedder_for(method)
+        embedder_id = self._embedder_id(embedder, version, kinds)
         started = time.perf_counter()
         vectors = self.embed_queries(queries, embedder)
-        result = method.retrieve(self._retrieval(embedder, version, kinds, backbone_id), vectors)
+        result = method.retrieve(self._retrieval(embedder_id, version, kinds, backbone_id), vectors)
         votes, tallies = method.tally(result)
         latency_ms = (time.perf_counter() - started) * 1000
         self._require_votes(embedder, votes, version, kinds)
-        facts = _DecisionFacts(method, embedder, version, kinds, backbone_id, caller_label, task_id)
+        facts = _DecisionFacts(
+            method, embedder, embedder_id, version, kinds, backbone_id, caller_label, task_id
+        )
         decision_id = (
             self._record(facts, result, votes, tallies, len(vectors), latency_ms, recorder)
             if record
@@ -225,42 +230,94 @@ class Router:
         )
         return facts.decision(decision_id, len(vectors), latency_ms, tallies, votes)
 
-    def route_each(
+    def assign(
         self,
         queries: Sequence[PromptedExample | str],
         *,
-        router: str | RoutingMethod = "per-instance",
+        q: int | None = 32,
+        router: str | RoutingMethod = "roe",
         router_options: Mapping[str, Any] | None = None,
+        top_k: int | None = None,
         kinds: Sequence[str] | None = None,
         backbone_id: int | None = None,
         library_version: int | None = None,
         caller_label: str | None = None,
         task_id: int | None = None,
         record: bool = True,
+        seed: int = 0,
         recorder: Recorder | None = None,
-    ) -> list[RoutingDecision]:
-        """Route every instance on its own (Q=1): one decision per instance, in input order, all retrieved in
-        one search. ``router`` is ``per-instance`` (whose ``base`` option names the method that routes each
-        instance) or any other method, applied per instance.
+    ) -> Assignment:
+        """Who answers each of ``queries``, by any routing method, with the decisions recorded on the way.
+
+        Methods that choose per task route a seeded sample of ``q`` instances once and give every instance the
+        chosen expert (or, routing inside the model, the mixture); per-instance methods route every instance on
+        its own (Q=1, one decision each, all retrieved in one search). Arguments as for :meth:`route`.
 
         Raises:
-            UserError: No queries, an unknown router or option, or nothing routable.
+            UserError: No queries, Q larger than the number given, an unknown router or option, or nothing
+                routable.
         """
-        method = self._method(router, router_options, None)
+        method = self._method(router, router_options, top_k)
+        scope = dict(
+            kinds=kinds,
+            backbone_id=backbone_id,
+            library_version=library_version,
+            caller_label=caller_label,
+            task_id=task_id,
+            record=record,
+            recorder=recorder,
+        )
+        if method.per_instance:
+            decisions = self._route_each(queries, method, **scope)
+            experts = self._experts({d.chosen_expert_id for d in decisions})
+            answerers = [Answerer(experts[d.chosen_expert_id], decision_id=d.decision_id) for d in decisions]
+            return Assignment(tuple(answerers), tuple(decisions))
+        decision = self.route(queries, q=q, router=method, seed=seed, **scope)
+        experts = self._experts({decision.chosen_expert_id, *decision.mixture})
+        mixture = None
+        if decision.mixture:
+            mixture = Mixture(
+                tuple(experts[i] for i in decision.mixture),
+                top_k=method.options["top_k"],
+                temperature=method.options["temperature"],
+            )
+        answerer = Answerer(experts[decision.chosen_expert_id], mixture, decision.decision_id)
+        return Assignment((answerer,) * len(queries), (decision,))
+
+    def _experts(self, ids) -> dict:
+        return {i: self.context.catalogue.get_expert(i) for i in ids}
+
+    def _route_each(
+        self,
+        queries: Sequence[PromptedExample | str],
+        method: RoutingMethod,
+        *,
+        kinds: Sequence[str] | None,
+        backbone_id: int | None,
+        library_version: int | None,
+        caller_label: str | None,
+        task_id: int | None,
+        record: bool,
+        recorder: Recorder | None,
+    ) -> list[RoutingDecision]:
+        """One decision per instance, in input order, all retrieved in one search."""
         if not queries:
             raise UserError("routing needs at least one input instance")
         version = self._version(library_version)
         embedder = self.embedder_for(method)
+        embedder_id = self._embedder_id(embedder, version, kinds)
         started = time.perf_counter()
         vectors = self.embed_queries(queries, embedder)
-        result = method.retrieve(self._retrieval(embedder, version, kinds, backbone_id), vectors)
+        result = method.retrieve(self._retrieval(embedder_id, version, kinds, backbone_id), vectors)
         # One latency for the shared search, split evenly over the decisions it made.
         latency_ms = (time.perf_counter() - started) * 1000 / len(queries)
         names = {t.expert_id: t.expert_name for t in result.tallies}
         by_query: dict[int, list[RoutingVote]] = {}
         for vote in result.votes:
             by_query.setdefault(vote.query_index, []).append(replace(vote, query_index=0))
-        facts = _DecisionFacts(method, embedder, version, kinds, backbone_id, caller_label, task_id)
+        facts = _DecisionFacts(
+            method, embedder, embedder_id, version, kinds, backbone_id, caller_label, task_id
+        )
         decisions = []
         for index in range(len(queries)):
             own = VoteResult(
@@ -348,11 +405,20 @@ class Router:
             raise UserError(f"library version {version} does not exist (current: {current})")
         return version
 
+    def _embedder_id(self, embedder: Embedder, version: int, kinds: Sequence[str] | None) -> int:
+        """The catalogue id of ``embedder``, looked up once per router (a read: an embedder the catalogue does
+        not know has no library entries, so nothing is routable with it)."""
+        if embedder.name not in self._embedder_ids:
+            try:
+                self._embedder_ids[embedder.name] = self.context.catalogue.get_embedder(embedder.name).id
+            except NotFoundError:
+                self._require_votes(embedder, [], version, kinds)
+        return self._embedder_ids[embedder.name]
+
     def _retrieval(
-        self, embedder: Embedder, version: int, kinds: Sequence[str] | None, backbone_id: int | None
+        self, embedder_id: int, version: int, kinds: Sequence[str] | None, backbone_id: int | None
     ) -> Retrieval:
-        record = self.context.catalogue.get_or_create_embedder(embedder.name, embedder.dimension)
-        return Retrieval(self.context.library, record.id, version, kinds, backbone_id, self.ef_search)
+        return Retrieval(self.context.library, embedder_id, version, kinds, backbone_id, self.ef_search)
 
     def _require_votes(
         self, embedder: Embedder, votes: Sequence[RoutingVote], version: int, kinds: Sequence[str] | None
@@ -375,13 +441,8 @@ class Router:
         recorder: Recorder | None,
         details: dict | None = None,
     ) -> int:
-        embedder_id = (
-            self.context.catalogue.get_or_create_embedder(facts.embedder.name, facts.embedder.dimension).id
-            if facts.embedder is not None
-            else None
-        )
         record = RoutingDecisionRecord(
-            embedder_id=embedder_id,
+            embedder_id=facts.embedder_id,
             library_version=facts.version,
             q=q,
             top_k=facts.method.top_k,
@@ -408,6 +469,7 @@ class _DecisionFacts:
 
     method: RoutingMethod
     embedder: Embedder | None  # None: an in-model router
+    embedder_id: int | None
     version: int
     kinds: Sequence[str] | None
     backbone_id: int | None

@@ -1,9 +1,10 @@
-"""Answering with a model: rank classification (as in T0 and the paper) and greedy generation."""
+"""Rank classification (as in T0 and the paper): the log-likelihood of each answer choice given the input.
+The engine (``inference.engine``) decides when to use which scorer; generation lives there too."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -27,9 +28,6 @@ _CACHE = next(
     (f.name for f in dataclasses.fields(BaseModelOutputWithPast) if f.name in ("cache", "past_key_values")),
     "past_key_values",
 )
-
-# progress(done): the number of examples answered so far.
-Progress = Callable[[int], None]
 
 
 @torch.no_grad()
@@ -205,82 +203,3 @@ def choice_log_likelihoods_batch(
 def best_choice(example: PromptedExample, scores: Sequence[float]) -> str:
     """The answer choice with the highest log-likelihood (the first of equals)."""
     return example.answer_choices[max(range(len(scores)), key=scores.__getitem__)]
-
-
-def rank_classify(
-    model, backbone: Backbone, examples: Sequence[PromptedExample], *, progress: Progress | None = None
-) -> list[str]:
-    """The most likely answer choice of each example."""
-    answers = []
-    for example in examples:
-        answers.append(best_choice(example, choice_log_likelihoods(model, backbone, example)))
-        if progress is not None:
-            progress(len(answers))
-    return answers
-
-
-@torch.no_grad()
-def generate(
-    model,
-    backbone: Backbone,
-    examples: Sequence[PromptedExample],
-    *,
-    max_new_tokens: int = 64,
-    batch_size: int = 8,
-    progress: Progress | None = None,
-    adapter_names: Sequence[str] | None = None,
-) -> list[str]:
-    """Greedy completions of each example's input.
-
-    Args:
-        adapter_names: One PEFT adapter name per example: a batch then mixes LoRA experts (PEFT runs each
-            adapter on its own rows), so examples for different experts share forward passes.
-    """
-    tokenizer = backbone.tokenizer
-    outputs: list[str] = []
-    for start in range(0, len(examples), batch_size):
-        inputs = [e.input for e in examples[start : start + batch_size]]
-        if backbone.family == "causal":
-            tokenizer.padding_side = "left"  # generation continues from the last real token
-        encoded = tokenizer(inputs, return_tensors="pt", padding=True).to(backbone.device)
-        tokenizer.padding_side = "right"
-        mixed = (
-            {}
-            if adapter_names is None
-            else {"adapter_names": list(adapter_names[start : start + batch_size])}
-        )
-        generated = model.generate(
-            **encoded,
-            **mixed,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        if backbone.family == "causal":
-            generated = generated[:, encoded["input_ids"].shape[1] :]
-        outputs.extend(t.strip() for t in tokenizer.batch_decode(generated, skip_special_tokens=True))
-        if progress is not None:
-            progress(len(outputs))
-    return outputs
-
-
-def answer(
-    model,
-    backbone: Backbone,
-    examples: Sequence[PromptedExample],
-    *,
-    task_type: str | None = None,
-    progress: Progress | None = None,
-) -> list[str]:
-    """Rank classification where examples carry answer choices (or ``task_type`` says so), else generation.
-
-    Args:
-        progress: Called with the number of examples answered so far (for progress bars).
-    """
-    classify = task_type == "classification" or (
-        task_type is None and all(e.answer_choices for e in examples)
-    )
-    if classify:
-        return rank_classify(model, backbone, examples, progress=progress)
-    return generate(model, backbone, examples, progress=progress)

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from elmreg.experts import load_expert, unload_expert
+from elmreg.inference.assignment import Assignment
+from elmreg.inference.engine import LoadedModelEngine, answer_texts
 from elmreg.inference.evaluation import metric_score
-from elmreg.inference.scoring import answer
 from elmreg.merging.methods import MergeError, MergeSpec
 from elmreg.merging.weights import scratch_dir, write_merged_weights
 from elmreg.registry.context import RegistryContext
@@ -99,11 +100,17 @@ def tune_weights(
                 context, parents, base_kind, replace(spec, weights=weights), Path(scratch)
             )
             model = load_expert(backbone, path, config, kind=base_kind)
+            engine = LoadedModelEngine(model, backbone)
             try:
                 scores = {
                     task.name: metric_score(
                         task.metric,
-                        answer(model, backbone, examples[task.name], task_type=task.task_type),
+                        answer_texts(
+                            engine,
+                            examples[task.name],
+                            Assignment.fixed(None, len(examples[task.name])),
+                            task_type=task.task_type,
+                        ),
                         [e.target for e in examples[task.name]],
                     )
                     for task in tasks

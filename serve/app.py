@@ -23,9 +23,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from elmreg.inference.engine import Answer, GenerationParams, Prompt
 from elmreg.registry.errors import ElmregError, NotFoundError, ServiceError, UserError
 from elmreg.registry.prompts import PromptedExample
-from elmreg.serve.engine import Answer, GenerationParams, Work
 from elmreg.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse
 from elmreg.serve.service import AUTO, BASE, Routed, ServingService
 
@@ -252,7 +252,7 @@ def create_app(service: ServingService) -> FastAPI:
             raise ApiError(400, f"choices takes 1 to {limits.max_choices} non-empty strings", param="choices")
         return tokens
 
-    async def answer(works: list[Work], sinks: _RequestSinks) -> list[Answer]:
+    async def answer(works: list[Prompt], sinks: _RequestSinks) -> list[Answer]:
         service.engine.submit(works)
         try:
             return await sinks.answers()
@@ -263,8 +263,8 @@ def create_app(service: ServingService) -> FastAPI:
     def works_for(routed: Routed, prompts: list[str], req, params: GenerationParams, sinks, *, special: bool):
         choices = tuple(req.choices) if req.choices else None
         return [
-            Work(
-                routed.experts[i],
+            Prompt(
+                routed.answerers[i],
                 PromptedExample(prompt, "", choices),
                 sinks.sinks[i],
                 params,

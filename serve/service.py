@@ -14,14 +14,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from elmreg.inference.pool import AdapterPool
+from elmreg.inference.assignment import Answerer
 from elmreg.registry.backbones import resolve_device
 from elmreg.registry.errors import NotFoundError
 from elmreg.registry.prompts import PromptedExample
 from elmreg.registry.store.entities import Expert
 from elmreg.serve.audit import DecisionWriter
 from elmreg.serve.auth import KeyChecker
-from elmreg.serve.engine import Engine
+from elmreg.serve.batcher import Batcher
 from elmreg.serve.metrics import ServeMetrics
 from elmreg.serve.protocol import ApiError, Limits
 
@@ -37,10 +37,17 @@ _EXPERT_CACHE_SECONDS = 5.0
 
 @dataclass(frozen=True)
 class Routed:
-    """The experts that answer a request's prompts (None: the plain backbone), and the decisions that chose them."""
+    """Who answers each of a request's prompts, and the decisions that chose them."""
 
-    experts: list[Expert | None]
-    decision_ids: list[int | None]
+    answerers: list[Answerer]
+
+    @property
+    def experts(self) -> list[Expert | None]:
+        return [a.expert for a in self.answerers]
+
+    @property
+    def decision_ids(self) -> list[int | None]:
+        return [a.decision_id for a in self.answerers]
 
     @property
     def expert_header(self) -> str:
@@ -80,12 +87,12 @@ class ServingService:
         self.auth = auth
         self.keys = KeyChecker(self.context.keys) if auth else None
         self.backbone_name = registry.settings.backbone
-        self.pool = AdapterPool(
-            self.context, self.backbone_name, capacity=pool_capacity, device=resolve_device(device)
-        )
-        self.backbone = self.pool.backbone
-        # The request side counts tokens and renders chat templates on a copy: the engine thread changes its
-        # tokenizer's padding settings, and a fast tokenizer used from two threads at once can fail mid-call.
+        engine = registry.engine(self.backbone_name, capacity=pool_capacity, device=resolve_device(device))
+        engine.max_batch, engine.observer = max_batch, self.metrics
+        self.backbone = engine.backbone
+        # The request side counts tokens and renders chat templates on its own copy: a fast (Rust) tokenizer
+        # keeps truncation and padding state that a call with those arguments sets, so one shared with the
+        # engine thread can fail mid-call ("Already borrowed").
         self.tokenizer = copy.deepcopy(self.backbone.tokenizer)
         # Experts trained on another copy of the weights are not this backbone's (fingerprints must match).
         self.backbone_id = self._catalogue_backbone_id()
@@ -98,7 +105,7 @@ class ServingService:
             spill_dir=registry.settings.home / "serve",
             on_written=self.metrics.decisions_written.inc,
         )
-        self.engine = Engine(self.pool, max_batch=max_batch, observer=self.metrics)
+        self.engine = Batcher(engine)
         self._experts: dict[str, tuple[Expert, float]] = {}
         self.engine.start()
 
@@ -170,8 +177,7 @@ class ServingService:
         """The expert of every instance: named, ``base``, or by RoE (``auto``) on the request's instances as
         Q (one decision), or on each instance alone (``per_prompt``). Blocking: run it off the event loop."""
         if model != AUTO:
-            expert = self.expert(model)
-            return Routed([expert] * len(instances), [None] * len(instances))
+            return Routed([Answerer(self.expert(model))] * len(instances))
         if self.backbone_id is None:
             self.backbone_id = self._catalogue_backbone_id()
             if self.backbone_id is None:
@@ -182,13 +188,12 @@ class ServingService:
                     code="model_not_found",
                 )
         groups = [[i] for i in instances] if per_prompt else [list(instances)]
-        experts: list[Expert | None] = []
-        decision_ids: list[int | None] = []
+        answerers: list[Answerer] = []
         for group in groups:
             started = time.perf_counter()
             with self._route_lock:
                 try:
-                    decision = self.router.route(
+                    assignment = self.router.assign(
                         group,
                         q=None,
                         backbone_id=self.backbone_id,
@@ -200,10 +205,10 @@ class ServingService:
                         404, f"model 'auto': {error}", param="model", code="model_not_found"
                     ) from None
             self.metrics.routing_latency.observe(time.perf_counter() - started)
-            expert = self.expert(str(decision.chosen_expert_id))
-            experts += [expert] * len(group)
-            decision_ids += [decision.decision_id] * len(group)
-        return Routed(experts, decision_ids)
+            # Served only while ready and on this backbone (the expert cache's checks).
+            self.expert(str(assignment.answerers[0].expert.id))
+            answerers += assignment.answerers
+        return Routed(answerers)
 
     # -- limits --------------------------------------------------------------------------------------------
     def count_tokens(self, text: str, *, add_special_tokens: bool = True) -> int:

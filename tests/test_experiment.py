@@ -23,6 +23,7 @@ from elmreg.experiments.prediction_cache import (
     prediction_key,
 )
 from elmreg.experiments.report import SECTION_TITLES, markdown
+from elmreg.inference.engine import PeftEngine
 from elmreg.registry.errors import ConfigurationError, UserError
 from elmreg.registry.prompts import PromptedExample
 from elmreg.registry.store.entities import Expert, StoredArtifact
@@ -57,8 +58,18 @@ def tiny_config(**overrides):
     )
 
 
-def test_harness_runs_every_section_and_the_library_keeps_old_predictions(lab, tmp_path):
+def test_harness_runs_every_section_and_the_library_keeps_old_predictions(lab, tmp_path, monkeypatch):
+    engines: list[PeftEngine] = []
+    make_engine = PeftEngine.__init__
+
+    def recorded(self, *args, **kwargs):
+        engines.append(self)
+        make_engine(self, *args, **kwargs)
+
+    monkeypatch.setattr(PeftEngine, "__init__", recorded)
     result = run_experiment(lab, tiny_config(), out_dir=tmp_path / "out")
+    # Every answer of the experiment came from the registry's one engine of its backbone.
+    assert all(e is lab.engine(e.backbone.name) for e in engines) and lab.engine().runs > 0
     assert set(result.sections) == {"routing", "multitask", "continual", "unseen", "ablation", "routers"}
     assert result.passed and result.check.identical and result.check.compared > 0
 

@@ -168,11 +168,11 @@ def test_mixed_batches_answer_as_each_expert_alone(trained):
             for example, expert in zip(examples, ids, strict=True)
         ]
 
-    classified = trained.predict_each(instances, ids)
+    classified = trained.answer(instances, trained.assignment(ids))
     assert [r["prediction"] for r in classified] == alone(instances)
     assert [r["expert"] for r in classified] == [e.name if e else None for e in chosen]
     open_ended = [PromptedExample(i.input, i.target, None) for i in instances]
-    generated = [r["prediction"] for r in trained.predict_each(open_ended, ids)]
+    generated = [r["prediction"] for r in trained.answer(open_ended, trained.assignment(ids))]
     assert generated == alone(open_ended)
     assert len(set(generated)) > 1  # the experts do answer differently, so order mix-ups would show
     assert trained._pools[trained.settings.backbone].backbone_loads == 1
@@ -205,4 +205,4 @@ def test_mixed_batches_refuse_what_cannot_mix(trained):
     with pytest.raises(UserError, match="only LoRA experts mix"), pool.use_mixed([echo]):
         pass
     with pytest.raises(UserError, match="one expert per instance"):
-        trained.predict_each([EXAMPLE], [colours.id, moods.id])
+        trained.answer([EXAMPLE], trained.assignment([colours.id, moods.id]))

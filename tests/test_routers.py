@@ -140,7 +140,10 @@ def test_knn_router_equals_exact_weighted_k_nearest_vote(library, weighting):
 def test_per_instance_routes_each_instance_alone(library):
     vectors, owners = _entries(library, library.visible)
     best = owners[(library.vectors @ vectors.T).argmax(axis=1)].tolist()
-    decisions = library.router.route_each(_queries(), caller_label="each")
+    assignment = library.router.assign(_queries(), router="per-instance", caller_label="each")
+    decisions = assignment.decisions
+    assert [a.expert.id for a in assignment.answerers] == best
+    assert [a.decision_id for a in assignment.answerers] == [d.decision_id for d in decisions]
     assert [d.chosen_expert_id for d in decisions] == best
     assert all(d.q == 1 and len(d.votes) == 1 and d.router == "per-instance" for d in decisions)
     rows = library.context.audit.audit_rows(
