@@ -21,7 +21,6 @@ import click
 from elmreg.cli.output import echo_table
 from elmreg.cli.progress import evaluation_progress, is_quiet, training_progress
 from elmreg.registry.errors import UserError
-from elmreg.registry.sources import DatasetSpec
 
 if TYPE_CHECKING:
     # Only for annotations: the API's imports are loaded when the root command builds the Registry.
@@ -83,7 +82,6 @@ class _Stages:
 
 def run_demo(registry: Registry, plan: DemoPlan, *, quiet: bool = False) -> DemoOutcome:
     """Run the demo's stages against ``registry``; returns what a test (or a curious user) wants to check."""
-    from elmreg.registry.examples import render_split
     from elmreg.registry.services import services_up
     from elmreg.registry.tasks import TaskRequest, default_task_name
 
@@ -94,8 +92,8 @@ def run_demo(registry: Registry, plan: DemoPlan, *, quiet: bool = False) -> Demo
     with stages.stage("Services and catalogue schema"):
         for service in services_up(settings):
             click.echo(f"    {service.name:<9} {service.url}")
-        registry.context.upgrade_schema()
-        click.echo(f"    schema at revision {registry.context.schema_revision()}")
+        registry.upgrade_schema()
+        click.echo(f"    schema at revision {registry.schema_revision()}")
 
     names = [default_task_name(TaskRequest(dataset=d)) for d in plan.tasks]
     with stages.stage(f"Register {len(plan.tasks)} tasks (one expert each, K={plan.max_examples})"):
@@ -131,9 +129,7 @@ def run_demo(registry: Registry, plan: DemoPlan, *, quiet: bool = False) -> Demo
     with stages.stage(f"Route Q={plan.q} instances in SQL: a seen task, then an unseen one"):
         routed = [(seen, seen_name)] + ([(plan.unseen, None)] if plan.unseen else [])
         for dataset, task in routed:
-            instances = render_split(
-                DatasetSpec(dataset, split="validation"), None, cache_dir=settings.cache_path, limit=plan.q
-            )
+            instances = registry.instances(dataset, split="validation", limit=plan.q)
             # A held-out split smaller than Q routes on what there is.
             q = min(plan.q, len(instances))
             decision = registry.route(instances, task=task, q=q, caller_label=f"demo:{dataset}")

@@ -97,7 +97,7 @@ def run_command(
     registry: Registry = ctx.find_root().obj["registry"]
     config = load_config(preset, eval_limit=eval_limit, q=q, seed=seed)
     services_up(registry.settings)
-    registry.context.upgrade_schema()
+    registry.upgrade_schema()
     quiet = is_quiet(ctx)
     echo = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
     with training_progress(quiet) as hooks:

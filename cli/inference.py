@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING
 
 import click
 
+from elmreg.cli.options import TASK_SPEC_FIELDS, task_spec_options
 from elmreg.cli.output import echo_json, echo_table
 from elmreg.cli.progress import evaluation_progress, is_quiet
 from elmreg.inference.routers import parse_router_options, router_class, router_names
 from elmreg.registry.audit import AUDIT_QUERIES, AUDIT_VIEWS
 from elmreg.registry.kinds import expert_row_kinds
 from elmreg.registry.prompts import PromptTemplate
-from elmreg.registry.sources import DatasetSpec
 
 if TYPE_CHECKING:
     # Only for annotations: the API's imports are loaded when the root command builds the Registry.
@@ -46,14 +46,11 @@ def load_instances(
 ):
     """Instances from --input (JSON lines) or --dataset (a split rendered with its default template)."""
     from elmreg.inference.inputs import read_jsonl, to_instances
-    from elmreg.registry.examples import render_split
 
     if bool(input_file) == bool(dataset):
         raise click.UsageError("give exactly one of --input FILE or --dataset NAME")
     if dataset:
-        return render_split(
-            DatasetSpec(dataset, split=split), None, cache_dir=registry.settings.cache_path, limit=limit
-        )
+        return registry.instances(dataset, split=split, limit=limit)
     templates = [PromptTemplate.from_dict(t) for t in registry.task(task).templates] if task else None
     return to_instances(read_jsonl(Path(input_file)), templates)
 
@@ -276,19 +273,11 @@ def predict(
     "--dataset",
     help="Or data that is not a registered task (an unseen task): evaluated, never registered or queued.",
 )
-@click.option("--subset", help="With --dataset: configuration (hub) or BIG-bench subtask.")
-@click.option("--prompt", help="With --dataset: inline Jinja template 'INPUT ||| TARGET'.")
-@click.option("--answer-choices", help="With --dataset: Jinja for the choices, separated by '|||'.")
-@click.option(
-    "--template-file",
-    type=click.Path(exists=True, dir_okay=False),
-    help="With --dataset: a promptsource templates.yaml.",
+@task_spec_options(
+    scope="With --dataset: ",
+    name_help="With --dataset: the name shown and recorded as 'eval:NAME' in routing decisions.",
+    backbone_help="With --dataset: backbone whose experts answer (default: ELMREG_BACKBONE).",
 )
-@click.option("--template-name", help="With --dataset: template of --template-file to use.")
-@click.option(
-    "--name", help="With --dataset: the name shown and recorded as 'eval:NAME' in routing decisions."
-)
-@click.option("--backbone", help="With --dataset: backbone whose experts answer (default: ELMREG_BACKBONE).")
 @click.option(
     "--route",
     "routes",
@@ -309,19 +298,13 @@ def evaluate(
     ctx: click.Context,
     task,
     dataset,
-    subset,
-    prompt,
-    answer_choices,
-    template_file,
-    template_name,
-    name,
-    backbone,
     routes,
     router_options,
     split,
     limit,
     q,
     as_json,
+    **spec,
 ) -> None:
     """Evaluate routes on a task's labelled data (accuracy, or ROUGE-L for generation); results on registered
     tasks are stored in the evaluations table, results on --dataset only printed.
@@ -334,10 +317,7 @@ def evaluate(
     """
     if bool(task) == bool(dataset):
         raise click.UsageError("give exactly one of --task NAME or --dataset SPEC")
-    task_only = {"--subset": subset, "--prompt": prompt, "--answer-choices": answer_choices}
-    task_only |= {"--template-file": template_file, "--template-name": template_name, "--name": name}
-    task_only |= {"--backbone": backbone}
-    given = [flag for flag, value in task_only.items() if value is not None]
+    given = ["--" + field.replace("_", "-") for field in TASK_SPEC_FIELDS if spec[field] is not None]
     if task and given:
         raise click.UsageError(f"{', '.join(given)} go with --dataset, not --task")
     registry = _registry(ctx)
@@ -351,18 +331,7 @@ def evaluate(
                 for route in routes
             ]
         else:
-            plan = registry.plan_task(
-                dataset,
-                to_register=False,
-                subset=subset,
-                split=split,
-                prompt=prompt,
-                answer_choices=answer_choices,
-                template_file=template_file,
-                template_name=template_name,
-                name=name,
-                backbone=backbone,
-            )
+            plan = registry.plan_task(dataset, to_register=False, split=split, **spec)
             results = [
                 registry.evaluate_dataset(
                     plan, route, split=split, limit=limit, q=q, progress=progress, router_options=options
@@ -535,7 +504,7 @@ def audit_prune(ctx: click.Context, before, yes) -> None:
     import datetime as dt
 
     cutoff = before.replace(tzinfo=dt.UTC)
-    decisions, votes = _registry(ctx).context.library.prune_decisions(cutoff, dry_run=not yes)
+    decisions, votes = _registry(ctx).prune_decisions(cutoff, dry_run=not yes)
     verb = "removed" if yes else "would remove"
     click.echo(
         f"{verb} {decisions} decision(s) and {votes} vote(s) made before {cutoff:%Y-%m-%d %H:%M:%S} UTC"

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from elmreg.cli.options import task_spec_options
 from elmreg.cli.output import echo_json, echo_table
 from elmreg.cli.progress import is_quiet, training_progress
 from elmreg.registry.kinds import trainable_kinds
@@ -29,17 +30,13 @@ def _registry(ctx: click.Context) -> Registry:
     required=True,
     help="bigbench:<task>[/<subtask>], a local json/jsonl/csv/parquet file or folder, or a hub id.",
 )
-@click.option("--subset", help="Dataset configuration (hub) or BIG-bench subtask.")
 @click.option(
     "--split", default="train", show_default=True, help="Split to train on (BIG-bench: train/validation/all)."
 )
-@click.option("--prompt", help="Inline Jinja template 'INPUT ||| TARGET' over the dataset's columns.")
-@click.option("--answer-choices", help="Jinja for the choices, separated by '|||' (e.g. 'no ||| yes').")
-@click.option(
-    "--template-file", type=click.Path(exists=True, dir_okay=False), help="A promptsource templates.yaml."
+@task_spec_options(
+    name_help="Task name (default: derived from the dataset).",
+    backbone_help="Backbone hub id or path (default: ELMREG_BACKBONE).",
 )
-@click.option("--template-name", help="Template of --template-file to use (prompt level).")
-@click.option("--name", help="Task name (default: derived from the dataset).")
 @click.option(
     "--level",
     type=click.Choice(["prompt", "dataset"]),
@@ -54,7 +51,6 @@ def _registry(ctx: click.Context) -> Registry:
     help="K examples sampled for training (default 50,000 classification / 10,000 generative).",
 )
 @click.option("--kind", type=click.Choice(trainable_kinds()), default="lora", show_default=True)
-@click.option("--backbone", help="Backbone hub id or path (default: ELMREG_BACKBONE).")
 @click.option(
     "--task-type", type=click.Choice(["classification", "generative"]), help="Override the inferred type."
 )
@@ -78,17 +74,10 @@ def _registry(ctx: click.Context) -> Registry:
 def add_task_command(
     ctx: click.Context,
     dataset,
-    subset,
     split,
-    prompt,
-    answer_choices,
-    template_file,
-    template_name,
-    name,
     level,
     max_examples,
     kind,
-    backbone,
     task_type,
     metric,
     epochs,
@@ -98,6 +87,7 @@ def add_task_command(
     now,
     quiet,
     as_json,
+    **spec,
 ) -> None:
     """Register a task and queue the training of its expert (validated first: bad input writes nothing).
 
@@ -122,20 +112,14 @@ def add_task_command(
             dataset,
             now=now,
             hooks=hooks,
-            subset=subset,
             split=split,
-            prompt=prompt,
-            answer_choices=answer_choices,
-            template_file=template_file,
-            template_name=template_name,
-            name=name,
             level=level,
             max_examples=max_examples,
             kind=kind,
-            backbone=backbone,
             task_type=task_type,
             metric=metric,
             training=training,
+            **spec,
         )
     if as_json:
         return echo_json(task)
@@ -207,9 +191,7 @@ def scheduler(ctx: click.Context) -> None:
 
     Only one is active at a time (a PostgreSQL advisory lock); others wait as standbys. Example: elmreg scheduler
     """
-    from elmreg.registry.scheduler import Scheduler
-
-    active = Scheduler(_registry(ctx).context)
+    active = _registry(ctx).scheduler()
     stop = threading.Event()
     click.echo("scheduler starting (Ctrl-C to stop)", err=True)
     try:

@@ -139,12 +139,12 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
 
     Example: elmreg db upgrade
     """
-    context = _registry(ctx).context
-    before = context.schema_revision()
-    context.upgrade_schema(revision)
-    after = context.schema_revision()
+    registry = _registry(ctx)
+    before = registry.schema_revision()
+    registry.upgrade_schema(revision)
+    after = registry.schema_revision()
     click.echo(f"catalogue schema: {before or 'empty'} -> {after}")
-    note = context.check_pgvector(update=True)
+    note = registry.check_pgvector(update=True)
     if note:
         click.echo(f"warning: {note}", err=True)
 
@@ -162,9 +162,9 @@ def db_downgrade(ctx: click.Context, revision: str, yes: bool) -> None:
     """
     if not yes:
         raise click.UsageError("downgrading can drop data: add --yes to confirm")
-    context = _registry(ctx).context
-    context.downgrade_schema(revision)
-    after = context.schema_revision()
+    registry = _registry(ctx)
+    registry.downgrade_schema(revision)
+    after = registry.schema_revision()
     click.echo(f"catalogue schema: {after or 'empty'}")
 
 
@@ -175,10 +175,9 @@ def db_current(ctx: click.Context) -> None:
 
     Example: elmreg db current
     """
-    from elmreg.registry.store import schema
-
-    current = _registry(ctx).context.schema_revision()
-    head = schema.head_revision()
+    registry = _registry(ctx)
+    current = registry.schema_revision()
+    head = registry.head_schema_revision()
     note = "up to date" if current == head else "run 'elmreg db upgrade'"
     click.echo(f"{current or 'empty'} (head {head}: {note})")
 
@@ -195,10 +194,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     from elmreg.registry.services import services_status
 
     registry = _registry(ctx)
-    endpoints = registry.context.endpoints
+    endpoints = registry.endpoints()
     rows = services_status(registry.settings)
-    # Not registry.status(): that refuses an unmigrated catalogue, and status must describe one.
-    summary = registry.context.summary()
+    summary = registry.status()
     if as_json:
         _print_json(
             {
@@ -219,7 +217,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(
         f"PostgreSQL     {summary.server_version}, pgvector {summary.pgvector_version or 'not installed'}"
     )
-    pgvector_note = registry.context.check_pgvector()
+    pgvector_note = registry.check_pgvector()
     if pgvector_note:
         click.echo(f"               {pgvector_note}")
     current = summary.schema_revision or "empty"

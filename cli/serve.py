@@ -106,7 +106,7 @@ def serve(
         ),
         log_level=registry.settings.log_level.lower(),
     )
-    if not no_auth and not registry.context.keys.list_keys():
+    if not no_auth and not registry.api_keys():
         click.echo("no API key exists yet: create one with 'elmreg serve keys create NAME'", err=True)
     click.echo(f"serving on http://{host}:{port} (backbone {service.backbone_name})", err=True)
     server.run()
@@ -125,9 +125,7 @@ def keys_create(ctx: click.Context, name: str) -> None:
 
     Example: elmreg serve keys create alice
     """
-    from elmreg.serve.auth import create_key
-
-    record, key = create_key(_registry(ctx).context.keys, name)
+    record, key = _registry(ctx).create_key(name)
     click.echo(key)
     click.echo(f"key '{record.name}' created; it is shown only this once", err=True)
 
@@ -141,7 +139,7 @@ def keys_list(ctx: click.Context) -> None:
     """
     rows = [
         (k.name, k.prefix + "...", k.created_at.strftime("%Y-%m-%d %H:%M"), k.revoked_at or "")
-        for k in _registry(ctx).context.keys.list_keys()
+        for k in _registry(ctx).api_keys()
     ]
     echo_table(("name", "key", "created", "revoked"), rows)
 
@@ -154,5 +152,5 @@ def keys_revoke(ctx: click.Context, name: str) -> None:
 
     Example: elmreg serve keys revoke alice
     """
-    record = _registry(ctx).context.keys.revoke_key(name)
+    record = _registry(ctx).revoke_key(name)
     click.echo(f"key '{record.name}' revoked")

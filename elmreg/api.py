@@ -8,15 +8,41 @@ import time
 from pathlib import Path
 from typing import Any
 
+from elmreg.api_keys import SHOWN_CHARACTERS, key_digest, new_key
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.errors import CatalogueError, NotFoundError, UserError
 from elmreg.registry.examples import render_split
 from elmreg.registry.gc import DEFAULT_MIN_AGE, GcReport, collect_garbage
 from elmreg.registry.library import ReembedReport, reembed_library
+from elmreg.registry.prompts import PromptedExample
 from elmreg.registry.settings import Settings, load_settings
 from elmreg.registry.sources import DatasetSpec
-from elmreg.registry.store.entities import CatalogueSummary, Expert, Job, Task, TrainingRun
+from elmreg.registry.store.entities import (
+    ApiKey,
+    CatalogueSummary,
+    Expert,
+    Job,
+    PendingDecision,
+    RoutingDecisionRecord,
+    RoutingVote,
+    Task,
+    TrainingRun,
+)
 from elmreg.registry.tasks import IngestReport, TaskPlan, TaskRequest, add_task, ingest_manifests, plan_task
+
+# The catalogue's records, for the CLI and the server: they import them from here, never from the stores.
+__all__ = [
+    "ApiKey",
+    "CatalogueSummary",
+    "Expert",
+    "Job",
+    "PendingDecision",
+    "Registry",
+    "RoutingDecisionRecord",
+    "RoutingVote",
+    "Task",
+    "TrainingRun",
+]
 
 
 class Registry:
@@ -612,10 +638,166 @@ class Registry:
             self.context, Path(out) if out else self.settings.home / "reports" / "report.html"
         )
 
-    # -- catalogue -----------------------------------------------------------------------------------------
+    def instances(
+        self, dataset: str, *, split: str = "validation", limit: int | None = None
+    ) -> list[PromptedExample]:
+        """Instances of a dataset split rendered with the dataset's default template (BIG-bench), as routing
+        and prediction take them; for a registered task's own templates use :meth:`examples`.
+
+        Args:
+            dataset: ``bigbench:<task>[/<subtask>]`` or another source with a default template.
+            split: The split to read.
+            limit: A seeded sample of this many rows (order kept).
+
+        Raises:
+            UserError: An unknown dataset or split, or a source without a default template.
+
+        Example::
+
+            registry.route(registry.instances("bigbench:strategyqa", limit=32))
+        """
+        return render_split(
+            DatasetSpec(dataset, split=split), None, cache_dir=self.settings.cache_path, limit=limit
+        )
+
+    def prune_decisions(self, before: dt.datetime, *, dry_run: bool = True) -> tuple[int, int]:
+        """Delete routing decisions made before ``before`` with their votes.
+
+        Args:
+            before: An aware datetime; decisions made earlier go.
+            dry_run: Only count what would go.
+
+        Returns:
+            ``(decisions, votes)`` deleted, or with ``dry_run`` that would be.
+        """
+        return self.context.library.prune_decisions(before, dry_run=dry_run)
+
+    # -- the schema (these work on an empty or out-of-date catalogue) --------------------------------------
+    def schema_revision(self) -> str | None:
+        """The catalogue's Alembic revision (None: no elmreg schema yet)."""
+        return self.context.schema_revision()
+
+    @staticmethod
+    def head_schema_revision() -> str:
+        """The newest schema revision this elmreg ships."""
+        from elmreg.registry.store import schema
+
+        return schema.head_revision()
+
+    def upgrade_schema(self, revision: str = "head") -> None:
+        """Migrate the catalogue up to ``revision`` (creating it on an empty database).
+
+        Raises:
+            ServiceError: The database cannot be reached.
+            CatalogueError: A migration failed (it is rolled back).
+        """
+        self.context.upgrade_schema(revision)
+
+    def downgrade_schema(self, revision: str) -> None:
+        """Migrate the catalogue down to ``revision``; ``base`` drops every elmreg table and its data.
+
+        Raises:
+            ServiceError: The database cannot be reached.
+            CatalogueError: An unknown revision, or a migration failed.
+        """
+        self.context.downgrade_schema(revision)
+
+    def check_pgvector(self, *, update: bool = False) -> str | None:
+        """Compare the database's pgvector with what filtered routing needs.
+
+        Args:
+            update: First update the extension to the newest version the server has.
+
+        Returns:
+            None when pgvector is recent enough (or not installed yet), else one line saying what to do.
+        """
+        return self.context.check_pgvector(update=update)
+
+    def endpoints(self):
+        """Where the catalogue and the bucket are (``registry.services.Endpoints``); starts the embedded
+        services if they are down."""
+        return self.context.endpoints
+
     def status(self) -> CatalogueSummary:
-        """Schema revision, library version and row counts."""
-        return self.context.audit.summary()
+        """Schema revision (and the head one), library version, server versions and row counts; describes an
+        empty or out-of-date catalogue too (no row counts then)."""
+        return self.context.summary()
+
+    def health(self) -> dict[str, Any]:
+        """What a server's health check asks: the catalogue answers and the bucket is reachable.
+
+        Returns:
+            ``{"library_version": N}``.
+
+        Raises:
+            ElmregError: The catalogue or the artifact store does not answer (the error says which).
+        """
+        library_version = self.context.library.library_version()
+        endpoints = self.context.endpoints
+        # Reading a key that never exists proves the bucket answers without writing anything.
+        self.context.artifacts.exists(f"s3://{endpoints.s3_bucket}/{endpoints.s3_prefix}.healthz")
+        return {"library_version": library_version}
+
+    # -- the server's API keys -----------------------------------------------------------------------------
+    def create_key(self, name: str) -> tuple[ApiKey, str]:
+        """Make an API key for ``elmreg serve``; the catalogue keeps only its digest.
+
+        Args:
+            name: Who it is for; the caller label of the routing decisions made for its requests.
+
+        Returns:
+            The key's record and the key itself, which nobody can see again after this.
+
+        Raises:
+            AlreadyExistsError: A key of that name exists (revoked ones too).
+        """
+        key = new_key()
+        return self.context.keys.add_key(name, key_digest(key), key[:SHOWN_CHARACTERS]), key
+
+    def api_keys(self) -> list[ApiKey]:
+        """Every API key, revoked ones too, oldest first."""
+        return self.context.keys.list_keys()
+
+    def revoke_key(self, name: str) -> ApiKey:
+        """Revoke ``name``'s key: servers refuse it within their key cache's lifetime (seconds).
+
+        Raises:
+            NotFoundError: No key of that name.
+        """
+        return self.context.keys.revoke_key(name)
+
+    # -- the scheduler -------------------------------------------------------------------------------------
+    def scheduler(self, config=None):
+        """A scheduler over this registry (``registry.scheduler.Scheduler``: ``.run(stop=event)``,
+        ``.shutdown()``): it queues training, nightly ingestion and nightly benchmarks; one is active at a time.
+
+        Args:
+            config: ``registry.scheduler.ScheduleConfig`` (default: every minute, ingest 01:00, benchmark 03:00).
+        """
+        from elmreg.registry.scheduler import Scheduler
+
+        return Scheduler(self.context, config)
+
+    # -- what a server needs of the catalogue ----------------------------------------------------------------
+    def find_key(self, key_sha256: str):
+        """The API key with this sha256 digest (None: no such key). ``serve.auth.KeyChecker`` checks callers
+        with it; the key itself is never stored."""
+        return self.context.keys.find_key(key_sha256)
+
+    def reserve_decision_ids(self, count: int) -> list[int]:
+        """``count`` routing-decision ids taken from the table's sequence before the rows exist: a server
+        answers with a decision's id and writes the decision in a batch after."""
+        return self.context.library.reserve_decision_ids(count)
+
+    def record_decisions(self, decisions) -> None:
+        """Write routing decisions (``PendingDecision`` s with reserved ids) and their votes in one transaction."""
+        self.context.library.record_decisions(decisions)
+
+    def backbone(self, key: int | str):
+        """A catalogued backbone (``registry.store.entities.Backbone``) by id or name. Raises NotFoundError."""
+        return self.context.catalogue.get_backbone(key)
+
+    # -- catalogue -----------------------------------------------------------------------------------------
 
     def tasks(self) -> list[Task]:
         """Every registered task, oldest first."""

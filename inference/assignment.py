@@ -13,14 +13,41 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from elmreg.registry.errors import UserError
 from elmreg.registry.kinds import get_expert_kind, weights_kind
-from elmreg.registry.store.entities import Expert
+from elmreg.registry.store.entities import Expert, ExpertTally, RoutingVote
 
-if TYPE_CHECKING:
-    from elmreg.inference.router import RoutingDecision
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """The outcome of one RoE run, as recorded in ``routing_decisions`` / ``routing_votes``."""
+
+    decision_id: int | None
+    chosen_expert_id: int | None
+    chosen_expert_name: str | None
+    library_version: int
+    q: int
+    top_k: int
+    latency_ms: float
+    tallies: list[ExpertTally] = field(default_factory=list)
+    votes: list[RoutingVote] = field(default_factory=list)
+    router: str = "roe"
+    router_params: dict[str, Any] = field(default_factory=dict)
+    # The embedder that embedded the queries and whose library entries were searched (None: an in-model router).
+    embedder: str | None = None
+    # An in-model router's experts, mixed inside the model for the answers (ids); empty for the others.
+    mixture: tuple[int, ...] = ()
+
+    @property
+    def margin(self) -> int:
+        """Votes of the winner minus votes of the runner-up (0 for a tie broken by similarity); the runner-up
+        is the second in the router's ranking (by weight, for weighted routers)."""
+        if not self.tallies:
+            return 0
+        runner_up = self.tallies[1].votes if len(self.tallies) > 1 else 0
+        return self.tallies[0].votes - runner_up
 
 
 @dataclass(frozen=True)

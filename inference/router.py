@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
 
-from elmreg.inference.assignment import Answerer, Assignment, Mixture
+from elmreg.inference.assignment import Answerer, Assignment, Mixture, RoutingDecision
 from elmreg.inference.routers import Retrieval, RoutingMethod, make_router, rank_tallies
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.embedder import Embedder, load_embedder
@@ -38,36 +38,6 @@ T = TypeVar("T")
 
 # Writes a decision and its votes, returning its id (the library store's record_decision, or a server's batch).
 Recorder = Callable[[RoutingDecisionRecord, Sequence[RoutingVote]], int]
-
-
-@dataclass(frozen=True)
-class RoutingDecision:
-    """The outcome of one RoE run, as recorded in ``routing_decisions`` / ``routing_votes``."""
-
-    decision_id: int | None
-    chosen_expert_id: int | None
-    chosen_expert_name: str | None
-    library_version: int
-    q: int
-    top_k: int
-    latency_ms: float
-    tallies: list[ExpertTally] = field(default_factory=list)
-    votes: list[RoutingVote] = field(default_factory=list)
-    router: str = "roe"
-    router_params: dict[str, Any] = field(default_factory=dict)
-    # The embedder that embedded the queries and whose library entries were searched (None: an in-model router).
-    embedder: str | None = None
-    # An in-model router's experts, mixed inside the model for the answers (ids); empty for the others.
-    mixture: tuple[int, ...] = ()
-
-    @property
-    def margin(self) -> int:
-        """Votes of the winner minus votes of the runner-up (0 for a tie broken by similarity); the runner-up
-        is the second in the router's ranking (by weight, for weighted routers)."""
-        if not self.tallies:
-            return 0
-        runner_up = self.tallies[1].votes if len(self.tallies) > 1 else 0
-        return self.tallies[0].votes - runner_up
 
 
 def sample_queries(queries: Sequence[T], q: int | None, *, seed: int = 0) -> list[T]:

@@ -18,23 +18,31 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
-from elmreg.registry.store.entities import PendingDecision, RoutingDecisionRecord, RoutingVote
-from elmreg.registry.store.library import LibraryStore
+from elmreg.api import PendingDecision, RoutingDecisionRecord, RoutingVote
 
 _log = logging.getLogger(__name__)
+
+
+class DecisionStore(Protocol):
+    """What the writer needs of the catalogue's library store."""
+
+    def reserve_decision_ids(self, count: int) -> list[int]: ...
+
+    def record_decisions(self, decisions: Sequence[PendingDecision]) -> None: ...
 
 
 class DecisionWriter:
     """Queues routing decisions and writes them in batches from a thread of its own.
 
-    Its :meth:`record` has the signature of ``LibraryStore.record_decision``, so it is what a server hands the
+    Its :meth:`record` has the signature of the library store's ``record_decision``, so it is what a server hands the
     router as ``recorder``.
     """
 
     def __init__(
         self,
-        store: LibraryStore,
+        store: DecisionStore,
         *,
         spill_dir: Path,
         flush_interval_s: float = 0.2,

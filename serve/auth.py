@@ -1,31 +1,23 @@
-"""API keys: made once and shown once, kept as sha256 digests, checked per request with a short memory."""
+"""API keys checked per request, with a short memory; and which listen addresses are this machine's."""
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
-import secrets
 import threading
 import time
+from typing import Protocol
 
-from elmreg.registry.store.entities import ApiKey
-from elmreg.registry.store.keys import KeyStore
+from elmreg.api import ApiKey
+from elmreg.api_keys import KEY_PREFIX, key_digest
 
-KEY_PREFIX = "elmreg-"
 # How long a checked key is trusted without asking the catalogue again: revoking a key takes this long to bite.
 KEY_CACHE_SECONDS = 10.0
 
 
-def key_digest(key: str) -> str:
-    """The hex sha256 the catalogue keeps instead of the key. Keys carry 256 random bits, so a plain hash (no
-    salt, no slow KDF) cannot be reversed, and lookups by digest stay one index probe."""
-    return hashlib.sha256(key.encode()).hexdigest()
+class KeyLookup(Protocol):
+    """Where a checker finds keys by digest (the catalogue's key store)."""
 
-
-def create_key(store: KeyStore, name: str) -> tuple[ApiKey, str]:
-    """A new key for ``name``: its record and the key itself, which nobody can see again after this."""
-    key = KEY_PREFIX + secrets.token_urlsafe(32)
-    return store.add_key(name, key_digest(key), key[: len(KEY_PREFIX) + 6]), key
+    def find_key(self, key_sha256: str) -> ApiKey | None: ...
 
 
 def is_loopback(host: str) -> bool:
@@ -41,7 +33,7 @@ def is_loopback(host: str) -> bool:
 class KeyChecker:
     """Answers "whose key is this?" for ``Authorization: Bearer <key>`` headers."""
 
-    def __init__(self, store: KeyStore, *, cache_seconds: float = KEY_CACHE_SECONDS):
+    def __init__(self, store: KeyLookup, *, cache_seconds: float = KEY_CACHE_SECONDS):
         self.store = store
         self.cache_seconds = cache_seconds
         self._known: dict[str, tuple[ApiKey, float]] = {}

@@ -7,10 +7,15 @@ when they would not (``user``, ``stream_options``, default values): clients writ
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from elmreg.registry.errors import ElmregError, NotFoundError, ServiceError, UserError
+
+_log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -34,6 +39,22 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def as_api_error(error: BaseException) -> ApiError:
+    """The refusal a failure becomes: elmreg's errors by their meaning, anything else a logged 500."""
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, NotFoundError):
+        return ApiError(404, str(error))
+    if isinstance(error, UserError):
+        return ApiError(400, str(error))
+    if isinstance(error, ServiceError):
+        return ApiError(503, str(error))
+    if isinstance(error, ElmregError):
+        return ApiError(500, str(error))
+    _log.error("request failed", exc_info=error)
+    return ApiError(500, f"internal error: {type(error).__name__}")
 
 
 @dataclass(frozen=True)

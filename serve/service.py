@@ -18,7 +18,6 @@ from elmreg.inference.assignment import Answerer
 from elmreg.registry.backbones import resolve_device
 from elmreg.registry.errors import NotFoundError
 from elmreg.registry.prompts import PromptedExample
-from elmreg.registry.store.entities import Expert
 from elmreg.serve.audit import DecisionWriter
 from elmreg.serve.auth import KeyChecker
 from elmreg.serve.batcher import Batcher
@@ -26,7 +25,7 @@ from elmreg.serve.metrics import ServeMetrics
 from elmreg.serve.protocol import ApiError, Limits
 
 if TYPE_CHECKING:
-    from elmreg.api import Registry
+    from elmreg.api import Expert, Registry
 
 _log = logging.getLogger(__name__)
 
@@ -81,11 +80,10 @@ class ServingService:
         auth: bool = True,
     ):
         self.registry = registry
-        self.context = registry.context
         self.limits = limits or Limits()
         self.metrics = ServeMetrics()
         self.auth = auth
-        self.keys = KeyChecker(self.context.keys) if auth else None
+        self.keys = KeyChecker(registry) if auth else None
         self.backbone_name = registry.settings.backbone
         engine = registry.engine(self.backbone_name, capacity=pool_capacity, device=resolve_device(device))
         engine.max_batch, engine.observer = max_batch, self.metrics
@@ -101,7 +99,7 @@ class ServingService:
             threading.Lock()
         )  # one embedding + vote at a time: they share the CPU with the engine
         self.writer = DecisionWriter(
-            self.context.library,
+            registry,
             spill_dir=registry.settings.home / "serve",
             on_written=self.metrics.decisions_written.inc,
         )
@@ -111,7 +109,7 @@ class ServingService:
 
     def _catalogue_backbone_id(self) -> int | None:
         try:
-            return self.context.catalogue.get_backbone(self.backbone_name).id
+            return self.registry.backbone(self.backbone_name).id
         except NotFoundError:
             return None  # nothing trained on it yet: only 'base' answers
 
@@ -124,11 +122,7 @@ class ServingService:
     def ready_experts(self) -> list[Expert]:
         if self.backbone_id is None:
             self.backbone_id = self._catalogue_backbone_id()
-        return [
-            e
-            for e in self.context.catalogue.list_experts(status="ready")
-            if e.backbone_id == self.backbone_id
-        ]
+        return [e for e in self.registry.experts(status="ready") if e.backbone_id == self.backbone_id]
 
     def expert(self, model: str) -> Expert | None:
         """The expert ``model`` names (name or id; ``base``: None).
@@ -143,7 +137,7 @@ class ServingService:
         if cached is not None and now - cached[1] < _EXPERT_CACHE_SECONDS:
             return cached[0]
         try:
-            expert = self.context.catalogue.get_expert(model)
+            expert = self.registry.expert(model)
         except NotFoundError:
             raise ApiError(
                 404,

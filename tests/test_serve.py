@@ -30,7 +30,6 @@ from elmreg.api import Registry
 from elmreg.cli.main import cli
 from elmreg.registry.prompts import PromptedExample
 from elmreg.registry.store import schema
-from elmreg.serve.auth import create_key
 from elmreg.serve.protocol import Limits
 from elmreg.serve.server import bind, build_server
 from elmreg.serve.service import ServingService
@@ -94,7 +93,7 @@ def served(settings, database, tiny_backbones, tmp_path_factory):
     lab.add_task("bigbench:moods", max_examples=48, training=FAST)
     lab.add_task("bigbench:echo", max_examples=24, training=FAST, kind="ffn_adapter")
     assert all(j.status == "succeeded" for j in lab.train())
-    _, key = create_key(lab.context.keys, "tester")
+    _, key = lab.create_key("tester")
     # The server gets a registry of its own: one backbone per registry, and the tests use lab's meanwhile.
     server, service = build_server(
         Registry(lab_settings), device="cpu", max_batch=8, pool_capacity=4, limits=LIMITS, log_level="warning"
@@ -238,9 +237,9 @@ def test_api_keys_are_required_and_checked(served):
     assert served.client(key=carol).models.list()
     assert "carol" in CliRunner().invoke(cli, ["serve", "keys", "list"], env=env).output
     CliRunner().invoke(cli, ["serve", "keys", "create", "dave"], env=env)
-    dave = served.lab.context.keys.list_keys()[-1]
+    dave = served.lab.api_keys()[-1]
     assert CliRunner().invoke(cli, ["serve", "keys", "revoke", dave.name], env=env).exit_code == 0
-    assert served.lab.context.keys.list_keys()[-1].revoked_at is not None
+    assert served.lab.api_keys()[-1].revoked_at is not None
     refused = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0", "--no-auth"], env=env)
     assert refused.exit_code == 2 and "loopback" in refused.output
 
