@@ -29,18 +29,16 @@ import json
 import os
 import platform
 import time
-import uuid
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import text
+from scratch import DIM, PER_EXPERT, queries_near, scratch_context, synthetic_experts
 
 from elmreg.inference.router import Router, rank_tallies
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.embedder import load_embedder
 from elmreg.registry.settings import load_settings
-from elmreg.registry.store import schema
 from elmreg.registry.store.entities import (
     ExpertTally,
     LibraryEntry,
@@ -49,12 +47,6 @@ from elmreg.registry.store.entities import (
     StoredArtifact,
 )
 from elmreg.registry.store.sql.library import SqlLibraryStore
-
-DIM, PER_EXPERT, NOISE = 384, 100, 1.0
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -94,13 +86,7 @@ class Library:
         """Publish experts until the library has ``size`` entries; returns the ingest numbers."""
         new_experts = (size - len(self.vectors)) // PER_EXPERT
         first = len(self.centres)
-        centres = unit(self.rng.normal(size=(new_experts, DIM)))
-        owners = np.repeat(np.arange(first, first + new_experts), PER_EXPERT)
-        # Noise of norm ~1 around a unit centre: samples of one expert have cosine ~0.5 with each other, about
-        # what all-MiniLM-L6-v2 gives for instances of one task.
-        vectors = unit(
-            centres[owners - first] + NOISE * self.rng.normal(size=(len(owners), DIM)) / np.sqrt(DIM)
-        )
+        centres, owners, vectors = synthetic_experts(self.rng, new_experts, first)
         catalogue = self.context.catalogue
         started = time.perf_counter()
         # As index_built_after does, but the caller builds (and times) each index variant afterwards.
@@ -137,14 +123,27 @@ class Library:
     def decisions(self, count: int, q: int) -> list[tuple[np.ndarray, int]]:
         """``count`` query sets of ``q`` queries, each drawn near one random expert (a task's instances)."""
         targets = self.rng.integers(0, len(self.centres), size=count)
-        return [
-            (unit(self.centres[t] + NOISE * self.rng.normal(size=(q, DIM)) / np.sqrt(DIM)), int(t))
-            for t in targets
-        ]
+        return [(queries_near(self.rng, self.centres[t], q), int(t)) for t in targets]
 
 
 def store_with(context: RegistryContext, **options) -> SqlLibraryStore:
     return SqlLibraryStore(context.sessions, LibrarySearchOptions(**options))
+
+
+def routing_variants(index_type: str, args) -> list[tuple[str, int, dict]]:
+    """The searches measured on an index: ``(name, ef_search, store options)``; the first ef_search (and, on a
+    bit index, every re-rank depth at it) on 1 and 2 connections. A bit index's search reads
+    max(ef_search, rerank) graph candidates and re-ranks the nearest ``rerank`` of them exactly."""
+    if index_type != "bit":
+        return [
+            (f"{index_type} ef={ef}", ef, {"index_type": index_type, "both_splits": ef == args.ef_search[0]})
+            for ef in args.ef_search
+        ]
+    ef = args.ef_search[0]
+    return [
+        (f"bit rerank={rerank}", ef, {"index_type": "bit", "rerank": rerank, "both_splits": True})
+        for rerank in args.rerank
+    ]
 
 
 def measure_sql(store, library: Library, decisions, exact, ef_search: int) -> dict:
@@ -207,15 +206,15 @@ def bench_size(
         save(row)
         if workers == 0:
             continue
-        for ef in args.ef_search:
-            for connections in (1, 2) if ef == args.ef_search[0] else (1,):
-                search = store_with(context, index_type=index_type, parallel_connections=connections)
-                name = f"{index_type} ef={ef} conn={connections}"
-                row["routing"][name] = measure_sql(search, library, decisions, exact, ef)
-                r = row["routing"][name]
+        for name, ef, options in routing_variants(index_type, args):
+            for connections in (1, 2) if options.pop("both_splits") else (1,):
+                search = store_with(context, **options, parallel_connections=connections)
+                key = f"{name} conn={connections}"
+                row["routing"][key] = measure_sql(search, library, decisions, exact, ef)
+                r = row["routing"][key]
                 save(row)
                 print(
-                    f"   SQL {name}: p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, recall {r['recall']:.3f}, "
+                    f"   SQL {key}: p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, recall {r['recall']:.3f}, "
                     f"vote {r['vote_agreement']:.3f}",
                     flush=True,
                 )
@@ -315,6 +314,48 @@ def graph_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def comparison_table(rows: list[dict]) -> str:
+    """Per size, every index type and search side by side (the vector HNSW baseline first): build, index size,
+    p50 / p95 on one connection, p50 split over two, per-query recall@1 and decisions equal to exact search;
+    then the exact numpy and FAISS references of the same run."""
+    lines = [
+        "| entries | index, search | build (s) | index (MiB) | p50 / p95 ms, 1 conn | p50 ms, 2 conn "
+        "| recall@1 | vote = exact |",
+        "|---:|---|---:|---:|---|---:|---:|---:|",
+    ]
+    order = {"vector": 0, "halfvec": 1, "bit": 2}
+    for r in rows:
+        singles = sorted(
+            (name for name in r["routing"] if name.endswith(" conn=1")),
+            key=lambda n: (order.get(n.split()[0], 3), int(n.split()[1].split("=")[1])),
+        )
+        for name in singles:
+            index_type, search = name.split()[0], name.split()[1]
+            one, two = r["routing"][name], r["routing"].get(name.replace("conn=1", "conn=2"))
+            build = _build(r, index_type) or {}
+            lines.append(
+                f"| {r['size']:,} | {index_type}, {search.replace('=', ' ')} | {_ms(build or None, 'build_s')} "
+                f"| {build.get('index_bytes', 0) / 2**20:,.0f} | {_ms(one)} / {_ms(one, 'p95_ms')} | {_ms(two)} "
+                f"| {one['recall']:.3f} | {one['vote_agreement']:.0%} |"
+            )
+        f = r.get("faiss")
+        lines.append(
+            f"| {r['size']:,} | numpy exact; FAISS HNSW (m 16, ef 40) | – ; {_ms(f, 'build_s')} | | "
+            f"{_ms(r['numpy'], fmt='{:.1f}')} ; {_ms(f, fmt='{:.1f}')} | | 1.000 ; "
+            f"{_ms(f, 'recall', '{:.3f}')} | 100% ; {_ms(f, 'vote_agreement', '{:.0%}')} |"
+        )
+    return "\n".join(lines)
+
+
+def print_tables(rows: list[dict], args) -> None:
+    if any(r.get("routing") for r in rows):
+        print("\n" + comparison_table(rows))
+    if any(name.startswith("vector ") for r in rows for name in r.get("routing", {})):
+        print("\n" + table(rows, args.ef_search[0]))
+    if any(r.get("graphs") for r in rows):
+        print("\n" + graph_table(rows))
+
+
 def _build(row: dict, index_type: str, parallel: bool = True) -> dict | None:
     return next(
         (
@@ -400,7 +441,7 @@ def figure(rows: list[dict], path: Path, ef: int) -> None:
     fig.savefig(path, dpi=110)
 
 
-def report(paths: list[Path], figure_path: Path | None, ef: int) -> None:
+def report(paths: list[Path], figure_path: Path | None, args) -> None:
     """The table (and figure) of earlier runs' JSON files, rows by size."""
     rows = sorted(
         (row for path in paths for row in json.loads(path.read_text())["rows"]), key=lambda r: r["size"]
@@ -408,12 +449,9 @@ def report(paths: list[Path], figure_path: Path | None, ef: int) -> None:
     for path in paths:
         meta = json.loads(path.read_text())["meta"]
         print(f"{path}: PostgreSQL {meta['server']}, pgvector {meta['pgvector']}; {meta['machine']}")
-    if any(r.get("builds") for r in rows):
-        print(table(rows, ef))
-    if any(r.get("graphs") for r in rows):
-        print("\n" + graph_table(rows))
+    print_tables(rows, args)
     if figure_path:
-        figure(rows, figure_path, ef)
+        figure(rows, figure_path, args.ef_search[0])
 
 
 def main() -> None:
@@ -429,8 +467,13 @@ def main() -> None:
     parser.add_argument("--build-memory", default="3GB", help="maintenance_work_mem for the builds.")
     parser.add_argument(
         "--index-types",
-        default="halfvec,vector",
+        default="bit,halfvec,vector",
         help="Index types to build and route on, vector last ('': none, only the --graphs).",
+    )
+    parser.add_argument(
+        "--rerank",
+        default="40,100,200",
+        help="Re-rank depths measured on the bit index (at the first ef_search).",
     )
     parser.add_argument("--faiss-threads", type=int, default=1, help="OpenMP threads for FAISS.")
     parser.add_argument(
@@ -450,8 +493,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.ef_search = [int(e) for e in args.ef_search.split(",")]
+    args.rerank = [int(r) for r in args.rerank.split(",")]
     if args.report:
-        return report(args.report, args.figure, args.ef_search[0])
+        return report(args.report, args.figure, args)
     args.index_types = [t for t in args.index_types.split(",") if t]  # none: only the --graphs
     args.graphs = [tuple(int(v) for v in pair.split(":")) for pair in args.graphs.split(",") if pair]
     try:
@@ -463,16 +507,8 @@ def main() -> None:
     except ImportError:
         faiss = None
     settings = load_settings()
-    base = RegistryContext(settings)
-    name = f"elmreg_scale_{uuid.uuid4().hex[:6]}"
-    with base.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-        c.execute(text(f"CREATE DATABASE {name}"))
-    context = RegistryContext(
-        settings.replace(database_url=base.engine.url.set(database=name).render_as_string(False))
-    )
     rows = []
-    try:
-        schema.upgrade(context.engine)
+    with scratch_context(settings, "elmreg_scale") as context:
         summary = context.summary()
         embedder = None if args.no_embedder else load_embedder(settings.embedder)
         # The library's embedder carries the real embedder's name, so the router's end-to-end path searches it.
@@ -498,17 +534,9 @@ def main() -> None:
         for size in (int(s) for s in args.sizes.split(",")):
             rows.append(bench_size(library, size, args, faiss, router, save))
             save()
-        if args.index_types:
-            print("\n" + table(rows, args.ef_search[0]))
-        if args.graphs:
-            print("\n" + graph_table(rows))
+        print_tables(rows, args)
         if args.figure:
             figure(rows, args.figure, args.ef_search[0])
-    finally:
-        context.close()
-        with base.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-            c.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        base.close()
 
 
 if __name__ == "__main__":

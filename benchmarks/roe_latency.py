@@ -16,33 +16,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import uuid
 from collections import Counter
 
 import numpy as np
-from sqlalchemy import text
+from scratch import DIM, PER_EXPERT, queries_near, scratch_context, synthetic_experts
 
 from elmreg.registry.context import RegistryContext
 from elmreg.registry.settings import load_settings
-from elmreg.registry.store import schema
 from elmreg.registry.store.entities import LibraryEntry, StoredArtifact
 
-DIM, PER_EXPERT, NOISE = 384, 100, 1.0
 HEADER = f"{'entries':>8} {'method':<28} {'ms':>8} {'top-1 agree':>12} {'vote agrees':>12}"
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def synthetic_library(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    experts = size // PER_EXPERT
-    centres = unit(rng.normal(size=(experts, DIM)))
-    owners = np.repeat(np.arange(experts), PER_EXPERT)
-    # Noise of norm ~1 around a unit centre: samples of one expert have cosine ~0.5 with each other, about what
-    # all-MiniLM-L6-v2 gives for instances of one task.
-    vectors = unit(centres[owners] + NOISE * rng.normal(size=(size, DIM)) / np.sqrt(DIM))
-    return centres, owners, vectors
 
 
 def fill(context: RegistryContext, owners: np.ndarray, vectors: np.ndarray) -> tuple[int, dict[int, int]]:
@@ -85,10 +68,10 @@ def vote(owner_of_hit: list[int]) -> int:
 def bench_size(context: RegistryContext, size: int, rng: np.random.Generator, args, faiss) -> None:
     """Fill one scratch catalogue with ``size`` entries and print a row per method."""
     print(f"\nlibrary of {size} entries ({size // PER_EXPERT} experts):")
-    centres, owners, vectors = synthetic_library(size, rng)
+    centres, owners, vectors = synthetic_experts(rng, size // PER_EXPERT)
     embedder_id, expert_ids = fill(context, owners, vectors)
     targets = rng.integers(0, len(centres), size=args.q)
-    queries = unit(centres[targets] + NOISE * rng.normal(size=(args.q, DIM)) / np.sqrt(DIM))
+    queries = np.concatenate([queries_near(rng, centres[t], 1) for t in targets])
 
     exact_ms, exact_hits = timed(lambda: np.argmax(vectors @ queries.T, axis=0), args.repeats)
     exact_vote = vote([int(owners[h]) for h in exact_hits])
@@ -132,7 +115,6 @@ def main() -> None:
     parser.add_argument("--ef-search", default="40,100", help="pgvector/FAISS ef_search values to compare.")
     args = parser.parse_args()
     settings = load_settings()
-    base = RegistryContext(settings)
     rng = np.random.default_rng(0)
     try:
         import faiss
@@ -141,20 +123,8 @@ def main() -> None:
 
     print(f"RoE latency, Q={args.q}, {DIM}-d, median of {args.repeats}; agreement is with exact search")
     for size in (int(s) for s in args.sizes.split(",")):
-        name = f"elmreg_bench_{uuid.uuid4().hex[:6]}"
-        with base.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-            c.execute(text(f"CREATE DATABASE {name}"))
-        context = RegistryContext(
-            settings.replace(database_url=base.engine.url.set(database=name).render_as_string(False))
-        )
-        try:
-            schema.upgrade(context.engine)
+        with scratch_context(settings, "elmreg_bench") as context:
             bench_size(context, size, rng, args, faiss)
-        finally:
-            context.close()
-            with base.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-                c.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-    base.close()
 
 
 if __name__ == "__main__":

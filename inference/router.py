@@ -79,6 +79,10 @@ def _search_details(result: VoteResult, ef_search: int) -> dict:
     """What a decision's audit row says about its search: the candidate list size, and which queries had to
     scan past it (their nearest candidates belonged to hidden experts) or were answered by an exact scan."""
     details: dict = {"ef_search": ef_search, "tie_break": "score_sum"}
+    if result.index_type is not None:
+        details["index_type"] = result.index_type
+    if result.rerank is not None:
+        details["rerank"] = result.rerank
     if result.scanned_past_ef_search:
         details["scanned_past_ef_search"] = result.scanned_past_ef_search
     if result.exact_search:
@@ -295,6 +299,8 @@ class Router:
                 [ExpertTally(e, names[e], 0, 0.0) for e in {v.expert_id for v in by_query.get(index, [])}],
                 scanned_past_ef_search=[0] if index in result.scanned_past_ef_search else [],
                 exact_search=[0] if index in result.exact_search else [],
+                index_type=result.index_type,
+                rerank=result.rerank,
             )
             votes, tallies = method.tally(own)
             self._require_votes(embedder, votes, version, kinds)

@@ -79,6 +79,7 @@ class RegistryContext:
         s = self.settings
         return LibrarySearchOptions(
             index_type=s.library_index_type,
+            rerank=s.routing_rerank,
             iterative_scan=s.routing_iterative_scan,
             max_scan_tuples=s.routing_max_scan_tuples,
             parallel_connections=s.routing_parallel_connections,

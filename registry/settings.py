@@ -115,9 +115,16 @@ class Settings(BaseSettings):
         le=64,
         description="Pooled connections the Q queries of one decision are split over (1: no split).",
     )
-    library_index_type: Literal["vector", "halfvec"] = Field(
+    library_index_type: Literal["vector", "halfvec", "bit"] = Field(
         "vector",
-        description="Type the HNSW index compares in: vector (float32) or halfvec (float16, half the index size).",
+        description="Type the HNSW index compares in: vector (float32), halfvec (float16, half the index size) "
+        "or bit (binary quantization by Hamming distance, a sixth of the index size, re-ranked exactly).",
+    )
+    routing_rerank: int = Field(
+        100,
+        ge=1,
+        le=1000,
+        description="With the bit index: Hamming-nearest candidates per query re-ranked by the exact inner product.",
     )
     library_build_memory: str = Field(
         "2GB",

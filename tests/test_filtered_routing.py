@@ -17,7 +17,7 @@ from elmreg.cli.main import cli
 from elmreg.inference.router import Router, rank_tallies
 from elmreg.registry.store.entities import LibraryEntry, LibrarySearchOptions, StoredArtifact
 from elmreg.registry.store.models import hnsw_index_name
-from elmreg.registry.store.sql.library import SqlLibraryStore
+from elmreg.registry.store.sql.library import INDEX_TYPES, SqlLibraryStore
 
 DIM, Q, EF_SEARCH = 384, 16, 40
 
@@ -75,15 +75,32 @@ class Library:
         return best, ranked[0].expert_id
 
 
-@pytest.fixture
-def crowded(fresh_registry):
-    return Library(fresh_registry, np.random.default_rng(7))
+def _assert_nearest(library, found: list[int], best: list[int]) -> None:
+    """Per query, the expert of the nearest visible entry: exactly for the float indexes (the graph is exact at
+    a few hundred visible entries); for ``bit`` most of them, because the exact nearest entry of a query among
+    these far, diffuse experts is often past the 100 Hamming-nearest that are re-ranked (a re-rank as deep as
+    the visible entries is exact: ``test_bit_rerank_as_deep_as_the_library_is_exact``)."""
+    if library.index_type == "bit":
+        assert sum(f == b for f, b in zip(found, best, strict=True)) >= Q - 4, (found, best)
+    else:
+        assert found == best
+
+
+@pytest.fixture(params=INDEX_TYPES)
+def crowded(request, fresh_registry):
+    """The library on a fresh database, its embedder's HNSW index of each type in turn."""
+    library = Library(fresh_registry, np.random.default_rng(7))
+    store = SqlLibraryStore(fresh_registry.sessions, LibrarySearchOptions(index_type=request.param))
+    store.build_index(library.embedder.id, DIM)
+    assert store.storage(library.embedder.id).index_type == request.param
+    library.index_type = request.param
+    return library
 
 
 def _check(library, result, queries, visible_ids):
     best, choice = library.exact(queries, visible_ids)
     assert sorted({v.query_index for v in result.votes}) == list(range(Q)), "a query lost its vote"
-    assert [v.expert_id for v in result.votes] == best
+    _assert_nearest(library, [v.expert_id for v in result.votes], best)
     assert rank_tallies(result.tallies)[0].expert_id == choice
     # The crowding hid every candidate of the first ef_search: the scan went further for those queries.
     assert result.scanned_past_ef_search
@@ -156,6 +173,7 @@ def test_exact_scan_answers_crowded_queries_without_iterative_scans(crowded):
         ef_search=EF_SEARCH,
     )
     best, choice = crowded.exact(queries, visible)
+    # The exact scan compares float32 inner products whatever the index type: exact for every query.
     assert [v.expert_id for v in result.votes] == best
     assert rank_tallies(result.tallies)[0].expert_id == choice
     assert result.exact_search == list(range(Q)) and not result.scanned_past_ef_search
@@ -173,21 +191,63 @@ def test_split_over_connections_gives_the_same_votes(crowded):
     assert split.votes == one.votes and split.tallies == one.tallies
 
 
-def test_halfvec_index_routes_like_vector(crowded):
-    for i in range(4):
-        crowded.publish(f"e-{i}")
+def test_every_index_type_routes_like_exact_search(crowded):
+    visible = [crowded.publish(f"e-{i}").id for i in range(4)]
     queries = crowded.queries()
     version = crowded.context.library.library_version()
-    before = crowded.context.library.vote(crowded.embedder.id, queries, library_version=version)
-    half = SqlLibraryStore(crowded.context.sessions, LibrarySearchOptions(index_type="halfvec"))
-    half.build_index(crowded.embedder.id, DIM)
-    assert half.storage(crowded.embedder.id).index_type == "halfvec"
-    after = SqlLibraryStore(crowded.context.sessions).vote(
+    result = SqlLibraryStore(crowded.context.sessions).vote(
         crowded.embedder.id, queries, library_version=version
     )
-    assert [v.entry_id for v in after.votes] == [v.entry_id for v in before.votes]
-    # Scores stay float32 inner products.
-    assert [v.score for v in after.votes] == pytest.approx([v.score for v in before.votes], abs=1e-6)
+    best, choice = crowded.exact(queries, visible)
+    _assert_nearest(crowded, [v.expert_id for v in result.votes], best)
+    assert rank_tallies(result.tallies)[0].expert_id == choice
+    assert result.index_type == crowded.index_type and not result.exact_search
+    assert result.rerank == (100 if crowded.index_type == "bit" else None)
+    # Scores are float32 inner products whatever the index compares (float16 copies, sign bits): each one is
+    # the exact similarity of some visible entry, the best one's wherever the expert is the exact one.
+    vectors = np.stack(
+        [e.embedding for i in visible for e in crowded.context.library.entries(i, crowded.embedder.id)]
+    )
+    similarities = queries @ vectors.T
+    for vote in result.votes:
+        assert np.abs(similarities[vote.query_index] - vote.score).min() <= 1e-6
+        if crowded.index_type != "bit":
+            assert vote.score == pytest.approx(similarities[vote.query_index].max(), abs=1e-6)
+
+
+def test_bit_rerank_as_deep_as_the_library_is_exact(fresh_registry):
+    """The bit index's candidates are re-ranked by float32 inner products under the same filters: with a re-rank
+    as deep as the library (450 entries), each query gets its exact nearest visible entry."""
+    library = Library(fresh_registry, np.random.default_rng(7))
+    store = SqlLibraryStore(fresh_registry.sessions, LibrarySearchOptions(index_type="bit", rerank=450))
+    store.build_index(library.embedder.id, DIM)
+    visible = [library.publish(f"far-{i}").id for i in range(3)]
+    retired = library.publish("retired-crowd", crowd=True, count=150)
+    fresh_registry.catalogue.retire_expert(retired.id)
+    queries = library.queries()
+    result = store.vote(
+        library.embedder.id, queries, library_version=store.library_version(), ef_search=EF_SEARCH
+    )
+    best, choice = library.exact(queries, visible)
+    assert [v.expert_id for v in result.votes] == best
+    assert rank_tallies(result.tallies)[0].expert_id == choice
+    assert result.rerank == 450 and result.index_type == "bit"
+
+
+def test_nearest_entries_of_every_index_type(crowded):
+    visible = [crowded.publish(f"e-{i}").id for i in range(2)]
+    retired = crowded.publish("retired-crowd", crowd=True, count=150)
+    crowded.context.catalogue.retire_expert(retired.id)
+    query = crowded.queries()[0]
+    hits = crowded.context.library.nearest_entries(crowded.embedder.id, query, k=3)
+    vectors = [
+        (np.asarray(e.embedding, dtype=np.float32) @ query, expert_id)
+        for expert_id in visible
+        for e in crowded.context.library.entries(expert_id, crowded.embedder.id)
+    ]
+    expected = sorted(vectors, key=lambda x: -x[0])[:3]
+    assert [h.expert_id for h in hits] == [e for _, e in expected]
+    assert [h.score for h in hits] == pytest.approx([float(s) for s, _ in expected], abs=1e-6)
 
 
 class _FixedEmbedder:
@@ -221,6 +281,8 @@ def test_decision_records_queries_that_scanned_past_ef_search(crowded):
         ).scalar_one()
     assert recorded["scanned_past_ef_search"] == list(range(Q))
     assert recorded["ef_search"] == EF_SEARCH
+    assert recorded["index_type"] == crowded.index_type
+    assert recorded.get("rerank") == (100 if crowded.index_type == "bit" else None)
 
 
 def test_hnsw_graph_settings_apply_when_the_index_is_rebuilt(lab):
@@ -243,5 +305,15 @@ def test_hnsw_graph_settings_apply_when_the_index_is_rebuilt(lab):
     assert result.exit_code == 0, result.output
     assert "rebuilt the index of 0 entries" in result.output and "halfvec" in result.output
     assert "m='8'" in definition() and "ef_construction='40'" in definition() and "halfvec" in definition()
+    switched = CliRunner().invoke(
+        cli, ["library", "reindex"], env={**env, "ELMREG_LIBRARY_INDEX_TYPE": "bit"}
+    )
+    assert switched.exit_code == 0 and "bit" in switched.output, switched.output
+    assert "binary_quantize" in definition() and "bit_hamming_ops" in definition()
+    bad_type = CliRunner().invoke(
+        cli, ["library", "reindex"], env={**env, "ELMREG_LIBRARY_INDEX_TYPE": "int8"}
+    )
+    assert bad_type.exit_code == 2 and "Traceback" not in bad_type.output
+    assert "bit_hamming_ops" in definition()  # nothing rebuilt
     bad = CliRunner().invoke(cli, ["library", "reindex"], env={**env, "ELMREG_LIBRARY_HNSW_M": "1"})
     assert bad.exit_code == 2 and "Traceback" not in bad.output and "library_hnsw_m" in bad.output.lower()

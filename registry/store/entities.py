@@ -277,21 +277,28 @@ class VoteResult:
     ``scanned_past_ef_search`` lists the queries whose first ``ef_search`` index candidates held fewer than
     ``top_k`` visible entries (retired, pinned-out or filtered experts crowded them), so the index scan went on;
     ``exact_search`` those that were answered by an exact scan (the index scan stopped at its tuple limit, or
-    the server's pgvector has no iterative scans).
+    the server's pgvector has no iterative scans). ``index_type`` is the type the index compared in (``None``
+    when no index was searched) and ``rerank`` how many Hamming candidates per query a ``bit`` index's search
+    re-ranked exactly (``None`` for the other types).
     """
 
     votes: list[RoutingVote]
     tallies: list[ExpertTally]
     scanned_past_ef_search: list[int] = field(default_factory=list)
     exact_search: list[int] = field(default_factory=list)
+    index_type: str | None = None
+    rerank: int | None = None
 
 
 @dataclass(frozen=True)
 class LibrarySearchOptions:
     """How the library's vector index is built and searched (from the ``library_*`` / ``routing_*`` settings)."""
 
-    # Storage type the HNSW index compares in: 'vector' (float32) or 'halfvec' (float16, half the size).
+    # Storage type the HNSW index compares in: 'vector' (float32), 'halfvec' (float16, half the size) or 'bit'
+    # (binary quantization by Hamming distance, its candidates re-ranked by the exact inner product).
     index_type: str = "vector"
+    # With 'bit': the Hamming-nearest candidates per query re-ranked by the exact inner product.
+    rerank: int = 100
     # pgvector 0.8 iterative index scan mode for filtered queries: 'strict_order', 'relaxed_order' or 'off'
     # (such queries are answered by an exact scan instead).
     iterative_scan: str = "strict_order"

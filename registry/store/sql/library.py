@@ -44,7 +44,7 @@ from elmreg.registry.store.models import (
 from elmreg.registry.store.session import ManagedSessions
 from elmreg.registry.store.sql import records
 
-INDEX_TYPES = ("vector", "halfvec")
+INDEX_TYPES = ("vector", "halfvec", "bit")
 # "off": queries crowded out of their ef_search candidates go straight to an exact scan.
 ITERATIVE_SCANS = ("strict_order", "relaxed_order", "off")
 # pgvector's first version with iterative index scans (hnsw.iterative_scan); older servers get exact fallbacks.
@@ -92,7 +92,8 @@ def routable_filters(kinds: bool, backbone: bool) -> list[str]:
 
 
 def vector_cast(index_type: str, dimension: int) -> str:
-    """The type an embedder's entries and queries are cast to for its index: ``vector(d)`` or ``halfvec(d)``."""
+    """The type an embedder's entries and queries are cast to for its index: ``vector(d)``, ``halfvec(d)`` or
+    ``bit(d)`` (the sign bits of ``binary_quantize``)."""
     if index_type not in INDEX_TYPES:
         raise CatalogueError(
             f"unknown library index type '{index_type}'; use one of {', '.join(INDEX_TYPES)}"
@@ -100,17 +101,36 @@ def vector_cast(index_type: str, dimension: int) -> str:
     return f"{index_type}({int(dimension)})"
 
 
+def index_key(index_type: str, dimension: int, value: str) -> str:
+    """The expression the embedder's HNSW index orders a ``vector`` value by (a column or a query): its cast for
+    ``vector`` / ``halfvec`` (compared by ``<#>``, the negative inner product), its binary quantization for
+    ``bit`` (compared by ``<~>``, the Hamming distance). Index and queries must spell it the same way."""
+    cast = vector_cast(index_type, dimension)
+    if index_type == "bit":
+        return f"binary_quantize({value}::vector({int(dimension)}))::{cast}"
+    return f"{value}::{cast}"
+
+
+def index_operator(index_type: str) -> str:
+    """The distance operator of the index type's keys (ascending: nearest first)."""
+    return "<~>" if index_type == "bit" else "<#>"
+
+
 def create_hnsw_index_sql(
     embedder_id: int, dimension: int, options: LibrarySearchOptions | None = None
 ) -> str:
     """The embedder's HNSW index. The column has no fixed dimension; a partial expression index per embedder is
     what lets pgvector serve "ORDER BY embedding::vector(d) <#> q" for that embedder's entries. With
-    ``halfvec`` the index holds float16 copies (half the size; the table keeps float32)."""
+    ``halfvec`` the index holds float16 copies (half the size; the table keeps float32); with ``bit`` one sign
+    bit per dimension, searched by Hamming distance (a twelfth of the float16 graph's vectors), whose candidates
+    the routing statement re-ranks by the exact inner product from the table."""
     options = options or LibrarySearchOptions()
     index_type = options.index_type
+    key = index_key(index_type, dimension, "embedding")
+    ops = "bit_hamming_ops" if index_type == "bit" else f"{index_type}_ip_ops"
     return (
         f"CREATE INDEX IF NOT EXISTS {hnsw_index_name(embedder_id)} ON library_entries "
-        f"USING hnsw ((embedding::{vector_cast(index_type, dimension)}) {index_type}_ip_ops) "
+        f"USING hnsw (({key}) {ops}) "
         f"WITH (m = {int(options.hnsw_m)}, ef_construction = {int(options.hnsw_ef_construction)}) "
         f"WHERE embedder_id = {int(embedder_id)}"
     )
@@ -241,26 +261,40 @@ def vote_sql(
     With ``filter_in_scan`` False (the fast path) the embedder's HNSW index yields ``:candidates`` (ef_search)
     entries per query and the visibility filter runs on those: a query whose candidates all belong to hidden
     experts gets no row. With ``filter_in_scan`` True the filter is part of the index scan's own query, so an
-    iterative index scan (pgvector 0.8) keeps walking the graph until ``:top_k`` visible entries are found, and
-    with index scans disabled the same statement is an exact search over the visible entries.
+    iterative index scan (pgvector 0.8) keeps walking the graph until ``:top_k`` visible entries are found (for
+    ``bit``, ``:candidates``: the re-rank needs its candidates); with index scans disabled and ``vector``
+    keys the same statement is an exact search over the visible entries.
+
+    With ``bit`` the index yields the ``:candidates`` entries nearest by the Hamming distance of their sign
+    bits, and those are re-ranked by the exact float32 inner product read from the table.
     """
     filters = routable_filters(kinds, backbone)
-    cast = vector_cast(index_type, dimension)
     d = int(dimension)
-    # Scores are float32 inner products even when the index compares float16 copies (halfvec).
+    entry_key = index_key(index_type, d, "le.embedding")
+    operator = index_operator(index_type)
+    # Scores (and the re-rank) are float32 inner products whatever the index compares.
     exact = (
-        f"le.embedding::{cast} <#> queries.query"
+        f"{entry_key} <#> queries.query"
         if index_type == "vector"
         else f"le.embedding::vector({d}) <#> queries.exact_query"
     )
     # The embedder's id is a literal so that the planner can match the partial index's predicate even in a
     # generic plan.
     if filter_in_scan:
-        nearest = f"""
-            SELECT le.id AS entry_id, le.expert_id, {exact} AS distance
-            FROM library_entries le JOIN experts e ON e.id = le.expert_id
-            WHERE le.embedder_id = {int(embedder_id)} AND {" AND ".join(filters)}
-            ORDER BY le.embedding::{cast} <#> queries.query
+        scan = f"""
+                SELECT le.id AS entry_id, le.expert_id, {exact} AS distance
+                FROM library_entries le JOIN experts e ON e.id = le.expert_id
+                WHERE le.embedder_id = {int(embedder_id)} AND {" AND ".join(filters)}
+                ORDER BY {entry_key} {operator} queries.query"""
+        if index_type != "bit":
+            nearest = f"{scan}\n                LIMIT :top_k"
+        else:
+            nearest = f"""
+            SELECT candidate.entry_id, candidate.expert_id, candidate.distance
+            FROM ({scan}
+                LIMIT :candidates
+            ) candidate
+            ORDER BY candidate.distance, candidate.entry_id
             LIMIT :top_k"""
     else:
         nearest = f"""
@@ -269,7 +303,7 @@ def vote_sql(
                 SELECT le.id AS entry_id, le.expert_id, {exact} AS distance
                 FROM library_entries le
                 WHERE le.embedder_id = {int(embedder_id)}
-                ORDER BY le.embedding::{cast} <#> queries.query
+                ORDER BY {entry_key} {operator} queries.query
                 LIMIT :candidates
             ) candidate
             JOIN experts e ON e.id = candidate.expert_id
@@ -278,7 +312,7 @@ def vote_sql(
             LIMIT :top_k"""
     return f"""
     WITH queries AS (
-        SELECT (ordinality - 1)::int AS query_index, query AS exact_query, CAST(query AS {cast}) AS query
+        SELECT (ordinality - 1)::int AS query_index, query AS exact_query, {index_key(index_type, d, "query")} AS query
         FROM unnest(CAST(:queries AS vector({d})[])) WITH ORDINALITY AS q(query, ordinality)
     )
     SELECT queries.query_index, nearest.entry_id, nearest.expert_id, -nearest.distance AS score
@@ -444,7 +478,10 @@ class SqlLibraryStore(LibraryStore):
             )
             if definition is None:  # no index (inside index_built_after): the table's own type
                 return self.options.index_type
-            self._index_types[embedder_id] = "halfvec" if "halfvec_ip_ops" in definition else "vector"
+            operator_classes = {"halfvec_ip_ops": "halfvec", "bit_hamming_ops": "bit"}
+            self._index_types[embedder_id] = next(
+                (t for ops, t in operator_classes.items() if ops in definition), "vector"
+            )
         return self._index_types[embedder_id]
 
     def _iterative_scans(self, session: Session) -> bool:
@@ -549,23 +586,40 @@ class SqlLibraryStore(LibraryStore):
             dimension = records.by_key(session, EmbedderRow, embedder_id, "embedder").dimension
             version = library_version if library_version is not None else current_library_version(session)
             vector = "[" + ",".join(repr(float(x)) for x in query) + "]"
-            cast = vector_cast(self.index_type(session, embedder_id), dimension)
+            index_type = self.index_type(session, embedder_id)
             if self.options.iterative_scan != "off" and self._iterative_scans(session):
                 # The visibility filter is in the index scan's query: keep scanning until k visible entries.
                 session.execute(text(f"SET LOCAL hnsw.iterative_scan = {self.options.iterative_scan}"))
+            candidates = max(k, self.options.rerank) if index_type == "bit" else k
+            if index_type == "bit":
+                session.execute(text(f"SET LOCAL hnsw.ef_search = {max(candidates, 40)}"))
+            d = int(dimension)
             # <#> is the NEGATIVE inner product, so ascending order is most similar first and score = -distance.
+            # The index's candidates (its own order) are re-ranked by the exact inner product.
             sql = text(
                 f"""
-                SELECT le.id, le.expert_id, le.sample_index, le.text,
-                       -(le.embedding::vector({dimension}) <#> CAST(:query AS vector({dimension}))) AS score
-                FROM library_entries le JOIN experts e ON e.id = le.expert_id
-                WHERE le.embedder_id = {int(embedder_id)} AND {visible_experts_clause()}
-                ORDER BY le.embedding::{cast} <#> CAST(:query AS {cast})
+                SELECT * FROM (
+                    SELECT le.id, le.expert_id, le.sample_index, le.text,
+                           -(le.embedding::vector({d}) <#> CAST(:query AS vector({d}))) AS score
+                    FROM library_entries le JOIN experts e ON e.id = le.expert_id
+                    WHERE le.embedder_id = {int(embedder_id)} AND {visible_experts_clause()}
+                    ORDER BY {index_key(index_type, d, "le.embedding")} {index_operator(index_type)}
+                             {index_key(index_type, d, "CAST(:query AS vector)")}
+                    LIMIT :candidates
+                ) candidate
+                ORDER BY score DESC, id
                 LIMIT :k
                 """
             )
             rows = session.execute(
-                sql, {"query": vector, "embedder_id": embedder_id, "library_version": version, "k": k}
+                sql,
+                {
+                    "query": vector,
+                    "embedder_id": embedder_id,
+                    "library_version": version,
+                    "k": k,
+                    "candidates": candidates,
+                },
             ).all()
         return [LibraryHit(r.id, r.expert_id, r.sample_index, r.text, float(r.score)) for r in rows]
 
@@ -580,27 +634,30 @@ class SqlLibraryStore(LibraryStore):
         kinds: Sequence[str] | None = None,
         backbone_id: int | None = None,
     ) -> VoteResult:
-        candidates = max(ef_search, top_k)
         with self.sessions() as session:
             dimension = records.by_key(session, EmbedderRow, embedder_id, "embedder").dimension
             index_type = self.index_type(session, embedder_id)
             iterative = self.options.iterative_scan != "off" and self._iterative_scans(session)
+        # With a bit index, ef_search is still the graph's candidate list; the nearest `rerank` of its
+        # candidates by Hamming distance are re-ranked exactly (an index scan yields at most ef_search rows).
+        rerank = max(self.options.rerank, top_k) if index_type == "bit" else None
+        candidates = max(ef_search, top_k, rerank or 0)
         params = {
             "library_version": library_version,
-            "candidates": candidates,
+            "candidates": rerank or candidates,
             "top_k": top_k,
             "kinds": list(kinds) if kinds else None,
             "backbone_id": backbone_id,
         }
 
-        def statement(filter_in_scan: bool) -> str:
+        def statement(filter_in_scan: bool, keys: str = index_type) -> str:
             return vote_sql(
                 dimension,
                 embedder_id,
                 bool(kinds),
                 backbone_id is not None,
                 filter_in_scan=filter_in_scan,
-                index_type=index_type,
+                index_type=keys,
             )
 
         # 1. The fast path: ef_search candidates per query from the index, filtered afterwards.
@@ -626,11 +683,13 @@ class SqlLibraryStore(LibraryStore):
                 )
             )
             short = [i for i in widened if len(hits.get(i, ())) < top_k]
-        # 3. Still short (the scan hit its tuple limit, or pgvector < 0.8): an exact scan of the visible entries,
-        #    so a query never loses its vote while any visible entry exists.
+        # 3. Still short (the scan hit its tuple limit, or pgvector < 0.8): an exact scan of the visible entries
+        #    by their float32 inner products, so a query never loses its vote while any visible entry exists.
         exact = list(short)
         if exact:
-            hits.update(self._hits(statement(True), queries, exact, params, ["enable_indexscan = off"]))
+            hits.update(
+                self._hits(statement(True, "vector"), queries, exact, params, ["enable_indexscan = off"])
+            )
 
         votes = [
             RoutingVote(query_index, rank, entry_id, expert_id, score)
@@ -643,7 +702,14 @@ class SqlLibraryStore(LibraryStore):
                     select(ExpertRow.id, ExpertRow.name).where(ExpertRow.id.in_({v.expert_id for v in votes}))
                 ).all()
             )
-        return VoteResult(votes, _tallies(votes, names), scanned_past_ef_search=widened, exact_search=exact)
+        return VoteResult(
+            votes,
+            _tallies(votes, names),
+            scanned_past_ef_search=widened,
+            exact_search=exact,
+            index_type=index_type,
+            rerank=rerank,
+        )
 
     def centroid_vote(
         self,
