@@ -37,18 +37,18 @@ import numpy as np
 from sqlalchemy import text
 
 from elmreg.inference.router import Router, rank_tallies
-from elmreg.registry.context import RegistryContext
-from elmreg.registry.embedder import load_embedder
-from elmreg.registry.settings import load_settings
-from elmreg.registry.store import schema
-from elmreg.registry.store.entities import (
+from elmreg.models.embedder import load_embedder
+from elmreg.registry.entities import (
     ExpertTally,
     LibraryEntry,
     LibrarySearchOptions,
     Publication,
     StoredArtifact,
 )
+from elmreg.registry.settings import load_settings
+from elmreg.registry.store import schema
 from elmreg.registry.store.sql.library import SqlLibraryStore
+from elmreg.runtime.context import RegistryContext
 
 DIM, PER_EXPERT, NOISE = 384, 100, 1.0
 

@@ -22,10 +22,10 @@ from collections import Counter
 import numpy as np
 from sqlalchemy import text
 
-from elmreg.registry.context import RegistryContext
+from elmreg.registry.entities import LibraryEntry, StoredArtifact
 from elmreg.registry.settings import load_settings
 from elmreg.registry.store import schema
-from elmreg.registry.store.entities import LibraryEntry, StoredArtifact
+from elmreg.runtime.context import RegistryContext
 
 DIM, PER_EXPERT, NOISE = 384, 100, 1.0
 HEADER = f"{'entries':>8} {'method':<28} {'ms':>8} {'top-1 agree':>12} {'vote agrees':>12}"

@@ -20,8 +20,8 @@ import click
 
 from elmreg.cli.output import echo_table
 from elmreg.cli.progress import evaluation_progress, is_quiet, training_progress
+from elmreg.data.sources import DatasetSpec
 from elmreg.registry.errors import UserError
-from elmreg.registry.sources import DatasetSpec
 
 if TYPE_CHECKING:
     # Only for annotations: the API's imports are loaded when the root command builds the Registry.
@@ -83,9 +83,9 @@ class _Stages:
 
 def run_demo(registry: Registry, plan: DemoPlan, *, quiet: bool = False) -> DemoOutcome:
     """Run the demo's stages against ``registry``; returns what a test (or a curious user) wants to check."""
-    from elmreg.registry.examples import render_split
-    from elmreg.registry.services import services_up
-    from elmreg.registry.tasks import TaskRequest, default_task_name
+    from elmreg.data.examples import render_split
+    from elmreg.runtime.tasks import TaskRequest, default_task_name
+    from elmreg.services import services_up
 
     outcome = DemoOutcome()
     stages = _Stages(total=9 if len(plan.tasks) >= 2 else 8)
@@ -182,7 +182,7 @@ def run_demo(registry: Registry, plan: DemoPlan, *, quiet: bool = False) -> Demo
             )
 
     with stages.stage("Audit the decisions with plain SQL"):
-        from elmreg.registry.services import services_status
+        from elmreg.services import services_status
 
         url = services_status(settings)[0].url.replace("postgresql+psycopg://", "postgresql://", 1)
         click.echo(f"    psql '{url}' -c 'SELECT * FROM audit_decisions ORDER BY decision_id DESC LIMIT 5;'")

@@ -207,7 +207,7 @@ def scheduler(ctx: click.Context) -> None:
 
     Only one is active at a time (a PostgreSQL advisory lock); others wait as standbys. Example: elmreg scheduler
     """
-    from elmreg.registry.scheduler import Scheduler
+    from elmreg.jobs.scheduler import Scheduler
 
     active = Scheduler(_registry(ctx).context)
     stop = threading.Event()
@@ -340,7 +340,7 @@ def bigbench_list(ctx: click.Context, as_json: bool) -> None:
 
     Example: elmreg bigbench list
     """
-    from elmreg.registry.sources.bigbench import BigBenchTasks
+    from elmreg.data.sources.bigbench import BigBenchTasks
 
     index = BigBenchTasks.from_cache(_registry(ctx).settings.cache_path).index()
     if as_json:

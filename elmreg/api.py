@@ -8,15 +8,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from elmreg.registry.context import RegistryContext
+from elmreg.data.examples import render_split
+from elmreg.data.sources import DatasetSpec
+from elmreg.registry.entities import CatalogueSummary, Expert, Job, Task, TrainingRun
 from elmreg.registry.errors import CatalogueError, NotFoundError, UserError
-from elmreg.registry.examples import render_split
 from elmreg.registry.gc import DEFAULT_MIN_AGE, GcReport, collect_garbage
-from elmreg.registry.library import ReembedReport, reembed_library
 from elmreg.registry.settings import Settings, load_settings
-from elmreg.registry.sources import DatasetSpec
-from elmreg.registry.store.entities import CatalogueSummary, Expert, Job, Task, TrainingRun
-from elmreg.registry.tasks import IngestReport, TaskPlan, TaskRequest, add_task, ingest_manifests, plan_task
+from elmreg.runtime.context import RegistryContext
+from elmreg.runtime.library_embedding import ReembedReport, reembed_library
+from elmreg.runtime.tasks import IngestReport, TaskPlan, TaskRequest, add_task, ingest_manifests, plan_task
 
 
 class Registry:
@@ -61,7 +61,7 @@ class Registry:
             dataset: ``bigbench:<task>``, a local json/jsonl/csv/parquet file or folder, or a hub id.
             now: Train the expert in this process before returning (otherwise a worker does it).
             hooks: ``trainers.pipeline.TrainingHooks`` for progress reporting when ``now``.
-            **options: The other fields of ``registry.tasks.TaskRequest`` (prompt, kind, max_examples, ...).
+            **options: The other fields of ``runtime.tasks.TaskRequest`` (prompt, kind, max_examples, ...).
 
         Example::
 
@@ -96,7 +96,7 @@ class Registry:
         """Build library entries for another sentence encoder from the texts of ``source`` (default: the
         configured embedder), so that retrievers can be compared. ``embedder`` is a hub id, a local folder or a
         trained retriever of the catalogue (fetched from the artifact store)."""
-        from elmreg.registry.retrievers import load_catalogued_embedder
+        from elmreg.runtime.retrievers import load_catalogued_embedder
 
         return reembed_library(
             self.context.catalogue,
@@ -538,7 +538,7 @@ class Registry:
 
             registry.audit("votes", decision_id=decision.decision_id, limit=32)
         """
-        from elmreg.registry.audit import audit_view
+        from elmreg.registry.audit_views import audit_view
 
         name, order_by = audit_view(view)
         if limit < 1:
@@ -561,7 +561,7 @@ class Registry:
         seed: int = 0,
     ) -> list:
         """A task's labelled examples of ``split``, rendered with its template(s) as training and evaluation
-        see them (``registry.prompts.PromptedExample``: ``input``, ``target``, ``answer_choices``).
+        see them (``data.prompts.PromptedExample``: ``input``, ``target``, ``answer_choices``).
 
         Args:
             task: A registered task (id or name), or an unregistered one from :meth:`plan_task`.
@@ -615,8 +615,8 @@ class Registry:
     def report(self, out: str | Path | None = None):
         """Write a self-contained HTML report (library growth, latest benchmark heatmap, routing decisions with
         vote margins, training loss curves) to ``out`` (default: HOME/reports/report.html).
-        Returns ``registry.report.Report`` (its ``path`` and the figures it holds)."""
-        from elmreg.registry.report import write_report
+        Returns ``reports.registry_report.Report`` (its ``path`` and the figures it holds)."""
+        from elmreg.reports.registry_report import write_report
 
         return write_report(
             self.context, Path(out) if out else self.settings.home / "reports" / "report.html"

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from elmreg.data.prompts import PromptedExample
 from elmreg.inference.pool import BASE_ADAPTER, AdapterPool
 from elmreg.inference.scoring import best_choice, choice_log_likelihoods_batch, generate, rank_classify
+from elmreg.registry.entities import Expert
 from elmreg.registry.kinds import get_expert_kind, weights_kind
-from elmreg.registry.prompts import PromptedExample
-from elmreg.registry.store.entities import Expert
 
 
 def answer_each(

@@ -23,8 +23,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from elmreg.data.prompts import PromptedExample
 from elmreg.registry.errors import ElmregError, NotFoundError, ServiceError, UserError
-from elmreg.registry.prompts import PromptedExample
 from elmreg.serve.engine import Answer, GenerationParams, Work
 from elmreg.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse
 from elmreg.serve.service import AUTO, BASE, Routed, ServingService

@@ -8,7 +8,7 @@ import secrets
 import threading
 import time
 
-from elmreg.registry.store.entities import ApiKey
+from elmreg.registry.entities import ApiKey
 from elmreg.registry.store.keys import KeyStore
 
 KEY_PREFIX = "elmreg-"

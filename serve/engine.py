@@ -28,11 +28,11 @@ from typing import Any, Protocol
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from elmreg.data.prompts import PromptedExample
 from elmreg.inference.pool import BASE_ADAPTER, AdapterPool
 from elmreg.inference.scoring import best_choice, choice_log_likelihoods_batch
+from elmreg.registry.entities import Expert
 from elmreg.registry.kinds import get_expert_kind, weights_kind
-from elmreg.registry.prompts import PromptedExample
-from elmreg.registry.store.entities import Expert
 
 _log = logging.getLogger(__name__)
 

@@ -18,15 +18,15 @@ from click.testing import CliRunner
 
 from elmreg.cli.main import cli
 from elmreg.registry.artifacts import ArtifactCache
-from elmreg.registry.store.entities import LibraryEntry
+from elmreg.registry.entities import LibraryEntry
 
 _FETCH_UNDER_A_FILE_SIZE_LIMIT = textwrap.dedent(
     """
     import resource, sys
-    from elmreg.registry.context import RegistryContext
+    from elmreg.runtime.context import RegistryContext
     from elmreg.registry.errors import ElmregError
     from elmreg.registry.settings import load_settings
-    from elmreg.registry.store.entities import StoredArtifact
+    from elmreg.registry.entities import StoredArtifact
 
     context = RegistryContext(load_settings())
     cache = context.artifact_cache

@@ -10,8 +10,8 @@ import datetime as dt
 import threading
 import time
 
+from elmreg.data.prompts import PromptedExample
 from elmreg.registry.gc import collect_garbage
-from elmreg.registry.prompts import PromptedExample
 from elmreg.trainers.pipeline import publish
 
 EXAMPLES = [PromptedExample(f"question {i}", "yes", ("no", "yes")) for i in range(4)]

@@ -19,8 +19,8 @@ from elmreg.api import Registry
 from elmreg.jobs import Worker
 from elmreg.registry.artifacts import S3ArtifactRepository
 from elmreg.registry.errors import ArtifactError, CredentialsError
-from elmreg.registry.services import resolve_endpoints, services_down, services_up
 from elmreg.registry.store import schema
+from elmreg.services import resolve_endpoints, services_down, services_up
 from faults.conftest import embedded_s3
 
 FAST = {"epochs": 1, "learning_rate": 1e-3, "batch_size": 8}

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from elmreg.registry.context import RegistryContext
-from elmreg.registry.services import embedded_s3_credentials
+from elmreg.runtime.context import RegistryContext
+from elmreg.services import embedded_s3_credentials
 from faults.conftest import embedded_s3
 
 SECRET_BYTES = b"expert weights nobody may read without the key " * 64

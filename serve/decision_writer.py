@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from elmreg.registry.store.entities import PendingDecision, RoutingDecisionRecord, RoutingVote
+from elmreg.registry.entities import PendingDecision, RoutingDecisionRecord, RoutingVote
 from elmreg.registry.store.library import LibraryStore
 
 _log = logging.getLogger(__name__)
