@@ -1,11 +1,12 @@
 """Retrieval-of-Experts (RoE) in SQL, with an audit row for every decision.
 
 The paper's RoE: format Q unlabeled instances of the target task like the library samples, embed them, find each
-one's maximum-inner-product library entry, and use the expert retrieved most often. Here that is one SQL
-statement: the Q query vectors go in as one ``vector[]`` parameter, ``unnest`` turns them into rows, a
-``CROSS JOIN LATERAL`` asks the embedder's HNSW index for each query's nearest entries, and the votes are counted
-in the same statement. Ties go to the expert with the higher summed similarity of its votes, then to the lower
-expert id, so a decision is deterministic.
+one's maximum-inner-product library entry, and use the expert retrieved most often. Here the retrieval is SQL:
+the Q query vectors go in as one ``vector[]`` parameter, ``unnest`` turns them into rows and a
+``CROSS JOIN LATERAL`` asks the embedder's HNSW index for each query's nearest entries, one row per vote. Queries
+that filters left short are asked again with the filter in an iterative index scan, then by an exact scan (up to
+three statements, ``LibraryStore.vote``); the votes are tallied here in Python. Ties go to the expert with the
+higher summed similarity of its votes, then to the lower expert id, so a decision is deterministic.
 
 A decision can be pinned to a library version: only experts added at or before it and not retired by then are
 candidates, so a decision made at version v is reproduced exactly after new experts were added.

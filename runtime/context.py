@@ -163,7 +163,7 @@ class RegistryContext:
     def artifact_cache(self) -> ArtifactCache:
         return ArtifactCache(self.settings.cache_path / "artifacts", self.artifacts)
 
-    # -- loaded backbones (issue 12, arch-kinds): one copy of each per context, whoever uses it ---------------
+    # -- loaded backbones: one copy of each per context, whoever uses it (a backbone takes seconds to load) --
     @cached_property
     def backbones(self) -> BackboneCache:
         """Backbones loaded on first use and shared by training, merge tuning and the adapter pools."""

@@ -250,7 +250,7 @@ def import_peft_adapter(
     config_file, weights = folder / CONFIG_FILE, folder / LORA.weights_file
     pickled = [p.name for p in (folder / "adapter_model.bin", folder / "pytorch_model.bin") if p.is_file()]
     if pickled and not weights.is_file():
-        # A .bin adapter is a torch pickle: loading it can run any code, so elmreg never does (DESIGN: no pickles).
+        # A .bin adapter is a torch pickle: loading it can run any code, so elmreg never does.
         raise TaskSpecError(
             f"{folder} holds {pickled[0]}, a pickle; elmreg loads weights only from safetensors: save the adapter "
             f"with save_pretrained(..., safe_serialization=True) to get {LORA.weights_file}"

@@ -1,4 +1,4 @@
-"""A supervised retriever (issue 16's ``trained`` router): the sentence encoder fine-tuned on the library itself.
+"""A supervised retriever (the ``trained`` router): the sentence encoder fine-tuned on the library itself.
 
 RoE's retriever was trained for general sentence similarity, so two tasks about the same subject look alike to it
 even when their instructions differ. The library already labels every sample with its expert, which is exactly

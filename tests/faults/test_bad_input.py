@@ -1,4 +1,4 @@
-"""Bad input over every verb (issue 14): one line saying what is wrong, the right exit code, nothing written.
+"""Bad input over every verb: one line saying what is wrong, the right exit code, nothing written.
 
 One table, one row per way a new user or an operator gets it wrong: malformed files, templates that try to leave
 the sandbox or exhaust memory, numbers out of range, unknown names and ids, names with SQL, unicode and path

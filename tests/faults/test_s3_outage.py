@@ -1,4 +1,4 @@
-"""The embedded S3 stopped, frozen and restarted under live clients (issue 14: faults to survive).
+"""The embedded S3 stopped, frozen and restarted under live clients: faults a deployment must survive.
 
 A restarted server comes back on the same endpoint, so a long-running worker's client keeps working; while it is
 down or frozen, requests are retried a bounded number of times and then fail as one ArtifactError, the job is

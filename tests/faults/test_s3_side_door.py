@@ -1,5 +1,5 @@
 """Only the signed S3 gateway of the embedded SeaweedFS is reachable: every other port it opens refuses unsigned
-reads and writes of objects (issue 14, item 7), it listens on loopback only, and its files are the owner's only."""
+reads and writes of objects, it listens on loopback only, and its files are the owner's only."""
 
 from __future__ import annotations
 
