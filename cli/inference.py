@@ -448,9 +448,8 @@ def report(ctx: click.Context, out, as_json) -> None:
 
     Example: elmreg report --out report.html
     """
-    from elmreg.reports.registry_report import (
-        FIGURES,  # the report module reaches the catalogue: loaded only here
-    )
+    # The report module reaches the catalogue: loaded only here.
+    from elmreg.reports.registry_report import FIGURES
 
     written = _registry(ctx).report(out)
     if as_json:
