@@ -2,7 +2,7 @@
 
 A scratch database gets a small library (``--experts`` experts) and ``--decisions`` routing decisions of Q=32
 votes each, written through the library store's own ``record_decision`` (several threads), spread over the last
-``--days`` days. Then each query of ``elmreg audit`` (``registry.audit.AUDIT_QUERIES``) and each view as the
+``--days`` days. Then each query of ``elmreg audit`` (``registry.audit_views.AUDIT_QUERIES``) and each view as the
 Python API / ``elmreg audit --view`` reads it is timed (median of 5), and ``audit prune`` counts a month.
 
     ELMREG_HOME=/tmp/elmreg-bench .venv/bin/python benchmarks/audit_scale.py --decisions 100000
@@ -20,17 +20,17 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from sqlalchemy import text
 
-from elmreg.registry.audit import AUDIT_QUERIES, AUDIT_VIEWS
-from elmreg.registry.context import RegistryContext
-from elmreg.registry.settings import load_settings
-from elmreg.registry.store import schema
-from elmreg.registry.store.entities import (
+from elmreg.registry.audit_views import AUDIT_QUERIES, AUDIT_VIEWS
+from elmreg.registry.entities import (
     LibraryEntry,
     Publication,
     RoutingDecisionRecord,
     RoutingVote,
     StoredArtifact,
 )
+from elmreg.registry.settings import load_settings
+from elmreg.registry.store import schema
+from elmreg.runtime.context import RegistryContext
 
 Q = 32
 

@@ -36,17 +36,17 @@ import numpy as np
 from scratch import DIM, PER_EXPERT, queries_near, scratch_context, synthetic_experts
 
 from elmreg.inference.router import Router, rank_tallies
-from elmreg.registry.context import RegistryContext
-from elmreg.registry.embedder import load_embedder
-from elmreg.registry.settings import load_settings
-from elmreg.registry.store.entities import (
+from elmreg.models.embedder import load_embedder
+from elmreg.registry.entities import (
     ExpertTally,
     LibraryEntry,
     LibrarySearchOptions,
     Publication,
     StoredArtifact,
 )
+from elmreg.registry.settings import load_settings
 from elmreg.registry.store.sql.library import SqlLibraryStore
+from elmreg.runtime.context import RegistryContext
 
 
 def percentile(values: list[float], q: float) -> float:

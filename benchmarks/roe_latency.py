@@ -21,9 +21,9 @@ from collections import Counter
 import numpy as np
 from scratch import DIM, PER_EXPERT, queries_near, scratch_context, synthetic_experts
 
-from elmreg.registry.context import RegistryContext
+from elmreg.registry.entities import LibraryEntry, StoredArtifact
 from elmreg.registry.settings import load_settings
-from elmreg.registry.store.entities import LibraryEntry, StoredArtifact
+from elmreg.runtime.context import RegistryContext
 
 HEADER = f"{'entries':>8} {'method':<28} {'ms':>8} {'top-1 agree':>12} {'vote agrees':>12}"
 

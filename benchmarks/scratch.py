@@ -13,9 +13,9 @@ from contextlib import contextmanager
 import numpy as np
 from sqlalchemy import text
 
-from elmreg.registry.context import RegistryContext
 from elmreg.registry.settings import Settings
 from elmreg.registry.store import schema
+from elmreg.runtime.context import RegistryContext
 
 DIM, PER_EXPERT, NOISE = 384, 100, 1.0
 

@@ -30,8 +30,8 @@ from pathlib import Path
 import httpx
 
 from elmreg.api import Registry
-from elmreg.registry.examples import render_split
-from elmreg.registry.sources import DatasetSpec
+from elmreg.data.examples import render_split
+from elmreg.data.sources import DatasetSpec
 from elmreg.serve.server import bind, build_server
 
 TASKS = (

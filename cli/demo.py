@@ -82,8 +82,8 @@ class _Stages:
 
 def run_demo(registry: Registry, plan: DemoPlan, *, quiet: bool = False) -> DemoOutcome:
     """Run the demo's stages against ``registry``; returns what a test (or a curious user) wants to check."""
-    from elmreg.registry.services import services_up
-    from elmreg.registry.tasks import TaskRequest, default_task_name
+    from elmreg.runtime.tasks import TaskRequest, default_task_name
+    from elmreg.services import services_up
 
     outcome = DemoOutcome()
     stages = _Stages(total=9 if len(plan.tasks) >= 2 else 8)
@@ -178,7 +178,7 @@ def run_demo(registry: Registry, plan: DemoPlan, *, quiet: bool = False) -> Demo
             )
 
     with stages.stage("Audit the decisions with plain SQL"):
-        from elmreg.registry.services import services_status
+        from elmreg.services import services_status
 
         url = services_status(settings)[0].url.replace("postgresql+psycopg://", "postgresql://", 1)
         click.echo(f"    psql '{url}' -c 'SELECT * FROM audit_decisions ORDER BY decision_id DESC LIMIT 5;'")

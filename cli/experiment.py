@@ -92,7 +92,7 @@ def run_command(
     """
     from elmreg.experiments.config import load_config
     from elmreg.experiments.harness import run_experiment
-    from elmreg.registry.services import services_up
+    from elmreg.services import services_up
 
     registry: Registry = ctx.find_root().obj["registry"]
     config = load_config(preset, eval_limit=eval_limit, q=q, seed=seed)

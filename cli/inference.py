@@ -10,10 +10,10 @@ import click
 from elmreg.cli.options import TASK_SPEC_FIELDS, task_spec_options
 from elmreg.cli.output import echo_json, echo_table
 from elmreg.cli.progress import evaluation_progress, is_quiet
+from elmreg.data.prompts import PromptTemplate
 from elmreg.inference.routers import parse_router_options, router_class, router_names
-from elmreg.registry.audit import AUDIT_QUERIES, AUDIT_VIEWS
+from elmreg.registry.audit_views import AUDIT_QUERIES, AUDIT_VIEWS
 from elmreg.registry.kinds import expert_row_kinds
-from elmreg.registry.prompts import PromptTemplate
 
 if TYPE_CHECKING:
     # Only for annotations: the API's imports are loaded when the root command builds the Registry.
@@ -420,7 +420,9 @@ def report(ctx: click.Context, out, as_json) -> None:
 
     Example: elmreg report --out report.html
     """
-    from elmreg.registry.report import FIGURES  # the report module reaches the catalogue: loaded only here
+    from elmreg.reports.registry_report import (
+        FIGURES,  # the report module reaches the catalogue: loaded only here
+    )
 
     written = _registry(ctx).report(out)
     if as_json:
@@ -458,7 +460,7 @@ def audit(ctx: click.Context, view, task, decision_id, limit, as_json) -> None:
       elmreg audit --view votes --decision 3 --json
       elmreg audit prune --before 2026-01-01
     """
-    from elmreg.registry.services import services_status
+    from elmreg.services import services_status
 
     if ctx.invoked_subcommand is not None:
         return

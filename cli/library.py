@@ -322,7 +322,7 @@ def bigbench_list(ctx: click.Context, as_json: bool) -> None:
 
     Example: elmreg bigbench list
     """
-    from elmreg.registry.sources.bigbench import BigBenchTasks
+    from elmreg.data.sources.bigbench import BigBenchTasks
 
     index = BigBenchTasks.from_cache(_registry(ctx).settings.cache_path).index()
     if as_json:

@@ -90,7 +90,7 @@ def services_up_command(ctx: click.Context) -> None:
 
     Example: elmreg services up
     """
-    from elmreg.registry.services import services_up
+    from elmreg.services import services_up
 
     _echo_services(services_up(_registry(ctx).settings))
 
@@ -102,7 +102,7 @@ def services_down_command(ctx: click.Context) -> None:
 
     Example: elmreg services down
     """
-    from elmreg.registry.services import services_down
+    from elmreg.services import services_down
 
     stopped = services_down(_registry(ctx).settings)
     click.echo("stopped: " + ", ".join(stopped) if stopped else "nothing was running")
@@ -116,7 +116,7 @@ def services_status_command(ctx: click.Context, as_json: bool) -> None:
 
     Example: elmreg services status --json
     """
-    from elmreg.registry.services import services_status
+    from elmreg.services import services_status
 
     rows = services_status(_registry(ctx).settings)
     if as_json:
@@ -191,7 +191,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
     Starts the embedded servers if they are down. Example: elmreg status
     """
-    from elmreg.registry.services import services_status
+    from elmreg.services import services_status
 
     registry = _registry(ctx)
     endpoints = registry.endpoints()

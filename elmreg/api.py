@@ -9,15 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from elmreg.api_keys import SHOWN_CHARACTERS, key_digest, new_key
-from elmreg.registry.context import RegistryContext
-from elmreg.registry.errors import CatalogueError, NotFoundError, UserError
-from elmreg.registry.examples import render_split
-from elmreg.registry.gc import DEFAULT_MIN_AGE, GcReport, collect_garbage
-from elmreg.registry.library import ReembedReport, reembed_library
-from elmreg.registry.prompts import PromptedExample
-from elmreg.registry.settings import Settings, load_settings
-from elmreg.registry.sources import DatasetSpec
-from elmreg.registry.store.entities import (
+from elmreg.data.examples import render_split
+from elmreg.data.prompts import PromptedExample
+from elmreg.data.sources import DatasetSpec
+from elmreg.registry.entities import (
     ApiKey,
     CatalogueSummary,
     Expert,
@@ -28,7 +23,12 @@ from elmreg.registry.store.entities import (
     Task,
     TrainingRun,
 )
-from elmreg.registry.tasks import IngestReport, TaskPlan, TaskRequest, add_task, ingest_manifests, plan_task
+from elmreg.registry.errors import CatalogueError, NotFoundError, UserError
+from elmreg.registry.gc import DEFAULT_MIN_AGE, GcReport, collect_garbage
+from elmreg.registry.settings import Settings, load_settings
+from elmreg.runtime.context import RegistryContext
+from elmreg.runtime.library_embedding import ReembedReport, reembed_library
+from elmreg.runtime.tasks import IngestReport, TaskPlan, TaskRequest, add_task, ingest_manifests, plan_task
 
 # The catalogue's records, for the CLI and the server: they import them from here, never from the stores.
 __all__ = [
@@ -123,7 +123,7 @@ class Registry:
         """Build library entries for another sentence encoder from the texts of ``source`` (default: the
         configured embedder), so that retrievers can be compared. ``embedder`` is a hub id, a local folder or a
         trained retriever of the catalogue (fetched from the artifact store)."""
-        from elmreg.registry.retrievers import load_catalogued_embedder
+        from elmreg.runtime.retrievers import load_catalogued_embedder
 
         return reembed_library(
             self.context.catalogue,
@@ -552,7 +552,7 @@ class Registry:
 
             registry.audit("votes", decision_id=decision.decision_id, limit=32)
         """
-        from elmreg.registry.audit import audit_view
+        from elmreg.registry.audit_views import audit_view
 
         name, order_by = audit_view(view)
         if limit < 1:
@@ -632,7 +632,7 @@ class Registry:
         """Write a self-contained HTML report (library growth, latest benchmark heatmap, routing decisions with
         vote margins, training loss curves) to ``out`` (default: HOME/reports/report.html).
         Returns ``registry.report.Report`` (its ``path`` and the figures it holds)."""
-        from elmreg.registry.report import write_report
+        from elmreg.reports.registry_report import write_report
 
         return write_report(
             self.context, Path(out) if out else self.settings.home / "reports" / "report.html"
@@ -774,7 +774,7 @@ class Registry:
         Args:
             config: ``registry.scheduler.ScheduleConfig`` (default: every minute, ingest 01:00, benchmark 03:00).
         """
-        from elmreg.registry.scheduler import Scheduler
+        from elmreg.jobs.scheduler import Scheduler
 
         return Scheduler(self.context, config)
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import yaml
 
+from elmreg.data.prompts import load_promptsource_templates
 from elmreg.inference.routers import make_router
 from elmreg.registry.errors import UserError, first_line
-from elmreg.registry.prompts import load_promptsource_templates
-from elmreg.registry.tasks import TaskRequest, default_task_name
+from elmreg.runtime.tasks import TaskRequest, default_task_name
 
 SECTIONS = ("routing", "multitask", "continual", "unseen", "ablation", "routers")
 # "routers" compares routing methods and is opt-in: run when a config lists it in 'sections' or lists routers.

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from elmreg.api import Registry
+from elmreg.data.prompts import PromptedExample, library_text
 from elmreg.experiments.config import ExperimentConfig, RouterSpec, TaskSpec
 from elmreg.experiments.continual import PredictionCheck, compare_predictions
 from elmreg.experiments.prediction_cache import (
@@ -50,11 +51,10 @@ from elmreg.experiments.prediction_cache import (
 )
 from elmreg.inference.evaluation import metric_score
 from elmreg.inference.router import exact_vote, sample_queries
+from elmreg.registry.entities import Expert
 from elmreg.registry.errors import CatalogueError, NotFoundError, UserError
-from elmreg.registry.library import SAMPLES_PER_EXPERT, sample_indices
 from elmreg.registry.outputs import check_writable_folder
-from elmreg.registry.prompts import PromptedExample, library_text
-from elmreg.registry.store.entities import Expert
+from elmreg.runtime.library_embedding import SAMPLES_PER_EXPERT, sample_indices
 
 Echo = Callable[[str], None]
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -765,7 +765,7 @@ class Harness:
         return float(np.mean([a.expert is not None and a.expert.id == own for a in assignment.answerers]))
 
     def run_ablation(self) -> dict[str, Any]:
-        from elmreg.registry.embedder import load_embedder
+        from elmreg.models.embedder import load_embedder
 
         config = self.config
         library: list[tuple[str, PromptedExample]] = []

@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from elmreg.registry.prompts import PromptedExample
-from elmreg.registry.store.entities import Expert
+from elmreg.data.prompts import PromptedExample
+from elmreg.registry.entities import Expert
 
 FORMAT = 1
 

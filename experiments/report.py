@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from elmreg.registry.templating import render
+from elmreg.reports.templating import render
 
 SECTION_TITLES = {
     "routing": "1. Seen-task routing accuracy (RoE)",

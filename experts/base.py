@@ -9,7 +9,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
-from elmreg.registry.backbones import Backbone
+from elmreg.models.backbones import Backbone
 
 
 class KindLoader(ABC):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from elmreg.experts.base import AdapterLoader, KindLoader
-from elmreg.registry.backbones import Backbone
+from elmreg.models.backbones import Backbone
 from elmreg.registry.errors import ArtifactError, ConfigurationError, UserError
 from elmreg.registry.kinds import get_expert_kind
 from elmreg.registry.kinds.kind import import_object

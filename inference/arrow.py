@@ -16,12 +16,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from elmreg.registry.backbones import Backbone
+from elmreg.data.prompts import PromptedExample
+from elmreg.models.backbones import Backbone
+from elmreg.registry.entities import Expert
 from elmreg.registry.errors import UserError
 from elmreg.registry.kinds import LORA
-from elmreg.registry.prompts import PromptedExample
 from elmreg.registry.store.catalogue import CatalogueStore
-from elmreg.registry.store.entities import Expert
 
 # PEFT's name for the router adapter whose layers do the mixing (create_arrow_model uses the same).
 ARROW_ADAPTER = "arrow_router"

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from elmreg.registry.entities import Expert, ExpertTally, RoutingVote
 from elmreg.registry.errors import UserError
 from elmreg.registry.kinds import get_expert_kind, weights_kind
-from elmreg.registry.store.entities import Expert, ExpertTally, RoutingVote
 
 
 @dataclass(frozen=True)

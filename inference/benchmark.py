@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from elmreg.inference.evaluation import Evaluator
-from elmreg.registry.context import RegistryContext
+from elmreg.registry.entities import Task
 from elmreg.registry.errors import UserError
 from elmreg.registry.outputs import check_writable_folder
-from elmreg.registry.store.entities import Task
-from elmreg.registry.templating import render
+from elmreg.reports.templating import render
+from elmreg.runtime.context import RegistryContext
 
 
 @dataclass

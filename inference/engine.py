@@ -28,12 +28,12 @@ from typing import Any, Protocol
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from elmreg.data.prompts import PromptedExample
 from elmreg.inference.assignment import Answerer, Assignment
 from elmreg.inference.pool import BASE_ADAPTER, AdapterPool
 from elmreg.inference.scoring import best_choice, choice_log_likelihoods, choice_log_likelihoods_batch
-from elmreg.registry.backbones import Backbone
+from elmreg.models.backbones import Backbone
 from elmreg.registry.errors import UserError
-from elmreg.registry.prompts import PromptedExample
 
 # Offline callers (predict, eval) generate up to this many tokens per instance.
 DEFAULT_MAX_NEW_TOKENS = 64

@@ -13,16 +13,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from elmreg.data.examples import task_examples
+from elmreg.data.prompts import PromptedExample
 from elmreg.inference.assignment import Answerer, Assignment
 from elmreg.inference.engine import Engine, PeftEngine, answer_texts
 from elmreg.inference.pool import AdapterPool
 from elmreg.inference.router import Router
 from elmreg.inference.routers import make_router, router_names
-from elmreg.registry.context import RegistryContext
+from elmreg.registry.entities import Expert, Task
 from elmreg.registry.errors import UserError
-from elmreg.registry.examples import task_examples
-from elmreg.registry.prompts import PromptedExample
-from elmreg.registry.store.entities import Expert, Task
+from elmreg.runtime.context import RegistryContext
 
 # progress(description, done, total): examples answered so far for one (task, expert) pass.
 EvaluationProgress = Callable[[str, int, int], None]

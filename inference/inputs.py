@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from elmreg.data.prompts import PromptedExample, PromptTemplate
 from elmreg.registry.errors import UserError
-from elmreg.registry.prompts import PromptedExample, PromptTemplate
 
 # One instance is a prompt for a backbone whose context holds a few thousand tokens; a line of megabytes is a
 # wrong file (a data dump, a binary), and embedding or tokenizing it would take minutes before failing.

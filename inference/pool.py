@@ -20,11 +20,11 @@ import torch
 from peft import PeftModel
 
 from elmreg.experts import get_loader, load_adapter, load_expert, unload_expert
-from elmreg.registry.backbones import Backbone
-from elmreg.registry.context import RegistryContext
+from elmreg.models.backbones import Backbone
+from elmreg.registry.entities import Expert
 from elmreg.registry.errors import UserError
 from elmreg.registry.kinds import LORA, get_expert_kind, weights_kind
-from elmreg.registry.store.entities import Expert
+from elmreg.runtime.context import RegistryContext
 
 # PEFT's adapter name for "no adapter" in a mixed batch.
 BASE_ADAPTER = "__base__"

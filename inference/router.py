@@ -20,14 +20,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from elmreg.data.prompts import PromptedExample, library_text
 from elmreg.inference.assignment import Answerer, Assignment, Mixture, RoutingDecision
 from elmreg.inference.routers import Retrieval, RoutingMethod, make_router, rank_tallies
-from elmreg.registry.context import RegistryContext
-from elmreg.registry.embedder import Embedder, load_embedder
+from elmreg.models.embedder import Embedder, load_embedder
+from elmreg.registry.entities import ExpertTally, RoutingDecisionRecord, RoutingVote, VoteResult
 from elmreg.registry.errors import NotFoundError, UserError
-from elmreg.registry.prompts import PromptedExample, library_text
-from elmreg.registry.retrievers import load_catalogued_embedder
-from elmreg.registry.store.entities import ExpertTally, RoutingDecisionRecord, RoutingVote, VoteResult
+from elmreg.runtime.context import RegistryContext
+from elmreg.runtime.retrievers import load_catalogued_embedder
 
 # HNSW returns approximate neighbours from a candidate list of ef_search entries (the routing_ef_search
 # setting). Queries whose candidates are all hidden by the filters (kinds, backbone, library version) are searched

@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from elmreg.registry.entities import ExpertTally, RoutingVote, VoteResult
 from elmreg.registry.errors import UserError
-from elmreg.registry.store.entities import ExpertTally, RoutingVote, VoteResult
 
 if TYPE_CHECKING:  # annotations only: the CLI imports this module for its choices, and must start instantly
     import numpy as np

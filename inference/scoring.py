@@ -10,8 +10,9 @@ from contextlib import contextmanager
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from elmreg.registry.backbones import Backbone
-from elmreg.registry.encoding import (
+from elmreg.data.prompts import PromptedExample
+from elmreg.models.backbones import Backbone
+from elmreg.models.encoding import (
     IGNORE_INDEX,
     encode,
     lm_head_logits,
@@ -20,7 +21,6 @@ from elmreg.registry.encoding import (
     unwrap_causal,
 )
 from elmreg.registry.errors import UserError
-from elmreg.registry.prompts import PromptedExample
 
 # transformers 5.x renamed the key-value cache from ``past_key_values`` to ``cache`` (the old name still works but
 # warns); use whichever name the installed version has.

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from elmreg.registry.context import RegistryContext
+from elmreg.registry.entities import Job
 from elmreg.registry.errors import ElmregError
-from elmreg.registry.store.entities import Job
+from elmreg.runtime.context import RegistryContext
 
 
 class LeaseLost(ElmregError):
@@ -22,14 +22,14 @@ class Interrupted(ElmregError):
 
 @dataclass
 class JobContext:
-    """What a handler gets: the registry, its job, and a way to check it still owns the job.
+    """What a handler gets: the registry context, its job, and a way to check it still owns the job.
 
     Attributes:
         hooks: How the worker's caller watches jobs (``trainers.pipeline.TrainingHooks`` for ``train`` jobs; the
             CLI draws progress bars with them), or ``None``.
     """
 
-    registry: RegistryContext
+    context: RegistryContext
     job: Job
     worker: str
     hooks: Any = None

@@ -40,9 +40,9 @@ def handle_train(job: JobContext) -> None:
     """Train the expert of ``payload["task_id"]`` (queued by ``add-task`` and the scheduler)."""
     from elmreg.trainers.pipeline import train_task
 
-    task = job.registry.catalogue.get_task(int(job.job.payload["task_id"]))
+    task = job.context.catalogue.get_task(int(job.job.payload["task_id"]))
     train_task(
-        job.registry, task, lease=job.lease, check_lease=job.check_lease, hooks=job.hooks, worker=job.worker
+        job.context, task, lease=job.lease, check_lease=job.check_lease, hooks=job.hooks, worker=job.worker
     )
 
 
@@ -53,4 +53,4 @@ def handle_benchmark(job: JobContext) -> None:
 
     payload = job.job.payload
     since = dt.datetime.fromisoformat(payload["since"]) if payload.get("since") else None
-    run_benchmark(job.registry, since=since, limit=int(payload.get("limit", 50)))
+    run_benchmark(job.context, since=since, limit=int(payload.get("limit", 50)))

@@ -18,9 +18,9 @@ from typing import Any
 
 from elmreg.jobs.context import Interrupted, JobContext, JobHandler, LeaseLost
 from elmreg.jobs.handlers import registered_handlers
-from elmreg.registry.context import RegistryContext
+from elmreg.registry.entities import Job
 from elmreg.registry.errors import ElmregError, ServiceError, UserError, first_line
-from elmreg.registry.store.entities import Job
+from elmreg.runtime.context import RegistryContext
 
 _log = logging.getLogger(__name__)
 
@@ -32,23 +32,23 @@ def default_worker_name() -> str:
 
 
 class _Heartbeat(threading.Thread):
-    def __init__(self, context: JobContext, lease_seconds: float):
-        super().__init__(name=f"heartbeat-{context.job.id}", daemon=True)
-        self.context, self.lease_seconds = context, lease_seconds
+    def __init__(self, job: JobContext, lease_seconds: float):
+        super().__init__(name=f"heartbeat-{job.job.id}", daemon=True)
+        self.job, self.lease_seconds = job, lease_seconds
         self.stopped = threading.Event()
 
     def run(self) -> None:
         # Three beats per lease: one missed beat (a slow query, a GC pause) does not lose the job.
         while not self.stopped.wait(self.lease_seconds / 3):
             try:
-                held = self.context.registry.jobs.heartbeat(
-                    self.context.job.id, self.context.worker, lease_seconds=self.lease_seconds
+                held = self.job.context.jobs.heartbeat(
+                    self.job.job.id, self.job.worker, lease_seconds=self.lease_seconds
                 )
             except ElmregError as exc:  # the database blinked; the next beat may get through
-                _log.warning("heartbeat for job %s failed: %s", self.context.job.id, exc)
+                _log.warning("heartbeat for job %s failed: %s", self.job.job.id, exc)
                 continue
             if not held:
-                self.context._lost.set()
+                self.job._lost.set()
                 return
 
 
@@ -57,7 +57,7 @@ class Worker:
 
     def __init__(
         self,
-        registry: RegistryContext,
+        context: RegistryContext,
         handlers: Mapping[str, JobHandler] | None = None,
         *,
         hooks: Any = None,
@@ -69,7 +69,7 @@ class Worker:
         handlers: Handler per job kind; by default every registered one (``jobs.handlers.registered_handlers``).
         hooks: Passed to handlers as ``JobContext.hooks``.
         """
-        self.registry = registry
+        self.context = context
         self.handlers = dict(registered_handlers() if handlers is None else handlers)
         self.hooks = hooks
         self.name = name or default_worker_name()
@@ -97,31 +97,31 @@ class Worker:
         (or the worker is stopping)."""
         if self.stopping:
             return None
-        job = self.registry.jobs.claim_job(
+        job = self.context.jobs.claim_job(
             self.name, lease_seconds=self.lease_seconds, kinds=list(self.handlers), job_id=job_id
         )
         if job is None:
             return None
-        context = JobContext(self.registry, job, self.name, self.hooks)
-        self._current = context
+        running = JobContext(self.context, job, self.name, self.hooks)
+        self._current = running
         if self.stopping:  # stop() came between the claim and now
-            context._stop.set()
-        heartbeat = _Heartbeat(context, self.lease_seconds)
+            running._stop.set()
+        heartbeat = _Heartbeat(running, self.lease_seconds)
         heartbeat.start()
         try:
-            self.handlers[job.kind](context)
-            context.check_lease()
+            self.handlers[job.kind](running)
+            running.check_lease()
         except LeaseLost as exc:
             _log.warning("%s", exc)
-            return self.registry.jobs.get_job(job.id)
+            return self.context.jobs.get_job(job.id)
         except Interrupted as exc:
             _log.warning("%s", exc)
-            return self.registry.jobs.release_job(job.id, self.name, str(exc))
+            return self.context.jobs.release_job(job.id, self.name, str(exc))
         except Exception as exc:  # noqa: BLE001 - any failure is recorded on the job and retried
             # A user error (bad data) will not fix itself: no retries. Anything else may be transient.
             message = str(exc) if isinstance(exc, UserError) else traceback.format_exc()
             _log.error("job %s (%s) failed: %s", job.id, job.kind, first_line(exc))
-            return self.registry.jobs.fail_job(
+            return self.context.jobs.fail_job(
                 job.id,
                 self.name,
                 message,
@@ -132,7 +132,7 @@ class Worker:
             self._current = None
             heartbeat.stopped.set()
             heartbeat.join()
-        return self.registry.jobs.finish_job(job.id, self.name)
+        return self.context.jobs.finish_job(job.id, self.name)
 
     def run_forever(self, *, poll_seconds: float = 5.0, stop: threading.Event | None = None) -> None:
         """Run jobs until ``stop`` is set; sleeps ``poll_seconds`` whenever the queue is empty."""

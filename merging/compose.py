@@ -16,10 +16,10 @@ from typing import Any, Protocol
 
 from elmreg.merging.pipeline import merge_experts
 from elmreg.merging.weights import Stage
-from elmreg.registry.context import RegistryContext
+from elmreg.registry.entities import Expert
 from elmreg.registry.errors import UserError
 from elmreg.registry.kinds import weights_kind
-from elmreg.registry.store.entities import Expert
+from elmreg.runtime.context import RegistryContext
 
 
 class _Tally(Protocol):

@@ -26,12 +26,12 @@ from elmreg.merging.lora import check_lora_configs, peft_combination
 from elmreg.merging.methods import LORA_METHODS, MergeError, MergeSpec
 from elmreg.merging.tuning import tune_weights
 from elmreg.merging.weights import Stage, scratch_dir, write_merged_weights
-from elmreg.registry.context import RegistryContext
+from elmreg.registry.entities import Expert, LibraryEntry
 from elmreg.registry.errors import NotFoundError
 from elmreg.registry.gc import publishing_artifacts
 from elmreg.registry.kinds import get_expert_kind, weights_kind
 from elmreg.registry.names import EXPERT_NAME_LENGTH, check_expert_name, derived_expert_name
-from elmreg.registry.store.entities import Expert, LibraryEntry
+from elmreg.runtime.context import RegistryContext
 
 LIBRARY_MODES = ("union", "none")
 _NAME_LENGTH = EXPERT_NAME_LENGTH

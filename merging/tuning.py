@@ -17,15 +17,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from elmreg.data.examples import task_examples
 from elmreg.experts import load_expert, unload_expert
 from elmreg.inference.assignment import Assignment
 from elmreg.inference.engine import LoadedModelEngine, answer_texts
 from elmreg.inference.evaluation import metric_score
 from elmreg.merging.methods import MergeError, MergeSpec
 from elmreg.merging.weights import scratch_dir, write_merged_weights
-from elmreg.registry.context import RegistryContext
-from elmreg.registry.examples import task_examples
-from elmreg.registry.store.entities import Expert, Task
+from elmreg.registry.entities import Expert, Task
+from elmreg.runtime.context import RegistryContext
 
 DEFAULT_GRID = (0.25, 0.5, 0.75, 1.0)
 # Each candidate is a merge plus an evaluation on every tuning task: beyond this, ask for a coarser grid.

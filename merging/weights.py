@@ -12,9 +12,9 @@ from typing import Any
 from elmreg.merging.lora import merge_lora
 from elmreg.merging.methods import MergeSpec
 from elmreg.merging.task_vectors import merge_tensor_files, open_readers
-from elmreg.registry.context import RegistryContext
+from elmreg.registry.entities import Expert
 from elmreg.registry.kinds import get_expert_kind
-from elmreg.registry.store.entities import Expert
+from elmreg.runtime.context import RegistryContext
 
 # stage(message): called with a line per step of a merge (the CLI prints them).
 Stage = Callable[[str], None]

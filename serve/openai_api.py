@@ -14,8 +14,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from elmreg.data.prompts import PromptedExample
 from elmreg.inference.engine import Answer, GenerationParams, Prompt
-from elmreg.registry.prompts import PromptedExample
 from elmreg.serve.dependencies import Caller, JsonBody, RequestLimits, Service, checked_max_tokens
 from elmreg.serve.protocol import ChatRequest, CompletionRequest, parse
 from elmreg.serve.service import AUTO, BASE, Routed

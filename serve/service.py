@@ -14,13 +14,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from elmreg.data.prompts import PromptedExample
 from elmreg.inference.assignment import Answerer
-from elmreg.registry.backbones import resolve_device
+from elmreg.models.backbones import resolve_device
 from elmreg.registry.errors import NotFoundError
-from elmreg.registry.prompts import PromptedExample
-from elmreg.serve.audit import DecisionWriter
 from elmreg.serve.auth import KeyChecker
 from elmreg.serve.batcher import Batcher
+from elmreg.serve.decision_writer import DecisionWriter
 from elmreg.serve.metrics import ServeMetrics
 from elmreg.serve.protocol import ApiError, Limits
 

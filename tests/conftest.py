@@ -19,10 +19,10 @@ from fixtures.tiny_models import BUILDERS
 from sqlalchemy import text
 
 from elmreg.api import Registry
-from elmreg.registry.context import RegistryContext
-from elmreg.registry.services import services_down
 from elmreg.registry.settings import Settings, load_settings
 from elmreg.registry.store import schema
+from elmreg.runtime.context import RegistryContext
+from elmreg.services import services_down
 
 
 def _test_environ(home: Path) -> dict[str, str]:

@@ -17,13 +17,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. A package may import packages of lower layers only; packages in one layer are independent.
 LAYERS: list[set[str]] = [
-    # Catalogue, artifacts, settings, services, embedder, backbones (and their cache), the kind registry.
+    # The catalogue: stores and their entities, settings, names, kinds, errors, artifacts. No model code.
     {"registry"},
-    # Each kind's weight format and loader; the one loader that puts a stored expert on a backbone.
-    {"experts"},
+    # Backbones, tokenising and the embedder (torch) | dataset sources and the prompt sandbox | the embedded
+    # PostgreSQL and SeaweedFS launchers and endpoint resolution.
+    {"models", "data", "services"},
+    # The context that wires stores, artifacts, endpoints and the backbone cache, with what needs all of them |
+    # each kind's weight format and the one loader that puts a stored expert on a backbone.
+    {"runtime", "experts"},
+    # Reports from packaged templates (benchmark and experiment reports render through it).
+    {"reports"},
     # Training loops | routing, the adapter pool, scoring, evaluation, benchmarks.
     {"trainers", "inference"},
-    # Merging (its weight tuning evaluates like inference) | the job runner and its handler per job kind.
+    # Merging (its weight tuning evaluates like inference) | the job runner, its handlers and the scheduler.
     {"merging", "jobs"},
     # The Python API (elmreg/api.py), which wires everything below.
     {"elmreg"},
@@ -31,6 +37,14 @@ LAYERS: list[set[str]] = [
     {"experiments", "serve"},
     {"cli"},
 ]
+# Model code a reader must not meet in these packages: each says what it holds, and none of it is a model.
+HEAVY = {"torch", "transformers", "peft", "sentence_transformers", "matplotlib"}
+TORCH_FREE: dict[str, set[str]] = {
+    # The catalogue also holds no templating and no TLS: those belong to data/, reports/ and services/.
+    "registry": HEAVY | {"jinja2", "cryptography"},
+    "services": HEAVY,
+    "data": HEAVY,
+}
 # migrations/ holds the registry's Alembic scripts: registry.store.schema points Alembic at the folder and the
 # scripts read the registry's models, so it is one package with the registry (as MLflow keeps db_migrations
 # inside its store), installed as its own folder only because Alembic wants a script directory.
@@ -186,3 +200,33 @@ def test_no_cycles_between_modules():
 def test_the_graph_sees_imports_inside_functions():
     """A guard on the test itself: a deferred import (api.py defers nearly all of its own) is an edge too."""
     assert ("elmreg", "merging") in import_edges()
+
+
+def test_torch_free_packages_import_no_model_code():
+    """Imports inside functions count: a deferred ``import torch`` still makes the package need torch."""
+    found = []
+    for package, folder in PACKAGES.items():
+        owner = PART_OF.get(package, package)
+        if owner not in TORCH_FREE:
+            continue
+        for path in sorted(folder.rglob("*.py")):
+            module = _module_name(package, path)
+            tree = ast.parse(path.read_text(), filename=str(path))
+            for name, line in _imported(module, path.name == "__init__.py", tree):
+                if name.split(".")[0] in TORCH_FREE[owner]:
+                    found.append(f"{path.relative_to(ROOT)}:{line} imports {name}")
+    assert found == [], (
+        f"model code in packages that must not hold it ({', '.join(TORCH_FREE)}):\n"
+        + "\n".join(sorted(set(found)))
+    )
+
+
+def test_the_torch_free_check_sees_imports_inside_functions():
+    """A guard on the check itself: models/backbones.py imports torch only inside functions."""
+    path = PACKAGES["models"] / "backbones.py"
+    tree = ast.parse(path.read_text(), filename=str(path))
+    module_level = {
+        alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names
+    } | {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
+    seen = {name.split(".")[0] for name, _ in _imported("elmreg.models.backbones", False, tree)}
+    assert "torch" not in module_level and "torch" in seen

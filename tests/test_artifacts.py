@@ -10,8 +10,8 @@ from boto3.s3.transfer import TransferConfig
 
 from elmreg.registry.artifacts import ArtifactCache, S3ArtifactRepository, sha256_file
 from elmreg.registry.artifacts import s3 as s3_module
+from elmreg.registry.entities import StoredArtifact
 from elmreg.registry.errors import ArtifactIntegrityError, ArtifactNotFoundError, CredentialsError
-from elmreg.registry.store.entities import StoredArtifact
 
 
 def _write(path, data: bytes):

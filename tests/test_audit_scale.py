@@ -12,8 +12,8 @@ from test_filtered_routing import Library, Q, _FixedEmbedder
 
 from elmreg.cli.main import cli
 from elmreg.inference.router import Router
+from elmreg.registry.entities import PendingDecision
 from elmreg.registry.store import schema
-from elmreg.registry.store.entities import PendingDecision
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import torch
 from fixtures.tiny_models import BACKBONES, build_all, build_tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from elmreg.registry import backbones
-from elmreg.registry.backbones import fingerprint, load_backbone
+from elmreg.models import backbones
+from elmreg.models.backbones import fingerprint, load_backbone
 from elmreg.registry.errors import ConfigurationError
 from elmreg.registry.settings import DEFAULT_BACKBONE
 

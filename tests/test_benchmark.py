@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-from elmreg.registry.scheduler import enqueue_benchmark
+from elmreg.jobs.scheduler import enqueue_benchmark
 
 FAST = {"epochs": 2, "learning_rate": 5e-3, "batch_size": 8}
 

@@ -12,8 +12,8 @@ from conftest import lab_environ
 from sqlalchemy import text
 
 from elmreg.cli.main import cli
-from elmreg.registry.report import FIGURES, Figure
-from elmreg.registry.templating import render
+from elmreg.reports.registry_report import FIGURES, Figure
+from elmreg.reports.templating import render
 
 
 class _PageParser(HTMLParser):
@@ -168,7 +168,7 @@ def test_report_template_escapes_catalogue_text():
     figures["training-loss"] = Figure(None, {"curves": []})
     summary = SimpleNamespace(library_version=1, schema_revision="0002", row_counts={"tasks": 1})
     page = render(
-        "elmreg.registry",
+        "elmreg.reports",
         "report.html.j2",
         filters={"when": lambda value: "", "score": str},
         summary=summary,

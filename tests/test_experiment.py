@@ -13,6 +13,7 @@ from conftest import lab_environ
 from safetensors.torch import load_file
 
 from elmreg.cli.main import cli
+from elmreg.data.prompts import PromptedExample
 from elmreg.experiments import compare_predictions, list_presets, load_config
 from elmreg.experiments.config import config_from_mapping
 from elmreg.experiments.harness import ExperimentResult, run_experiment
@@ -24,9 +25,8 @@ from elmreg.experiments.prediction_cache import (
 )
 from elmreg.experiments.report import SECTION_TITLES, markdown
 from elmreg.inference.engine import PeftEngine
+from elmreg.registry.entities import Expert, StoredArtifact
 from elmreg.registry.errors import ConfigurationError, UserError
-from elmreg.registry.prompts import PromptedExample
-from elmreg.registry.store.entities import Expert, StoredArtifact
 
 FAST = {"epochs": 1, "learning_rate": 1e-3, "batch_size": 8}
 

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FACADE_CLIENTS = ("cli", "serve")
-FORBIDDEN_MODULES = ("elmreg.registry.store", "elmreg.registry.context")
+FORBIDDEN_MODULES = ("elmreg.registry.store", "elmreg.runtime.context")
 
 
 def _modules() -> list[Path]:
@@ -54,10 +54,13 @@ def test_the_cli_and_the_server_use_the_registry_only():
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
-        ("from elmreg.registry.store.entities import Expert", "imports elmreg.registry.store.entities"),
+        (
+            "from elmreg.registry.store.catalogue import CatalogueStore",
+            "imports elmreg.registry.store.catalogue",
+        ),
         ("from elmreg.registry.store import schema", "imports elmreg.registry.store"),
-        ("import elmreg.registry.context", "imports elmreg.registry.context"),
-        ("from elmreg.registry import context", "imports elmreg.registry.context"),
+        ("import elmreg.runtime.context", "imports elmreg.runtime.context"),
+        ("from elmreg.runtime import context", "imports elmreg.runtime.context"),
         ("def f(registry):\n    return registry.context.keys", "reads .context"),
     ],
 )

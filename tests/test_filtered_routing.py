@@ -15,7 +15,7 @@ from sqlalchemy import text
 
 from elmreg.cli.main import cli
 from elmreg.inference.router import Router, rank_tallies
-from elmreg.registry.store.entities import LibraryEntry, LibrarySearchOptions, StoredArtifact
+from elmreg.registry.entities import LibraryEntry, LibrarySearchOptions, StoredArtifact
 from elmreg.registry.store.models import hnsw_index_name
 from elmreg.registry.store.sql.library import INDEX_TYPES, SqlLibraryStore
 
@@ -69,7 +69,7 @@ class Library:
         tallies: dict[int, list[float]] = {}
         for expert_id, score in zip(best, scores, strict=True):
             tallies.setdefault(expert_id, []).append(float(score))
-        from elmreg.registry.store.entities import ExpertTally
+        from elmreg.registry.entities import ExpertTally
 
         ranked = rank_tallies([ExpertTally(e, "", len(s), sum(s)) for e, s in tallies.items()])
         return best, ranked[0].expert_id

@@ -6,10 +6,10 @@ import datetime as dt
 
 import numpy as np
 
-from elmreg.registry.context import RegistryContext
+from elmreg.registry.entities import LibraryEntry
 from elmreg.registry.gc import collect_garbage
 from elmreg.registry.store import schema
-from elmreg.registry.store.entities import LibraryEntry
+from elmreg.runtime.context import RegistryContext
 
 
 def test_gc_dry_run_then_delete(settings, scratch_database, tmp_path, unique):

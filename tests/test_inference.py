@@ -11,15 +11,15 @@ from conftest import lab_environ
 from fixtures.tiny_models import build_tiny_gemma3
 
 from elmreg.cli.main import cli
+from elmreg.data.examples import render_split
+from elmreg.data.prompts import PromptedExample
+from elmreg.data.sources import DatasetSpec
 from elmreg.inference import scoring
 from elmreg.inference.pool import AdapterPool
 from elmreg.inference.scoring import choice_log_likelihoods
+from elmreg.models.backbones import load_backbone
 from elmreg.registry.artifacts import s3 as s3_module
-from elmreg.registry.backbones import load_backbone
 from elmreg.registry.errors import ArtifactIntegrityError, UserError
-from elmreg.registry.examples import render_split
-from elmreg.registry.prompts import PromptedExample
-from elmreg.registry.sources import DatasetSpec
 
 FAST = {"epochs": 2, "learning_rate": 5e-3, "batch_size": 8}
 EXAMPLE = PromptedExample("what colour is the sky ?", "blue", ("blue", "green", "white"))

@@ -22,7 +22,7 @@ from elmreg.registry.kinds import (
     trainable_kinds,
     weights_kind,
 )
-from elmreg.registry.tasks import ingest_manifests
+from elmreg.runtime.tasks import ingest_manifests
 from elmreg.trainers import get_trainer
 
 
@@ -67,7 +67,7 @@ def test_the_registry_and_task_creation_import_no_ml_stack():
     """The CLI reads the kinds for its choices and validates tasks; neither may cost a torch import."""
     code = (
         "import sys\n"
-        "import elmreg.registry.kinds, elmreg.registry.tasks, elmreg.registry.store.models, elmreg.jobs\n"
+        "import elmreg.registry.kinds, elmreg.runtime.tasks, elmreg.registry.store.models, elmreg.jobs\n"
         "heavy = [m for m in ('torch', 'peft', 'transformers') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from elmreg.registry.embedder import load_embedder
-from elmreg.registry.library import embed_entries, reembed_library, register_embedder, sample_indices
-from elmreg.registry.store.entities import StoredArtifact
+from elmreg.models.embedder import load_embedder
+from elmreg.registry.entities import StoredArtifact
+from elmreg.runtime.library_embedding import embed_entries, reembed_library, register_embedder, sample_indices
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from elmreg.experts import load_expert, unload_expert
-from elmreg.registry.backbones import load_backbone
+from elmreg.models.backbones import load_backbone
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])

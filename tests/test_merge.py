@@ -18,13 +18,13 @@ from safetensors.torch import load_file, save_file
 from sqlalchemy import text
 
 from elmreg.cli.main import cli
+from elmreg.data.examples import render_split
+from elmreg.data.sources import DatasetSpec
 from elmreg.experts import load_expert, unload_expert
 from elmreg.merging.lora import check_lora_configs, merge_lora, peft_combination
 from elmreg.merging.methods import MergeError, MergeSpec, merge_tensors, tensor_seed
 from elmreg.merging.task_vectors import TensorReader, merge_tensor_files, open_readers
-from elmreg.registry.backbones import load_backbone
-from elmreg.registry.examples import render_split
-from elmreg.registry.sources import DatasetSpec
+from elmreg.models.backbones import load_backbone
 
 FAST = {"epochs": 2, "learning_rate": 5e-3, "batch_size": 8}
 

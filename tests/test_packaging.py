@@ -22,7 +22,18 @@ def test_every_package_folder_is_listed_in_pyproject():
 
 
 def test_no_bare_top_level_modules():
-    for bare in ("registry", "cli", "trainers", "inference", "migrations"):
+    for bare in (
+        "registry",
+        "models",
+        "data",
+        "services",
+        "runtime",
+        "reports",
+        "cli",
+        "trainers",
+        "inference",
+        "migrations",
+    ):
         try:
             importlib.import_module(bare)
         except ModuleNotFoundError:

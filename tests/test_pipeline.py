@@ -18,7 +18,7 @@ from sqlalchemy import text
 
 from elmreg.api import Registry
 from elmreg.cli.main import cli
-from elmreg.registry.backbones import load_backbone
+from elmreg.models.backbones import load_backbone
 
 FAST = {"epochs": 1, "learning_rate": 1e-3, "batch_size": 8}
 

@@ -21,10 +21,10 @@ import pytest
 from click.testing import CliRunner
 
 from elmreg.cli.main import cli
-from elmreg.registry.context import RegistryContext
-from elmreg.registry.services import services_down
-from elmreg.registry.services.postgres import POSTGRES_MAJOR, EmbeddedPostgres
 from elmreg.registry.settings import load_settings
+from elmreg.runtime.context import RegistryContext
+from elmreg.services import services_down
+from elmreg.services.postgres import POSTGRES_MAJOR, EmbeddedPostgres
 
 OLD_CATALOGUE = textwrap.dedent(
     """
@@ -33,10 +33,10 @@ OLD_CATALOGUE = textwrap.dedent(
     import numpy as np
     warnings.simplefilter("ignore")
     import pgserver
-    from elmreg.registry.context import RegistryContext
+    from elmreg.runtime.context import RegistryContext
     from elmreg.registry.settings import load_settings
     from elmreg.registry.store import schema
-    from elmreg.registry.store.entities import LibraryEntry, StoredArtifact
+    from elmreg.registry.entities import LibraryEntry, StoredArtifact
 
     data = Path(sys.argv[1]); data.parent.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(data, cleanup_mode=None)  # left running, as the old elmreg left it

@@ -7,8 +7,7 @@ import json
 import pytest
 from fixtures.bigbench_tree import write_bigbench_cache
 
-from elmreg.registry.errors import TaskSpecError
-from elmreg.registry.prompts import (
+from elmreg.data.prompts import (
     PromptTemplate,
     infer_task_type,
     library_text,
@@ -16,8 +15,9 @@ from elmreg.registry.prompts import (
     render_examples,
     select_template,
 )
-from elmreg.registry.sources import DatasetSpec, default_template, load_dataset_rows
-from elmreg.registry.sources.bigbench import BigBenchTasks
+from elmreg.data.sources import DatasetSpec, default_template, load_dataset_rows
+from elmreg.data.sources.bigbench import BigBenchTasks
+from elmreg.registry.errors import TaskSpecError
 
 TEMPLATES_YAML = """\
 dataset: super_glue

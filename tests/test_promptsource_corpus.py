@@ -40,10 +40,10 @@ import pytest
 import yaml
 from jinja2 import meta, nodes
 
+from elmreg.data.prompts import PromptTemplate, choice_seed, load_promptsource_templates
+from elmreg.data.sources.promptsource import ensure_promptsource, template_files
 from elmreg.registry.errors import ServiceError, TaskSpecError
-from elmreg.registry.prompts import PromptTemplate, choice_seed, load_promptsource_templates
 from elmreg.registry.settings import load_settings
-from elmreg.registry.sources.promptsource import ensure_promptsource, template_files
 
 SEED = 7
 

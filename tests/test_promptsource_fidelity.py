@@ -8,14 +8,14 @@ import tarfile
 
 import pytest
 
-from elmreg.registry.errors import TaskSpecError
-from elmreg.registry.prompts import (
+from elmreg.data.prompts import (
     PROMPTSOURCE_TEXT_VAR_LENGTH,
     PromptTemplate,
     load_promptsource_templates,
     render_examples,
 )
-from elmreg.registry.sources.promptsource import ensure_promptsource, template_files
+from elmreg.data.sources.promptsource import ensure_promptsource, template_files
+from elmreg.registry.errors import TaskSpecError
 
 PICK = PromptTemplate.inline("{{question}} ||| {{answer_choices[label]}}", "{{a}} ||| {{b}}")
 

@@ -10,9 +10,9 @@ from conftest import lab_environ
 from sqlalchemy import text
 
 from elmreg.cli.main import cli
+from elmreg.data.examples import render_split
+from elmreg.data.sources import DatasetSpec
 from elmreg.registry.errors import UserError
-from elmreg.registry.examples import render_split
-from elmreg.registry.sources import DatasetSpec
 
 FAST = {"epochs": 1, "learning_rate": 1e-3, "batch_size": 8}
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import time
 
-from elmreg.registry.context import RegistryContext
-from elmreg.registry.scheduler import ScheduleConfig, Scheduler, enqueue_benchmark, enqueue_untrained_tasks
+from elmreg.jobs.scheduler import ScheduleConfig, Scheduler, enqueue_benchmark, enqueue_untrained_tasks
+from elmreg.runtime.context import RegistryContext
 
 
 def test_only_one_scheduler_is_active_and_a_standby_takes_over(settings, registry):
@@ -19,8 +19,8 @@ def test_only_one_scheduler_is_active_and_a_standby_takes_over(settings, registr
     finally:
         first.shutdown()
         second.shutdown()
-        first.registry.close()
-        second.registry.close()
+        first.context.close()
+        second.context.close()
 
 
 def test_schedules_run_from_memory_and_nothing_secret_or_pickled_is_written(settings, registry):
@@ -59,7 +59,7 @@ def test_schedules_run_from_memory_and_nothing_secret_or_pickled_is_written(sett
         assert binary == []  # the only bytea column elmreg ever had was APScheduler's pickled job state
     finally:
         scheduler.shutdown()
-        scheduler.registry.close()
+        scheduler.context.close()
 
 
 def test_a_missed_nightly_run_is_caught_up_at_start(fresh_registry):

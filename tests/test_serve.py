@@ -28,7 +28,7 @@ from sqlalchemy import text
 
 from elmreg.api import Registry
 from elmreg.cli.main import cli
-from elmreg.registry.prompts import PromptedExample
+from elmreg.data.prompts import PromptedExample
 from elmreg.registry.store import schema
 from elmreg.serve.protocol import Limits
 from elmreg.serve.server import bind, build_server

@@ -7,11 +7,11 @@ import torch
 from fixtures.tiny_models import build_tiny_gemma3
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from elmreg.data.prompts import PromptedExample
 from elmreg.inference.pool import BASE_ADAPTER
 from elmreg.inference.scoring import choice_log_likelihoods, choice_log_likelihoods_batch
-from elmreg.registry.backbones import load_backbone
+from elmreg.models.backbones import load_backbone
 from elmreg.registry.errors import UserError
-from elmreg.registry.prompts import PromptedExample
 
 # Prompts of different lengths and choice counts: the batch pads, and choices of one example are not contiguous
 # with one adapter.

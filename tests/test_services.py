@@ -11,8 +11,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from elmreg.registry.services import resolve_endpoints, services_down, services_status, services_up
 from elmreg.registry.settings import load_settings
+from elmreg.services import resolve_endpoints, services_down, services_status, services_up
 
 
 def test_embedded_postgres_has_pgvector(registry):

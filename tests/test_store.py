@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
+from elmreg.registry.entities import LibraryEntry, StoredArtifact
 from elmreg.registry.errors import AlreadyExistsError, CatalogueError, NotFoundError
-from elmreg.registry.store.entities import LibraryEntry, StoredArtifact
 from elmreg.registry.store.models import hnsw_index_name
 
 DIM = 384

@@ -20,12 +20,12 @@ from conftest import lab_environ
 from sqlalchemy import text
 
 from elmreg.cli.main import cli
-from elmreg.registry.embedder import forget_loaded_embedders, load_embedder
+from elmreg.data.prompts import PromptedExample, library_text
+from elmreg.models.embedder import forget_loaded_embedders, load_embedder
+from elmreg.registry.entities import StoredArtifact
 from elmreg.registry.errors import ArtifactIntegrityError, UserError
-from elmreg.registry.library import embed_entries, register_embedder
-from elmreg.registry.prompts import PromptedExample, library_text
-from elmreg.registry.retrievers import load_catalogued_embedder, unpacked_folder
-from elmreg.registry.store.entities import StoredArtifact
+from elmreg.runtime.library_embedding import embed_entries, register_embedder
+from elmreg.runtime.retrievers import load_catalogued_embedder, unpacked_folder
 from elmreg.trainers.retriever import expert_batches, library_pairs
 
 SENTENCES = [

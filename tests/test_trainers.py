@@ -15,15 +15,15 @@ from fixtures.tiny_models import BACKBONES, build_all
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from elmreg.data.prompts import PromptedExample
 from elmreg.experts import load_expert, unload_expert
 from elmreg.experts.ffn_adapter.model import ParallelAdapter, add_adapters, remove_adapters
 from elmreg.experts.full.task_vector import trainable_entries
 from elmreg.experts.lora import export_peft_folder
-from elmreg.registry.backbones import Backbone, load_backbone
-from elmreg.registry.encoding import IGNORE_INDEX, EncodedBatch, encode, target_token_loss
+from elmreg.models.backbones import Backbone, load_backbone
+from elmreg.models.encoding import IGNORE_INDEX, EncodedBatch, encode, target_token_loss
 from elmreg.registry.errors import ArtifactError, ConfigurationError, UserError
 from elmreg.registry.kinds import trainable_kinds
-from elmreg.registry.prompts import PromptedExample
 from elmreg.registry.settings import DEFAULT_BACKBONE
 from elmreg.trainers import get_trainer
 

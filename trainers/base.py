@@ -21,8 +21,8 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from elmreg.registry.backbones import Backbone
-from elmreg.registry.encoding import encode, target_token_loss
+from elmreg.models.backbones import Backbone
+from elmreg.models.encoding import encode, target_token_loss
 from elmreg.registry.errors import ConfigurationError, UserError
 from elmreg.registry.kinds import ExpertKind, TrainingConfig, get_expert_kind
 
@@ -31,7 +31,7 @@ ProgressCallback = Callable[[int, int, float], None]
 
 
 class Example(Protocol):
-    """What training reads from an example (``elmreg.registry.prompts.PromptedExample`` has it)."""
+    """What training reads from an example (``elmreg.data.prompts.PromptedExample`` has it)."""
 
     @property
     def input(self) -> str: ...

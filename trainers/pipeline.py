@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from elmreg.data.examples import task_examples
+from elmreg.data.prompts import PromptedExample, library_text
 from elmreg.experts import load_expert, unload_expert
 from elmreg.experts.lora import CONFIG_FILE, export_peft_folder
-from elmreg.registry.context import RegistryContext
-from elmreg.registry.embedder import load_embedder
+from elmreg.models.embedder import load_embedder
+from elmreg.registry.entities import Expert, Task
 from elmreg.registry.errors import (
     AlreadyExistsError,
     CatalogueError,
@@ -29,15 +31,18 @@ from elmreg.registry.errors import (
     TaskSpecError,
     first_line,
 )
-from elmreg.registry.examples import task_examples
 from elmreg.registry.gc import publishing_artifacts
 from elmreg.registry.kinds import LORA, weights_kind
-from elmreg.registry.library import SAMPLES_PER_EXPERT, embed_entries, register_embedder, sample_indices
 from elmreg.registry.names import check_expert_name, derived_expert_name
 from elmreg.registry.outputs import check_writable_folder
 from elmreg.registry.pause_points import pause_point
-from elmreg.registry.prompts import PromptedExample, library_text
-from elmreg.registry.store.entities import Expert, Task
+from elmreg.runtime.context import RegistryContext
+from elmreg.runtime.library_embedding import (
+    SAMPLES_PER_EXPERT,
+    embed_entries,
+    register_embedder,
+    sample_indices,
+)
 from elmreg.trainers import get_trainer
 from elmreg.trainers.base import ProgressCallback
 
@@ -245,7 +250,7 @@ def import_peft_adapter(
     config_file, weights = folder / CONFIG_FILE, folder / LORA.weights_file
     pickled = [p.name for p in (folder / "adapter_model.bin", folder / "pytorch_model.bin") if p.is_file()]
     if pickled and not weights.is_file():
-        # A .bin adapter is a torch pickle: loading it can run any code, so elmreg never does (DESIGN: no pickles).
+        # A .bin adapter is a torch pickle: loading it can run any code, so elmreg never does.
         raise TaskSpecError(
             f"{folder} holds {pickled[0]}, a pickle; elmreg loads weights only from safetensors: save the adapter "
             f"with save_pretrained(..., safe_serialization=True) to get {LORA.weights_file}"

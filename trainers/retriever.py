@@ -1,4 +1,4 @@
-"""A supervised retriever (issue 16's ``trained`` router): the sentence encoder fine-tuned on the library itself.
+"""A supervised retriever (the ``trained`` router): the sentence encoder fine-tuned on the library itself.
 
 RoE's retriever was trained for general sentence similarity, so two tasks about the same subject look alike to it
 even when their instructions differ. The library already labels every sample with its expert, which is exactly
@@ -8,7 +8,7 @@ expert, so no negative is in truth a positive. Only library samples are used (ne
 held-out tasks of an evaluation stay unseen by the retriever too.
 
 The trained encoder is saved as a sentence-transformers folder, uploaded to the artifact store and registered as
-a new embedder (``registry.retrievers``), and the library is re-embedded with it side by side; the ``trained``
+a new embedder (``runtime.retrievers``), and the library is re-embedded with it side by side; the ``trained``
 router then runs RoE over those entries.
 """
 
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from elmreg.registry.context import RegistryContext
+from elmreg.registry.entities import Expert
 from elmreg.registry.errors import AlreadyExistsError, NotFoundError, UserError
-from elmreg.registry.library import reembed_library
-from elmreg.registry.retrievers import adopt_folder, load_catalogued_embedder, publish_retriever
-from elmreg.registry.store.entities import Expert
+from elmreg.runtime.context import RegistryContext
+from elmreg.runtime.library_embedding import reembed_library
+from elmreg.runtime.retrievers import adopt_folder, load_catalogued_embedder, publish_retriever
 from elmreg.trainers.pipeline import TrainingHooks
 
 # (expert id, anchor text, positive text)

@@ -15,7 +15,7 @@ from elmreg.experts.ffn_adapter.model import (
     load_adapter_state,
     remove_adapters,
 )
-from elmreg.registry.backbones import Backbone
+from elmreg.models.backbones import Backbone
 from elmreg.registry.errors import ArtifactError, ConfigurationError
 from elmreg.registry.kinds import FFN_ADAPTER
 

@@ -10,7 +10,7 @@ import torch
 
 from elmreg.experts.base import KindLoader
 from elmreg.experts.full.task_vector import apply_task_vector, restore_pretrained
-from elmreg.registry.backbones import Backbone
+from elmreg.models.backbones import Backbone
 from elmreg.registry.kinds import FULL
 
 

@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel
 
 from elmreg.experts.base import AdapterLoader
-from elmreg.registry.backbones import Backbone
+from elmreg.models.backbones import Backbone
 from elmreg.registry.errors import ConfigurationError
 from elmreg.registry.kinds import LORA
 

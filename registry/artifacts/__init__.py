@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from elmreg.registry.artifacts.base import ArtifactRepository, StoredObject, sha256_file
+from elmreg.registry.endpoints import Endpoints
+from elmreg.registry.entities import StoredArtifact
 from elmreg.registry.errors import ConfigurationError
-from elmreg.registry.services import Endpoints
-from elmreg.registry.store.entities import StoredArtifact
 
 if TYPE_CHECKING:
     from elmreg.registry.artifacts.s3 import S3ArtifactRepository

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from elmreg.registry.store.entities import StoredArtifact
+from elmreg.registry.entities import StoredArtifact
 
 _CHUNK = 8 * 1024 * 1024
 

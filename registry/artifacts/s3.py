@@ -17,6 +17,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from elmreg.registry.artifacts.base import ArtifactRepository, StoredObject, sha256_file
+from elmreg.registry.entities import StoredArtifact
 from elmreg.registry.errors import (
     ArtifactError,
     ArtifactIntegrityError,
@@ -24,7 +25,6 @@ from elmreg.registry.errors import (
     ConfigurationError,
     CredentialsError,
 )
-from elmreg.registry.store.entities import StoredArtifact
 
 # Files above 64 MiB go up in 64 MiB parts, several at once: a multi-gigabyte task vector never has to be
 # sent in one request, and a failed part is retried on its own.

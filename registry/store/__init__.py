@@ -9,6 +9,7 @@ SQLAlchemy implementation under ``sql/``; ``RegistryContext`` hands them out:
 ``jobs``          the work queue (leases), training runs, locks across processes
 ``evaluations``   evaluation results and benchmark runs
 ``audit``         the audit views and the catalogue's status
+``keys``          the server's API keys (sha256 of each key, revocation)
 ================  ==============================================================================
 
 All of elmreg's SQL lives in ``sql/`` (and the Alembic revisions in ``migrations/``); every database error passes

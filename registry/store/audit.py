@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
-from elmreg.registry.store.entities import CatalogueSummary
+from elmreg.registry.entities import CatalogueSummary
 
 
 class AuditStore(ABC):
@@ -26,7 +26,7 @@ class AuditStore(ABC):
         limit: int | None,
         descending: bool = True,
     ) -> list[dict[str, Any]]:
-        """Rows of one audit view (a name from ``registry.audit.AUDIT_VIEWS``) ordered by ``order_by``
+        """Rows of one audit view (a name from ``registry.audit_views.AUDIT_VIEWS``) ordered by ``order_by``
         (newest first unless ``descending`` is False), restricted to rows whose columns equal ``filters``.
 
         Raises:

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
-from elmreg.registry.store.entities import (
+from elmreg.registry.entities import (
     Backbone,
     Embedder,
     Expert,

@@ -6,7 +6,7 @@ import datetime as dt
 from abc import ABC, abstractmethod
 from typing import Any
 
-from elmreg.registry.store.entities import BenchmarkCell, BenchmarkRun, Evaluation
+from elmreg.registry.entities import BenchmarkCell, BenchmarkRun, Evaluation
 
 
 class EvaluationStore(ABC):

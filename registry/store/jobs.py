@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
-from elmreg.registry.store.entities import Job, TrainingRun
+from elmreg.registry.entities import Job, TrainingRun
 
 
 class HeldLock(ABC):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from elmreg.registry.store.entities import ApiKey
+from elmreg.registry.entities import ApiKey
 
 
 class KeyStore(ABC):

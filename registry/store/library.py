@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from elmreg.registry.store.entities import (
+from elmreg.registry.entities import (
     LibraryChange,
     LibraryEntry,
     LibraryHit,

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from elmreg.registry.context import RegistryContext
-from elmreg.registry.services import resolve_endpoints, services_down
-from elmreg.registry.services.seaweedfs import EmbeddedS3
 from elmreg.registry.settings import Settings, load_settings
 from elmreg.registry.store import schema
+from elmreg.runtime.context import RegistryContext
+from elmreg.services import resolve_endpoints, services_down
+from elmreg.services.seaweedfs import EmbeddedS3
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import ProgrammingError
 
-from elmreg.registry.audit import AUDIT_VIEWS
+from elmreg.registry.audit_views import AUDIT_VIEWS
 
 FORBIDDEN = [
     "INSERT INTO tasks (name) VALUES ('x')",

@@ -1,4 +1,4 @@
-"""Bad input over every verb (issue 14): one line saying what is wrong, the right exit code, nothing written.
+"""Bad input over every verb: one line saying what is wrong, the right exit code, nothing written.
 
 One table, one row per way a new user or an operator gets it wrong: malformed files, templates that try to leave
 the sandbox or exhaust memory, numbers out of range, unknown names and ids, names with SQL, unicode and path
@@ -25,8 +25,8 @@ from sqlalchemy import text
 
 from elmreg.api import Registry
 from elmreg.cli.main import cli
-from elmreg.registry.context import RegistryContext
 from elmreg.registry.store import schema
+from elmreg.runtime.context import RegistryContext
 
 FAST = {"epochs": 1, "learning_rate": 1e-3, "batch_size": 8}
 MB = 1024 * 1024
@@ -399,7 +399,7 @@ def test_the_table_covers_every_verb_the_issue_names():
 def test_the_sandbox_limits_leave_ordinary_templates_alone(template, expected):
     # The limits must only stop templates that build huge values: the operators, calls and filters they watch
     # still work on prompt-sized values.
-    from elmreg.registry.prompts import PromptTemplate
+    from elmreg.data.prompts import PromptTemplate
 
     example = PromptTemplate.inline(template).render({"question": "q", "answer": "a"})
     assert example is not None and example.input.strip() == expected.strip()

@@ -26,8 +26,8 @@ from conftest import lab_environ
 from sqlalchemy import Connection, create_engine, text
 
 from elmreg.api import Registry
-from elmreg.registry.services.postgres import EmbeddedPostgres
 from elmreg.registry.store import schema
+from elmreg.services.postgres import EmbeddedPostgres
 
 ELMREG = str(Path(sys.executable).parent / "elmreg")
 # One epoch over a handful of examples: each job trains in about a second on the tiny backbone.
@@ -242,8 +242,8 @@ def test_a_worker_survives_postgres_restarts_while_idle_and_while_it_holds_a_lea
 _SCHEDULER = """
 import logging, sys, time
 from pathlib import Path
-from elmreg.registry import scheduler as schedules
-from elmreg.registry.context import RegistryContext
+from elmreg.jobs import scheduler as schedules
+from elmreg.runtime.context import RegistryContext
 from elmreg.registry.settings import load_settings
 
 fires, hour = Path(sys.argv[1]), int(sys.argv[2])

@@ -1,8 +1,8 @@
 """Downloads into a full cache disk, cached copies damaged on disk, and reads of a mistyped bucket.
 
-- Disk full while downloading weights (issue 14): a clear one-line error, nothing partial left in the cache, and
+- Disk full while downloading weights: a clear one-line error, nothing partial left in the cache, and
   the next read downloads again and verifies; a cached copy is checked by sha256 every time it is used.
-- Reads never create buckets (issue 14, item 8): ``experts export`` and ``gc`` with a mistyped
+- Reads never create buckets: ``experts export`` and ``gc`` with a mistyped
   ``ELMREG_S3_BUCKET`` fail without creating that bucket; only an upload creates the configured bucket.
 """
 
@@ -18,15 +18,15 @@ from click.testing import CliRunner
 
 from elmreg.cli.main import cli
 from elmreg.registry.artifacts import ArtifactCache
-from elmreg.registry.store.entities import LibraryEntry
+from elmreg.registry.entities import LibraryEntry
 
 _FETCH_UNDER_A_FILE_SIZE_LIMIT = textwrap.dedent(
     """
     import resource, sys
-    from elmreg.registry.context import RegistryContext
+    from elmreg.runtime.context import RegistryContext
     from elmreg.registry.errors import ElmregError
     from elmreg.registry.settings import load_settings
-    from elmreg.registry.store.entities import StoredArtifact
+    from elmreg.registry.entities import StoredArtifact
 
     context = RegistryContext(load_settings())
     cache = context.artifact_cache

@@ -1,4 +1,4 @@
-"""Garbage collection against a publish that reuses stored bytes (issue 14, item 3), driven step by step.
+"""Garbage collection against a publish that reuses stored bytes, driven step by step.
 
 Weights are content-addressed: publishing bytes that are already stored skips the upload. GC must never delete
 such an object between that decision and the transaction that makes the new expert reference it.
@@ -10,8 +10,8 @@ import datetime as dt
 import threading
 import time
 
+from elmreg.data.prompts import PromptedExample
 from elmreg.registry.gc import collect_garbage
-from elmreg.registry.prompts import PromptedExample
 from elmreg.trainers.pipeline import publish
 
 EXAMPLES = [PromptedExample(f"question {i}", "yes", ("no", "yes")) for i in range(4)]

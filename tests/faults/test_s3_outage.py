@@ -1,4 +1,4 @@
-"""The embedded S3 stopped, frozen and restarted under live clients (issue 14: faults to survive).
+"""The embedded S3 stopped, frozen and restarted under live clients: faults a deployment must survive.
 
 A restarted server comes back on the same endpoint, so a long-running worker's client keeps working; while it is
 down or frozen, requests are retried a bounded number of times and then fail as one ArtifactError, the job is
@@ -19,8 +19,8 @@ from elmreg.api import Registry
 from elmreg.jobs import Worker
 from elmreg.registry.artifacts import S3ArtifactRepository
 from elmreg.registry.errors import ArtifactError, CredentialsError
-from elmreg.registry.services import resolve_endpoints, services_down, services_up
 from elmreg.registry.store import schema
+from elmreg.services import resolve_endpoints, services_down, services_up
 from faults.conftest import embedded_s3
 
 FAST = {"epochs": 1, "learning_rate": 1e-3, "batch_size": 8}

@@ -1,5 +1,5 @@
 """Only the signed S3 gateway of the embedded SeaweedFS is reachable: every other port it opens refuses unsigned
-reads and writes of objects (issue 14, item 7), it listens on loopback only, and its files are the owner's only."""
+reads and writes of objects, it listens on loopback only, and its files are the owner's only."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from elmreg.registry.context import RegistryContext
-from elmreg.registry.services import embedded_s3_credentials
+from elmreg.runtime.context import RegistryContext
+from elmreg.services import embedded_s3_credentials
 from faults.conftest import embedded_s3
 
 SECRET_BYTES = b"expert weights nobody may read without the key " * 64

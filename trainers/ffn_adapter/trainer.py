@@ -14,7 +14,7 @@ from elmreg.experts.ffn_adapter.model import (
     find_adapters,
     remove_adapters,
 )
-from elmreg.registry.backbones import Backbone
+from elmreg.models.backbones import Backbone
 from elmreg.registry.kinds import FFN_ADAPTER, FfnAdapterTrainingConfig, TrainingConfig
 from elmreg.trainers.base import ExpertTrainer, TrainedExpert
 

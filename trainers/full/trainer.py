@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from elmreg.experts.full.task_vector import restore_pretrained, trainable_entries, write_task_vector
-from elmreg.registry.backbones import Backbone
+from elmreg.models.backbones import Backbone
 from elmreg.registry.errors import ConfigurationError
 from elmreg.registry.kinds import FULL, FullTrainingConfig, TrainingConfig
 from elmreg.trainers.base import ExpertTrainer, TrainedExpert

@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from elmreg.experts.lora import ADAPTER_NAME, CONFIG_FILE, LoraLoader
-from elmreg.registry.backbones import Backbone
+from elmreg.models.backbones import Backbone
 from elmreg.registry.errors import ConfigurationError
 from elmreg.registry.kinds import LORA, LoraTrainingConfig, TrainingConfig
 from elmreg.trainers.base import ExpertTrainer, TrainedExpert

@@ -6,10 +6,10 @@ from typing import Any
 
 from sqlalchemy import func, select, text
 
+from elmreg.registry.entities import CatalogueSummary
 from elmreg.registry.errors import UserError
 from elmreg.registry.store import schema
 from elmreg.registry.store.audit import AuditStore
-from elmreg.registry.store.entities import CatalogueSummary
 from elmreg.registry.store.models import Base
 from elmreg.registry.store.session import ManagedSessions
 from elmreg.registry.store.sql.library import current_library_version

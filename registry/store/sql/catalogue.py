@@ -10,11 +10,7 @@ from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from elmreg.registry.errors import AlreadyExistsError, CatalogueError, InvalidStateError, NotFoundError
-from elmreg.registry.names import check_task_name
-from elmreg.registry.pause_points import pause_point
-from elmreg.registry.store.catalogue import CatalogueStore
-from elmreg.registry.store.entities import (
+from elmreg.registry.entities import (
     Backbone,
     Embedder,
     Expert,
@@ -25,6 +21,10 @@ from elmreg.registry.store.entities import (
     StoredArtifact,
     Task,
 )
+from elmreg.registry.errors import AlreadyExistsError, CatalogueError, InvalidStateError, NotFoundError
+from elmreg.registry.names import check_task_name
+from elmreg.registry.pause_points import pause_point
+from elmreg.registry.store.catalogue import CatalogueStore
 from elmreg.registry.store.models import (
     BackboneRow,
     EmbedderRow,

@@ -7,8 +7,8 @@ from typing import Any
 
 from sqlalchemy import Integer, exists, func, select
 
+from elmreg.registry.entities import BenchmarkCell, BenchmarkRun, Evaluation
 from elmreg.registry.errors import NotFoundError
-from elmreg.registry.store.entities import BenchmarkCell, BenchmarkRun, Evaluation
 from elmreg.registry.store.evaluations import EvaluationStore
 from elmreg.registry.store.models import BenchmarkRunRow, EvaluationRow, ExpertRow, TaskRow
 from elmreg.registry.store.session import ManagedSessions

@@ -12,8 +12,8 @@ from sqlalchemy import Connection, Engine, func, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from elmreg.registry.entities import Job, TrainingRun
 from elmreg.registry.errors import CatalogueError, NotFoundError
-from elmreg.registry.store.entities import Job, TrainingRun
 from elmreg.registry.store.jobs import HeldLock, JobStore
 from elmreg.registry.store.models import JobRow, TrainingRunRow
 from elmreg.registry.store.session import ManagedSessions

@@ -6,8 +6,8 @@ import datetime as dt
 
 from sqlalchemy import select
 
+from elmreg.registry.entities import ApiKey
 from elmreg.registry.errors import NotFoundError
-from elmreg.registry.store.entities import ApiKey
 from elmreg.registry.store.keys import KeyStore
 from elmreg.registry.store.models import ApiKeyRow
 from elmreg.registry.store.session import ManagedSessions

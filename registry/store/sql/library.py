@@ -17,8 +17,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from elmreg.registry.errors import CatalogueError, NotFoundError, UserError
-from elmreg.registry.store.entities import (
+from elmreg.registry.entities import (
     ExpertTally,
     LibraryChange,
     LibraryEntry,
@@ -30,6 +29,7 @@ from elmreg.registry.store.entities import (
     RoutingVote,
     VoteResult,
 )
+from elmreg.registry.errors import CatalogueError, NotFoundError, UserError
 from elmreg.registry.store.library import LibraryStore
 from elmreg.registry.store.models import (
     EmbedderRow,

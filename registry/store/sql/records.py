@@ -7,8 +7,7 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from elmreg.registry.errors import NotFoundError
-from elmreg.registry.store.entities import (
+from elmreg.registry.entities import (
     Backbone,
     BenchmarkRun,
     Embedder,
@@ -19,6 +18,7 @@ from elmreg.registry.store.entities import (
     Task,
     TrainingRun,
 )
+from elmreg.registry.errors import NotFoundError
 from elmreg.registry.store.models import (
     BackboneRow,
     BenchmarkRunRow,

@@ -2,7 +2,7 @@
 
 promptsource itself cannot be installed on Python 3.11 (it needs Python < 3.10), but its sdist (about 230 kB)
 carries every ``templates.yaml``. elmreg downloads it once with pip into its cache, like the BIG-bench sdist, and
-extracts the template files; :func:`~elmreg.registry.prompts.load_promptsource_templates` reads any of them.
+extracts the template files; :func:`~elmreg.data.prompts.load_promptsource_templates` reads any of them.
 
 Layout of the extracted folder (``<cache>/promptsource/templates``), as in promptsource's repository::
 

@@ -14,32 +14,19 @@ from dataclasses import dataclass
 
 from filelock import FileLock
 
+from elmreg.registry.endpoints import Endpoints
 from elmreg.registry.errors import ServiceError
-from elmreg.registry.services.postgres import EmbeddedPostgres
-from elmreg.registry.services.seaweedfs import EmbeddedS3
 from elmreg.registry.settings import Settings
+from elmreg.services.postgres import EmbeddedPostgres
+from elmreg.services.seaweedfs import EmbeddedS3
 
 __all__ = [
-    "Endpoints",
     "ServiceStatus",
     "resolve_endpoints",
     "services_down",
     "services_status",
     "services_up",
 ]
-
-
-@dataclass(frozen=True)
-class Endpoints:
-    """Resolved connection details of the catalogue database and the S3 server."""
-
-    database_url: str
-    s3_endpoint_url: str
-    s3_access_key_id: str
-    s3_secret_access_key: str
-    s3_region: str
-    s3_bucket: str
-    s3_prefix: str
 
 
 @dataclass(frozen=True)

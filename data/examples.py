@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from elmreg.registry.prompts import PromptedExample, PromptTemplate, render_examples
-from elmreg.registry.sources import DatasetSpec, default_template, load_dataset_rows
-from elmreg.registry.store.entities import Task
+from elmreg.data.prompts import PromptedExample, PromptTemplate, render_examples
+from elmreg.data.sources import DatasetSpec, default_template, load_dataset_rows
+from elmreg.registry.entities import Task
 
 
 def render_split(

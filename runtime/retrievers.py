@@ -16,11 +16,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from elmreg.registry.context import RegistryContext
-from elmreg.registry.embedder import Embedder, load_embedder
+from elmreg.models.embedder import Embedder, load_embedder
+from elmreg.registry.entities import Embedder as EmbedderRecord
 from elmreg.registry.errors import NotFoundError
 from elmreg.registry.gc import publishing_artifacts
-from elmreg.registry.store.entities import Embedder as EmbedderRecord
+from elmreg.runtime.context import RegistryContext
 
 ARCHIVE_SUFFIX = ".tar"
 # Written last into an unpacked folder, naming the archive it came from: a folder without it is an unpacking
@@ -110,7 +110,7 @@ def publish_retriever(
 
 def load_catalogued_embedder(context: RegistryContext, name: str, device: str = "cpu") -> Embedder:
     """The embedder ``name``: a trained retriever from the artifact store (fetched, verified and unpacked once
-    per machine), or a hub id / local folder as :func:`~elmreg.registry.embedder.load_embedder` loads it."""
+    per machine), or a hub id / local folder as :func:`~elmreg.models.embedder.load_embedder` loads it."""
     try:
         record = context.catalogue.get_embedder(name)
     except NotFoundError:

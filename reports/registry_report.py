@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from elmreg.registry.context import RegistryContext
 from elmreg.registry.outputs import check_writable_file
-from elmreg.registry.templating import render
+from elmreg.reports.templating import render
+from elmreg.runtime.context import RegistryContext
 
 
 class Figure(NamedTuple):
@@ -194,7 +194,7 @@ def write_report(context: RegistryContext, out: Path) -> Report:
     summary = context.audit.summary()
     figures = {figure_id: build(context) for figure_id, build in BUILDERS.items()}
     page = render(
-        "elmreg.registry",
+        "elmreg.reports",
         "report.html.j2",
         filters={"when": _when, "score": _score},
         summary=summary,

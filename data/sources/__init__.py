@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from elmreg.data.prompts import PromptTemplate
+from elmreg.data.sources import bigbench, huggingface
 from elmreg.registry.errors import TaskSpecError
-from elmreg.registry.prompts import PromptTemplate
-from elmreg.registry.sources import bigbench, huggingface
 
 BIGBENCH_PREFIX = "bigbench:"
 

@@ -32,9 +32,9 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from elmreg.registry.context import RegistryContext
 from elmreg.registry.errors import ServiceError, first_line
 from elmreg.registry.store.jobs import HeldLock
+from elmreg.runtime.context import RegistryContext
 
 _log = logging.getLogger(__name__)
 
@@ -53,38 +53,38 @@ class ScheduleConfig:
 
 
 # -- the scheduled functions: each takes the active scheduler's context (in memory, never persisted) --------------
-def enqueue_untrained_tasks(registry: RegistryContext) -> list[int]:
+def enqueue_untrained_tasks(context: RegistryContext) -> list[int]:
     """Queue a training job for each task with no expert and no training job; returns their job ids."""
     busy = {
-        e.task_id for e in registry.catalogue.list_experts() if e.status in ("pending", "training", "ready")
+        e.task_id for e in context.catalogue.list_experts() if e.status in ("pending", "training", "ready")
     }
     queued = {
         j.payload.get("task_id")
-        for j in registry.jobs.list_jobs()
+        for j in context.jobs.list_jobs()
         if j.kind == "train" and j.status in ("queued", "running")
     }
     jobs = []
-    for task in registry.catalogue.list_tasks():
+    for task in context.catalogue.list_tasks():
         if task.id in busy or task.id in queued:
             continue
         jobs.append(
-            registry.jobs.enqueue_job("train", {"task_id": task.id}, dedupe_key=f"train-task:{task.id}").id
+            context.jobs.enqueue_job("train", {"task_id": task.id}, dedupe_key=f"train-task:{task.id}").id
         )
     return jobs
 
 
-def ingest_manifests_job(registry: RegistryContext) -> None:
+def ingest_manifests_job(context: RegistryContext) -> None:
     """Register the tasks listed in the manifest folder (already-registered ones are skipped)."""
-    from elmreg.registry.tasks import ingest_manifests
+    from elmreg.runtime.tasks import ingest_manifests
 
-    report = ingest_manifests(registry)
+    report = ingest_manifests(context)
     _log.warning("manifest ingestion: %s", report)
 
 
-def enqueue_benchmark(registry: RegistryContext) -> int:
+def enqueue_benchmark(context: RegistryContext) -> int:
     """Queue tonight's benchmark of the experts added since the previous one (one job per day)."""
     today = dt.datetime.now(dt.UTC).date().isoformat()
-    job = registry.jobs.enqueue_job(
+    job = context.jobs.enqueue_job(
         "benchmark", {"requested_by": "scheduler"}, dedupe_key=f"benchmark:{today}"
     )
     return job.id
@@ -101,8 +101,8 @@ def _missed(hour: int, grace_seconds: int, now: dt.datetime) -> bool:
 class Scheduler:
     """The active-or-standby scheduler process."""
 
-    def __init__(self, registry: RegistryContext, config: ScheduleConfig | None = None):
-        self.registry = registry
+    def __init__(self, context: RegistryContext, config: ScheduleConfig | None = None):
+        self.context = context
         self.config = config or ScheduleConfig()
         self._lock: HeldLock | None = None
         # The lock's connection is used by the run loop and by the schedules' threads: one at a time.
@@ -113,7 +113,7 @@ class Scheduler:
         """Take the scheduler lock if nobody holds it; a crashed scheduler's lock goes with its connection."""
         with self._lock_guard:
             if self._lock is None:
-                self._lock = self.registry.jobs.try_lock(SCHEDULER_LOCK_KEY)
+                self._lock = self.context.jobs.try_lock(SCHEDULER_LOCK_KEY)
             return self._lock is not None
 
     def holds_lock(self) -> bool:
@@ -129,13 +129,13 @@ class Scheduler:
             if not self.holds_lock():
                 _log.warning("scheduler lost its lock (database restarted?): %s not run", schedule_id)
                 return
-            function(self.registry)
+            function(self.context)
 
         return fire
 
     def start(self) -> BackgroundScheduler:
         """Register the schedules, catch up a nightly run missed within the grace period, and start."""
-        self.registry.jobs  # noqa: B018 - fails early with a clear message if the schema is not migrated
+        self.context.jobs  # noqa: B018 - fails early with a clear message if the schema is not migrated
         scheduler = BackgroundScheduler(
             job_defaults={
                 "coalesce": True,

@@ -94,7 +94,7 @@ def load_embedder(name: str, device: str = "cpu", *, path: str | None = None) ->
 
     Args:
         path: Load from this folder but record ``name`` (a trained retriever fetched from the artifact store;
-            see ``registry.retrievers.load_catalogued_embedder``).
+            see ``runtime.retrievers.load_catalogued_embedder``).
     """
     with _load_lock:
         return _cached(name, device, path)

@@ -370,7 +370,7 @@ def load_backbone(name_or_path: str, *, cache_dir: Path, device: str = "cpu", dt
 
 class BackboneCache:
     """The backbones one process has loaded, by name and device: training, merge tuning and every adapter pool
-    of a :class:`~elmreg.registry.context.RegistryContext` share one copy (a backbone takes seconds to load and
+    of a :class:`~elmreg.runtime.context.RegistryContext` share one copy (a backbone takes seconds to load and
     as much memory as its weights).
 
     Users that leave experts on a backbone between calls say so with :meth:`Backbone.hold`.

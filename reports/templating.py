@@ -35,7 +35,7 @@ def render(
     """Render template ``name`` of ``package``'s ``templates`` folder with ``context``.
 
     Args:
-        package: The package holding the template, e.g. ``"elmreg.registry"``.
+        package: The package holding the template, e.g. ``"elmreg.reports"``.
         name: The file name, e.g. ``"report.html.j2"``.
         filters: Formatting filters the template uses, by name (functions of the module that renders it).
     """

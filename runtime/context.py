@@ -7,15 +7,15 @@ from functools import cached_property
 
 from sqlalchemy import Engine
 
+from elmreg.models.backbones import BackboneCache
 from elmreg.registry.artifacts import ArtifactCache, ArtifactRepository, open_artifact_repository
-from elmreg.registry.backbones import BackboneCache
+from elmreg.registry.endpoints import Endpoints
+from elmreg.registry.entities import CatalogueSummary, LibrarySearchOptions
 from elmreg.registry.errors import SchemaOutOfDateError
-from elmreg.registry.services import Endpoints, resolve_endpoints
 from elmreg.registry.settings import Settings, load_settings
 from elmreg.registry.store import schema
 from elmreg.registry.store.audit import AuditStore
 from elmreg.registry.store.catalogue import CatalogueStore
-from elmreg.registry.store.entities import CatalogueSummary, LibrarySearchOptions
 from elmreg.registry.store.evaluations import EvaluationStore
 from elmreg.registry.store.jobs import JobStore
 from elmreg.registry.store.keys import KeyStore
@@ -32,6 +32,7 @@ from elmreg.registry.store.sql.library import (
     pgvector_versions,
     update_pgvector,
 )
+from elmreg.services import resolve_endpoints
 
 
 class RegistryContext:
@@ -163,7 +164,7 @@ class RegistryContext:
     def artifact_cache(self) -> ArtifactCache:
         return ArtifactCache(self.settings.cache_path / "artifacts", self.artifacts)
 
-    # -- loaded backbones (issue 12, arch-kinds): one copy of each per context, whoever uses it ---------------
+    # -- loaded backbones: one copy of each per context, whoever uses it (a backbone takes seconds to load) --
     @cached_property
     def backbones(self) -> BackboneCache:
         """Backbones loaded on first use and shared by training, merge tuning and the adapter pools."""

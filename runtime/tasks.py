@@ -14,12 +14,7 @@ from typing import Any
 
 import yaml
 
-from elmreg.registry.backbones import backbone_family
-from elmreg.registry.context import RegistryContext
-from elmreg.registry.errors import AlreadyExistsError, NotFoundError, TaskSpecError, UserError, first_line
-from elmreg.registry.kinds import get_expert_kind, trainable_kinds
-from elmreg.registry.names import InvalidNameError, check_task_name
-from elmreg.registry.prompts import (
+from elmreg.data.prompts import (
     PromptTemplate,
     check_classification,
     default_metric,
@@ -28,8 +23,13 @@ from elmreg.registry.prompts import (
     render_examples,
     select_template,
 )
-from elmreg.registry.sources import DatasetSpec, default_template, load_dataset_rows
-from elmreg.registry.store.entities import Job, Task
+from elmreg.data.sources import DatasetSpec, default_template, load_dataset_rows
+from elmreg.models.backbones import backbone_family
+from elmreg.registry.entities import Job, Task
+from elmreg.registry.errors import AlreadyExistsError, NotFoundError, TaskSpecError, UserError, first_line
+from elmreg.registry.kinds import get_expert_kind, trainable_kinds
+from elmreg.registry.names import InvalidNameError, check_task_name
+from elmreg.runtime.context import RegistryContext
 
 LEVELS = ("prompt", "dataset")
 METRICS = ("accuracy", "rouge_l", "bleu")

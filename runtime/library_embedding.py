@@ -11,10 +11,10 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from elmreg.registry.embedder import Embedder
+from elmreg.models.embedder import Embedder
+from elmreg.registry.entities import Embedder as EmbedderRecord
+from elmreg.registry.entities import LibraryEntry
 from elmreg.registry.store.catalogue import CatalogueStore
-from elmreg.registry.store.entities import Embedder as EmbedderRecord
-from elmreg.registry.store.entities import LibraryEntry
 from elmreg.registry.store.library import LibraryStore
 
 SAMPLES_PER_EXPERT = 100
