@@ -661,3 +661,18 @@ class Registry:
         return collect_garbage(
             self.context.catalogue, self.context.artifacts, self.context.jobs, delete=delete, min_age=min_age
         )
+
+    # -- backup and restore --------------------------------------------------------------------------------
+    def backup(self, folder: str | Path):
+        """Write a consistent snapshot of the catalogue and every object it references into ``folder`` (which
+        must not exist or be empty). Returns ``registry.backup.BackupReport``."""
+        from elmreg.registry.backup import backup
+
+        return backup(self.context, Path(folder))
+
+    def restore(self, folder: str | Path):
+        """Restore a backup into this registry's catalogue and bucket prefix, which must be empty; every file
+        is verified before anything is written. Returns ``registry.backup.BackupReport``."""
+        from elmreg.registry.backup import restore
+
+        return restore(self.context, Path(folder))
