@@ -29,7 +29,7 @@ from sqlalchemy.engine import make_url
 from elmreg.registry.artifacts.base import sha256_file
 from elmreg.registry.artifacts.s3 import parse_s3_uri
 from elmreg.registry.context import RegistryContext
-from elmreg.registry.errors import ServiceError, UserError
+from elmreg.registry.errors import ArtifactNotFoundError, ServiceError, UserError
 from elmreg.registry.gc import ARTIFACTS_LOCK
 from elmreg.registry.services.postgres import POSTGRES_MAJOR
 from elmreg.registry.store.sql.backup import move_artifact_references, referenced_artifacts, user_tables
@@ -140,7 +140,11 @@ def restore(context: RegistryContext, folder: Path) -> BackupReport:
         )
     artifacts = context.artifacts
     targets = {o["uri"]: artifacts.uri_for(o["sha256"], _suffix(o)) for o in manifest["objects"]}
-    foreign = [obj.uri for obj in artifacts.list_objects() if obj.uri not in set(targets.values())]
+    try:
+        stored = [obj.uri for obj in artifacts.list_objects()]
+    except ArtifactNotFoundError:
+        stored = []  # no bucket yet: the first upload creates it
+    foreign = [uri for uri in stored if uri not in set(targets.values())]
     if foreign:
         raise UserError(
             f"cannot restore into a bucket prefix that is not empty ({len(foreign)} objects, e.g. {foreign[0]}): "

@@ -39,7 +39,9 @@ QUERIES = [
 @pytest.fixture
 def fresh_home(lab, tmp_path) -> Iterator[Registry]:
     """An empty home with its own embedded PostgreSQL and S3 and the lab's backbone and embedder settings."""
-    home = Path(tempfile.mkdtemp(prefix="elmreg-test-restore-"))  # see the root conftest: not under pytest's root
+    home = Path(
+        tempfile.mkdtemp(prefix="elmreg-test-restore-")
+    )  # see the root conftest: not under pytest's root
     settings = load_settings({"ELMREG_HOME": str(home)}).replace(
         cache_dir=tmp_path / "restored-cache",
         backbone=lab.settings.backbone,
@@ -60,14 +62,18 @@ def _decision(decision) -> dict:
         "router": decision.router,
         "embedder": decision.embedder,
         "tallies": [(t.expert_id, t.votes) for t in decision.tallies],
-        "votes": [(v.query_index, v.rank, v.entry_id, v.expert_id, round(v.score, 5)) for v in decision.votes],
+        "votes": [
+            (v.query_index, v.rank, v.entry_id, v.expert_id, round(v.score, 5)) for v in decision.votes
+        ],
     }
 
 
 def _is_empty(registry: Registry) -> bool:
     with registry.context.engine.connect() as connection:
         tables = connection.scalar(text("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"))
-    return tables == 0 and list(registry.context.artifacts.list_objects()) == []
+    artifacts = registry.context.artifacts
+    buckets = [b["Name"] for b in artifacts.client.list_buckets().get("Buckets", [])]
+    return tables == 0 and (artifacts.bucket not in buckets or list(artifacts.list_objects()) == [])
 
 
 def _cli(registry: Registry, *args: str):
@@ -84,7 +90,7 @@ def test_backup_restores_into_a_fresh_home(lab, fresh_home, tmp_path):
     merged = lab.merge(["colours", "moods"]).expert
     lab.train_retriever(name="retriever-b", epochs=1)
     lab.evaluate("colours", limit=8, q=4)
-    lab.route(QUERIES, task="colours")
+    lab.route(QUERIES, task="colours", q=None)
     kinds = {e.kind for e in lab.experts(status="ready")}
     assert kinds == {"full", "lora", "ffn_adapter", "merged"} and merged.parents
     expected = lab.status()
@@ -117,7 +123,10 @@ def test_backup_restores_into_a_fresh_home(lab, fresh_home, tmp_path):
     assert restored.objects == len(referenced)
     actual = fresh_home.status()
     assert actual.row_counts == expected.row_counts
-    assert (actual.schema_revision, actual.library_version) == (expected.schema_revision, expected.library_version)
+    assert (actual.schema_revision, actual.library_version) == (
+        expected.schema_revision,
+        expected.library_version,
+    )
 
     # Every expert's weights (and the retriever's) come back from the new home's own S3, verified.
     target = fresh_home.context.endpoints
@@ -127,16 +136,18 @@ def test_backup_restores_into_a_fresh_home(lab, fresh_home, tmp_path):
             continue
         assert expert.artifact.sha256 == source_experts[expert.name].artifact.sha256
         assert expert.artifact.uri.startswith(f"s3://{target.s3_bucket}/{target.s3_prefix}blobs/")
-        assert sha256_file(fresh_home.context.artifact_cache.fetch(expert.artifact))[0] == expert.artifact.sha256
+        assert (
+            sha256_file(fresh_home.context.artifact_cache.fetch(expert.artifact))[0] == expert.artifact.sha256
+        )
     retriever = fresh_home.context.catalogue.get_embedder("retriever-b")
     fresh_home.context.artifact_cache.fetch(retriever.artifact)
 
     # Routing the same instances decides the same, with the same votes, by RoE and by the trained retriever.
     for router in ("roe", "trained"):
         forget_loaded_embedders()
-        before = lab.route(QUERIES, router=router)
+        before = lab.route(QUERIES, router=router, q=None)
         forget_loaded_embedders()
-        after = fresh_home.route(QUERIES, router=router)
+        after = fresh_home.route(QUERIES, router=router, q=None)
         assert _decision(after) == _decision(before), router
 
     again = _cli(fresh_home, "restore", str(folder))
@@ -161,7 +172,10 @@ def test_backup_waits_for_a_publish_in_flight_and_includes_it(settings, scratch_
             assert worker.is_alive() and not (tmp_path / "b").exists(), "the backup must wait for the publish"
             expert = catalogue.create_expert(name="in-flight", backbone_id=backbone.id, kind="lora")
             catalogue.publish_expert(
-                expert.id, artifact=artifact, embedder_id=embedder.id, entries=[LibraryEntry(0, "x", np.ones(4))]
+                expert.id,
+                artifact=artifact,
+                embedder_id=embedder.id,
+                entries=[LibraryEntry(0, "x", np.ones(4))],
             )
         worker.join(timeout=60)
         assert finished == [tmp_path / "b"]

@@ -81,4 +81,6 @@ def test_gc_lists_and_aborts_incomplete_multipart_uploads(settings, scratch_data
 
 def _uploads(client, bucket: str, key: str) -> list[str]:
     # Asked of S3 directly, not through the repository under test.
-    return [u["UploadId"] for u in client.list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads", [])]
+    return [
+        u["UploadId"] for u in client.list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads", [])
+    ]
