@@ -243,7 +243,8 @@ def jobs_list(ctx: click.Context, status: str | None, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def gc(ctx: click.Context, delete: bool, min_age_hours: float, as_json: bool) -> None:
-    """List (dry run) or delete bucket objects that no expert references.
+    """List (dry run) or delete bucket objects that no expert references, and abort multipart uploads that were
+    never completed (an uploader killed mid-way leaves their parts behind).
 
     Example: elmreg gc            then: elmreg gc --delete
     """
@@ -255,6 +256,11 @@ def gc(ctx: click.Context, delete: bool, min_age_hours: float, as_json: bool) ->
         # An object published or reused while GC ran is kept: GC checks again under the publishers' lock.
         state = "deleted" if obj.uri in deleted else "kept (in use now)" if delete else "unreferenced"
         click.echo(f"{state}  {obj.uri}  {obj.size} bytes")
+    for upload in report.incomplete_uploads:
+        state = "aborted" if delete else "incomplete upload"
+        click.echo(
+            f"{state}  {upload.uri}  started {upload.initiated:%Y-%m-%d %H:%M}  (upload {upload.upload_id})"
+        )
     click.echo(
         f"{len(report.unreferenced)} unreferenced object(s), {report.reclaimable_bytes} bytes"
         + (f", {len(report.deleted)} deleted" if delete else " (dry run: add --delete to remove them)")
@@ -264,3 +270,13 @@ def gc(ctx: click.Context, delete: bool, min_age_hours: float, as_json: bool) ->
             else ""
         )
     )
+    if report.incomplete_uploads or report.young_uploads:
+        click.echo(
+            f"{len(report.incomplete_uploads)} incomplete multipart upload(s)"
+            + (f", {len(report.aborted)} aborted" if delete else "")
+            + (
+                f"; {len(report.young_uploads)} started less than {min_age_hours:g} h ago left alone"
+                if report.young_uploads
+                else ""
+            )
+        )

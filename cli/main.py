@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from elmreg.cli import catalogue, demo, experiment, inference, library, merge, serve
+from elmreg.cli import backup, catalogue, demo, experiment, inference, library, merge, serve
 from elmreg.cli.errors import ElmregGroup
 
 if TYPE_CHECKING:
@@ -257,6 +257,8 @@ cli.add_command(demo.demo)
 cli.add_command(merge.merge)
 cli.add_command(experiment.experiment)
 cli.add_command(serve.serve)
+for command in (backup.backup, backup.restore):
+    cli.add_command(command)
 
 
 def main() -> None:

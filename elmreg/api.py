@@ -834,6 +834,21 @@ class Registry:
             self.context.catalogue, self.context.artifacts, self.context.jobs, delete=delete, min_age=min_age
         )
 
+    # -- backup and restore --------------------------------------------------------------------------------
+    def backup(self, folder: str | Path):
+        """Write a consistent snapshot of the catalogue and every object it references into ``folder`` (which
+        must not exist or be empty). Returns ``registry.backup.BackupReport``."""
+        from elmreg.runtime.backup import backup
+
+        return backup(self.context, Path(folder))
+
+    def restore(self, folder: str | Path):
+        """Restore a backup into this registry's catalogue and bucket prefix, which must be empty; every file
+        is verified before anything is written. Returns ``registry.backup.BackupReport``."""
+        from elmreg.runtime.backup import restore
+
+        return restore(self.context, Path(folder))
+
 
 def _check_evaluation_counts(limit: int | None, q: int) -> None:
     if limit is not None and limit < 1:

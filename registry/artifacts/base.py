@@ -23,6 +23,16 @@ class StoredObject:
     last_modified: dt.datetime
 
 
+@dataclass(frozen=True)
+class IncompleteUpload:
+    """A multipart upload that was started and never completed or aborted: its parts take room but no object
+    shows them (an uploader killed mid-way leaves one)."""
+
+    uri: str
+    upload_id: str
+    initiated: dt.datetime
+
+
 def sha256_file(path: Path) -> tuple[str, int]:
     """Return the hex sha256 and the size of a file, read in chunks (task vectors can be gigabytes)."""
     digest, size = hashlib.sha256(), 0
@@ -74,3 +84,15 @@ class ArtifactRepository(ABC):
     @abstractmethod
     def list_objects(self) -> Iterator[StoredObject]:
         """Every object under this repository's prefix."""
+
+    @abstractmethod
+    def list_incomplete_uploads(self) -> Iterator[IncompleteUpload]:
+        """Every multipart upload under this repository's prefix that is neither completed nor aborted.
+
+        Raises:
+            ArtifactError: The store cannot list them (the message says whether it does not support it).
+        """
+
+    @abstractmethod
+    def abort_upload(self, upload: IncompleteUpload) -> None:
+        """Abort a multipart upload and free its parts (no error if it is already gone)."""

@@ -16,7 +16,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from elmreg.registry.artifacts.base import ArtifactRepository, StoredObject, sha256_file
+from elmreg.registry.artifacts.base import ArtifactRepository, IncompleteUpload, StoredObject, sha256_file
 from elmreg.registry.entities import StoredArtifact
 from elmreg.registry.errors import (
     ArtifactError,
@@ -306,3 +306,34 @@ class S3ArtifactRepository(ArtifactRepository):
                     )
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, "list objects") from exc
+
+    def list_incomplete_uploads(self) -> Iterator[IncompleteUpload]:
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + "blobs/"):
+                for upload in page.get("Uploads", []):
+                    yield IncompleteUpload(
+                        f"s3://{self.bucket}/{upload['Key']}", upload["UploadId"], upload["Initiated"]
+                    )
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NotImplemented", "MethodNotAllowed"):
+                raise ArtifactError(
+                    f"S3 at {self.endpoint_url or 'AWS S3'} cannot list incomplete multipart uploads ({code}): "
+                    "abort them with the store's own tools or a lifecycle rule (AbortIncompleteMultipartUpload)"
+                ) from exc
+            raise self._error(exc, "list incomplete multipart uploads") from exc
+        except BotoCoreError as exc:
+            raise self._error(exc, "list incomplete multipart uploads") from exc
+
+    def abort_upload(self, upload: IncompleteUpload) -> None:
+        try:
+            self.client.abort_multipart_upload(
+                Bucket=self.bucket, Key=self._key(upload.uri), UploadId=upload.upload_id
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code", "") == "NoSuchUpload":
+                return
+            raise self._error(exc, "abort a multipart upload", upload.uri) from exc
+        except BotoCoreError as exc:
+            raise self._error(exc, "abort a multipart upload", upload.uri) from exc

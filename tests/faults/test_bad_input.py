@@ -96,6 +96,7 @@ def catalogue(
     files.mkdir()
     _write_files(files)
     lab.export_expert("colours", files / "exported")
+    lab.backup(files / "backup")
     endpoints = lab.context.endpoints
     yield {
         "registry": lab,
@@ -297,6 +298,11 @@ ROWS = [
     _row("experiment", ["experiment", "run", "{files}/experiment-broken.yaml"], 2, "experiment-broken.yaml"),
     _row("report", ["report", "--out", "{files}/a-file/report.html"], 2, "cannot write"),
     _row("report", ["report", "--out", "{files}"], 2, "is a directory"),
+    # -- backup and restore ----------------------------------------------------------------------------------
+    _row("backup", ["backup", "{files}/a-file/backup"], 2, "cannot write the backup"),
+    _row("backup", ["backup", "{files}/backup"], 2, "not an empty folder"),
+    _row("restore", ["restore", "{files}/backup"], 2, "catalogue that is not empty"),
+    _row("restore", ["restore", "{files}/not-peft"], 2, "no manifest.json"),
     # -- the environment -----------------------------------------------------------------------------------
     _row(
         "env",
@@ -373,6 +379,7 @@ _INPUT_NAMES = {
     "pickled",
     "broken-config",
     "exported",
+    "backup",
 }
 
 
@@ -380,6 +387,7 @@ def test_the_table_covers_every_verb_the_issue_names():
     verbs = {p.id.split(":")[0] for p in ROWS}
     named = {"add-task", "worker", "route", "predict", "eval", "merge", "experts export", "experts import"}
     named |= {"experts retire", "audit", "db", "gc", "library reembed", "experiment", "report", "env"}
+    named |= {"backup", "restore"}
     assert named <= verbs and len(ROWS) >= 40
 
 
