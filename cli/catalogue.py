@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from typing import TYPE_CHECKING
 
 import click
 
 from elmreg.cli.output import echo_json, echo_record, echo_table
+from elmreg.registry.tags import parse_tags
 
 if TYPE_CHECKING:
     # Only for annotations: the API's imports are loaded when the root command builds the Registry.
@@ -23,6 +25,37 @@ def _registry(ctx: click.Context) -> Registry:
 
 def _when(value: dt.datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M") if value else ""
+
+
+def _echo_described(record) -> None:
+    """A task or expert as 'field value' lines, its Markdown description whole at the end."""
+    echo_record(dataclasses.replace(record, description=None))
+    if record.description:
+        click.echo(f"\ndescription\n{record.description}")
+
+
+def _tag_options(command):
+    for option in reversed(
+        [
+            click.argument("tags", nargs=-1),
+            click.option("--remove", multiple=True, help="A tag key to remove (repeatable)."),
+            click.option("--description", help="Markdown description ('' clears it)."),
+            click.option(
+                "--description-file",
+                type=click.File("r", encoding="utf-8"),
+                help="Read the Markdown description from a file ('-': stdin).",
+            ),
+            json_option,
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def _description(description: str | None, description_file) -> str | None:
+    if description is not None and description_file is not None:
+        raise click.UsageError("give --description or --description-file, not both")
+    return description_file.read() if description_file is not None else description
 
 
 # -- tasks -----------------------------------------------------------------------------------------------------
@@ -80,7 +113,13 @@ def tasks_show(ctx: click.Context, task: str, as_json: bool) -> None:
     runs = registry.training_runs(record.id)
     if as_json:
         return echo_json({"task": record, "training_runs": runs})
-    echo_record(record)
+    _echo_described(record)
+    aliases = registry.aliases(record.id)
+    if aliases:
+        click.echo("\naliases")
+        echo_table(
+            ["alias", "expert", "since"], [(a.ref, a.expert_name, _when(a.updated_at)) for a in aliases]
+        )
     click.echo("\ntraining runs")
     echo_table(
         ["id", "worker", "status", "started", "finished", "error"],
@@ -91,6 +130,24 @@ def tasks_show(ctx: click.Context, task: str, as_json: bool) -> None:
     )
 
 
+@tasks.command("tag")
+@click.argument("task")
+@_tag_options
+@click.pass_context
+def tasks_tag(ctx: click.Context, task: str, tags, remove, description, description_file, as_json) -> None:
+    """Set tags KEY=VALUE on a task, remove some (--remove KEY), or set its Markdown description.
+
+    Example: elmreg tasks tag strategyqa owner=nlp stage=beta --description 'Yes/no questions.'
+    """
+    record = _registry(ctx).tag_task(
+        task, parse_tags(tags), remove=remove, description=_description(description, description_file)
+    )
+    if as_json:
+        return echo_json(record)
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(record.tags.items())) or "none"
+    click.echo(f"task {record.name}: tags {shown}")
+
+
 # -- experts ---------------------------------------------------------------------------------------------------
 @click.group(context_settings=CONTEXT_SETTINGS)
 def experts() -> None:
@@ -99,18 +156,40 @@ def experts() -> None:
 
 @experts.command("list")
 @click.option("--status", type=click.Choice(["pending", "training", "ready", "failed", "retired"]))
+@click.option(
+    "--filter",
+    "filter_text",
+    help="e.g. \"task = 'strategyqa' and tags.owner = 'nlp' and metrics.accuracy > 0.6\" "
+    "(fields: name task kind status alias backbone description id library_version created_at ready_at "
+    "retired_at tags.KEY metrics.KEY; and/or/not, = != < <= > >= like in, is [not] null).",
+)
+@click.option("--order-by", help="FIELD [asc|desc]: id (default), name, created_at, ..., metrics.KEY.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many experts.")
 @json_option
 @click.pass_context
-def experts_list(ctx: click.Context, status: str | None, as_json: bool) -> None:
-    """List experts with kind, status and the library version that added them.
+def experts_list(
+    ctx: click.Context,
+    status: str | None,
+    filter_text: str | None,
+    order_by: str | None,
+    limit: int | None,
+    as_json: bool,
+) -> None:
+    """List experts with kind, status, the library version that added them and their aliases.
 
-    Example: elmreg experts list --status ready
+    \b
+    Examples:
+      elmreg experts list --status ready
+      elmreg experts list --filter "tags.owner = 'nlp' and metrics.accuracy > 0.6" --order-by 'created_at desc' --limit 5 --json
     """
-    rows = _registry(ctx).experts(status=status)
+    if status is not None:
+        # A click.Choice: the value is one of the statuses, safe to quote into the filter text.
+        filter_text = f"status = '{status}'" + (f" and ({filter_text})" if filter_text else "")
+    rows = _registry(ctx).search_experts(filter_text, order_by=order_by, limit=limit)
     if as_json:
         return echo_json(rows)
     echo_table(
-        ["id", "name", "kind", "status", "version", "size", "ready"],
+        ["id", "name", "kind", "status", "version", "size", "ready", "aliases"],
         [
             (
                 e.id,
@@ -120,10 +199,11 @@ def experts_list(ctx: click.Context, status: str | None, as_json: bool) -> None:
                 e.library_version or "",
                 f"{e.artifact.size / 1e6:.1f} MB" if e.artifact else "",
                 _when(e.ready_at),
+                " ".join(e.aliases),
             )
             for e in rows
         ],
-        empty="no experts yet",
+        empty="no experts yet" if not filter_text else "no expert matches the filter",
     )
 
 
@@ -140,7 +220,7 @@ def experts_show(ctx: click.Context, expert: str, as_json: bool) -> None:
     record = registry.expert(expert)
     if as_json:
         return echo_json(record)
-    echo_record(record)
+    _echo_described(record)
     if record.parents:
         click.echo(f"\nlineage: merged by {record.merge_method} from")
         parents = [registry.expert(parent_id) for parent_id, _ in record.parents]
@@ -155,13 +235,15 @@ def experts_show(ctx: click.Context, expert: str, as_json: bool) -> None:
 
 @experts.command("retire")
 @click.argument("expert")
+@click.option("--force", is_flag=True, help="Remove the aliases that name the expert first (kept as moves).")
 @click.pass_context
-def experts_retire(ctx: click.Context, expert: str) -> None:
+def experts_retire(ctx: click.Context, expert: str, force: bool) -> None:
     """Take an expert out of routing. It keeps its weights, entries and audit history.
 
-    Routing pinned to an earlier library version still sees it. Example: elmreg experts retire 12
+    Routing pinned to an earlier library version still sees it. An aliased expert is retired only with
+    --force. Example: elmreg experts retire 12
     """
-    record = _registry(ctx).retire(expert)
+    record = _registry(ctx).retire(expert, force=force)
     click.echo(f"retired {record.name} at library version {record.retired_at_version}")
 
 
@@ -191,6 +273,98 @@ def experts_import(ctx: click.Context, folder: str, task: str, name: str | None)
     """
     record = _registry(ctx).import_expert(folder, task=task, name=name)
     click.echo(f"imported {record.name} (id {record.id}) at library version {record.library_version}")
+
+
+@experts.command("tag")
+@click.argument("expert")
+@_tag_options
+@click.pass_context
+def experts_tag(
+    ctx: click.Context, expert: str, tags, remove, description, description_file, as_json
+) -> None:
+    """Set tags KEY=VALUE on an expert (by name, id or task@alias), remove some, or set its description.
+
+    Example: elmreg experts tag strategyqa@prod owner=nlp --remove stage
+    """
+    record = _registry(ctx).tag_expert(
+        expert, parse_tags(tags), remove=remove, description=_description(description, description_file)
+    )
+    if as_json:
+        return echo_json(record)
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(record.tags.items())) or "none"
+    click.echo(f"expert {record.name}: tags {shown}")
+
+
+@experts.group("alias", context_settings=CONTEXT_SETTINGS)
+def experts_alias() -> None:
+    """Aliases: a name for one expert of a task (TASK@ALIAS) that moves, with every move kept."""
+
+
+@experts_alias.command("set")
+@click.argument("task")
+@click.argument("alias")
+@click.argument("expert")
+@click.pass_context
+def experts_alias_set(ctx: click.Context, task: str, alias: str, expert: str) -> None:
+    """Point TASK@ALIAS at EXPERT (an expert of TASK), creating the alias or moving it atomically.
+
+    Example: elmreg experts alias set strategyqa prod strategyqa-v2
+    """
+    move = _registry(ctx).set_alias(task, alias, expert)
+    if move is None:
+        click.echo(f"{task}@{alias} already names {expert}")
+    elif move.from_expert is None:
+        click.echo(f"{move.task}@{move.alias} -> {move.to_expert}")
+    else:
+        click.echo(f"{move.task}@{move.alias} moved from {move.from_expert} to {move.to_expert}")
+
+
+@experts_alias.command("unset")
+@click.argument("task")
+@click.argument("alias")
+@click.pass_context
+def experts_alias_unset(ctx: click.Context, task: str, alias: str) -> None:
+    """Remove TASK@ALIAS (the removal is kept in its history).
+
+    Example: elmreg experts alias unset strategyqa prod
+    """
+    move = _registry(ctx).unset_alias(task, alias)
+    click.echo(f"removed {move.task}@{move.alias} (was {move.from_expert})")
+
+
+@experts_alias.command("list")
+@click.argument("task", required=False)
+@click.option(
+    "--history", is_flag=True, help="Every move (who, when, from, to) instead of where they are now."
+)
+@json_option
+@click.pass_context
+def experts_alias_list(ctx: click.Context, task: str | None, history: bool, as_json: bool) -> None:
+    """List aliases (of TASK, or all) and the experts they name, or with --history every move.
+
+    Example: elmreg experts alias list strategyqa --history
+    """
+    registry = _registry(ctx)
+    if history:
+        moves = registry.alias_history(task)
+        if as_json:
+            return echo_json(moves)
+        return echo_table(
+            ["when", "alias", "from", "to", "by"],
+            [
+                (_when(m.moved_at), f"{m.task}@{m.alias}", m.from_expert or "", m.to_expert or "", m.moved_by)
+                for m in moves
+            ],
+            empty="no alias has moved yet",
+        )
+    aliases = registry.aliases(task)
+    if as_json:
+        return echo_json([{**dataclasses.asdict(a), "ref": a.ref} for a in aliases])
+    echo_table(
+        ["alias", "expert", "id", "since"],
+        [(a.ref, a.expert_name, a.expert_id, _when(a.updated_at)) for a in aliases],
+        empty="no aliases yet: set one with 'elmreg experts alias set TASK ALIAS EXPERT'",
+    )
 
 
 # -- jobs ------------------------------------------------------------------------------------------------------

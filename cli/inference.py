@@ -93,6 +93,11 @@ def load_instances(
     type=click.IntRange(min=1),
     help="Route against the library as it was at this version.",
 )
+@click.option(
+    "--prefer-alias",
+    help="Of each task with this alias, route only to the expert it names, e.g. prod "
+    "(default: ELMREG_ROUTING_PREFER_ALIAS; '' for none).",
+)
 @click.option("--label", help="Caller label stored with the decision.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
@@ -108,6 +113,7 @@ def route(
     top_k,
     kinds,
     library_version,
+    prefer_alias,
     label,
     as_json,
 ) -> None:
@@ -120,6 +126,7 @@ def route(
       elmreg route --input queries.jsonl --q 16 --label nightly
       elmreg route --dataset bigbench:strategyqa --router roe-knn --router-option top_k=16
       elmreg route --input queries.jsonl --router per-instance
+      elmreg route --dataset bigbench:strategyqa --prefer-alias prod
     """
     registry = _registry(ctx)
     options = parse_router_options(router_options)
@@ -134,6 +141,7 @@ def route(
         kinds=kinds or None,
         library_version=library_version,
         caller_label=label or dataset,
+        prefer_alias=prefer_alias,
     )
     decisions = assignment.decisions
     if len(decisions) > 1:

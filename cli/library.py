@@ -12,6 +12,7 @@ from elmreg.cli.options import task_spec_options
 from elmreg.cli.output import echo_json, echo_table
 from elmreg.cli.progress import is_quiet, training_progress
 from elmreg.registry.kinds import trainable_kinds
+from elmreg.registry.tags import parse_tags
 
 if TYPE_CHECKING:
     # Only for annotations: the API's imports are loaded when the root command builds the Registry.
@@ -65,6 +66,8 @@ def _registry(ctx: click.Context) -> Registry:
 )
 @click.option("--batch-size", type=click.IntRange(min=1), help="Batch size (default 8).")
 @click.option("--seed", type=click.IntRange(min=0), help="Seed for sampling and training (default 0).")
+@click.option("--tag", "tags", multiple=True, help="A tag KEY=VALUE (repeatable), e.g. --tag owner=nlp.")
+@click.option("--description", help="Markdown that says what the task is for (shown by 'tasks show').")
 @click.option(
     "--now", is_flag=True, help="Train the expert here and now, with a progress bar, instead of queueing it."
 )
@@ -84,6 +87,8 @@ def add_task_command(
     learning_rate,
     batch_size,
     seed,
+    tags,
+    description,
     now,
     quiet,
     as_json,
@@ -96,6 +101,7 @@ def add_task_command(
       elmreg add-task --dataset bigbench:strategyqa --max-examples 64
       elmreg add-task --dataset data/reviews.jsonl --prompt '{{text}} Positive? ||| {{answer_choices[label]}}' \\
                       --answer-choices 'no ||| yes' --name reviews --now
+      elmreg add-task --dataset bigbench:strategyqa --tag owner=nlp --description 'Yes/no questions.'
     """
     training = {
         k: v
@@ -119,6 +125,8 @@ def add_task_command(
             task_type=task_type,
             metric=metric,
             training=training,
+            tags=parse_tags(tags),
+            description=description,
             **spec,
         )
     if as_json:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import getpass
+import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +16,11 @@ from elmreg.data.examples import render_split
 from elmreg.data.prompts import PromptedExample
 from elmreg.data.sources import DatasetSpec
 from elmreg.registry.entities import (
+    AliasMove,
     ApiKey,
     CatalogueSummary,
     Expert,
+    ExpertAlias,
     Job,
     PendingDecision,
     RoutingDecisionRecord,
@@ -25,16 +30,20 @@ from elmreg.registry.entities import (
 )
 from elmreg.registry.errors import CatalogueError, NotFoundError, UserError
 from elmreg.registry.gc import DEFAULT_MIN_AGE, GcReport, collect_garbage
+from elmreg.registry.search import expert_query
 from elmreg.registry.settings import Settings, load_settings
+from elmreg.registry.tags import check_description, merged_tags
 from elmreg.runtime.context import RegistryContext
 from elmreg.runtime.library_embedding import ReembedReport, reembed_library
 from elmreg.runtime.tasks import IngestReport, TaskPlan, TaskRequest, add_task, ingest_manifests, plan_task
 
 # The catalogue's records, for the CLI and the server: they import them from here, never from the stores.
 __all__ = [
+    "AliasMove",
     "ApiKey",
     "CatalogueSummary",
     "Expert",
+    "ExpertAlias",
     "Job",
     "PendingDecision",
     "Registry",
@@ -204,10 +213,15 @@ class Registry:
     def import_expert(
         self, folder: str | Path, *, task: int | str, name: str | None = None, hooks=None
     ) -> Expert:
-        """Register an existing PEFT LoRA adapter folder as an expert of a registered task."""
+        """Register an existing PEFT LoRA adapter folder as an expert of a registered task. The tags and
+        description of an ``elmreg_expert.json`` card in the folder (``export_expert`` writes one) come along."""
         from elmreg.trainers.pipeline import import_peft_adapter
 
-        return import_peft_adapter(self.context, Path(folder), self.task(task), name=name, hooks=hooks)
+        tags, description = _card_tags(Path(folder))  # checked before anything is written
+        expert = import_peft_adapter(self.context, Path(folder), self.task(task), name=name, hooks=hooks)
+        if tags or description:
+            expert = self.context.catalogue.tag_expert(expert.id, tags=tags, description=description)
+        return expert
 
     def merge(
         self,
@@ -813,12 +827,97 @@ class Registry:
         return self.context.catalogue.list_experts(status=status, task_id=task_id)
 
     def expert(self, key: int | str) -> Expert:
-        """An expert by id or name. Raises NotFoundError."""
+        """An expert by id, name or ``task@alias``. Raises NotFoundError."""
         return self.context.catalogue.get_expert(key)
 
-    def retire(self, key: int | str) -> Expert:
-        """Take an expert out of routing; it stays in the catalogue and S3 with its audit history."""
-        return self.context.catalogue.retire_expert(self.expert(key).id)
+    def search_experts(
+        self, filter: str | None = None, *, order_by: str | None = None, limit: int | None = None
+    ) -> list[Expert]:
+        """Experts matching a filter of the grammar in ``registry.search``, compiled into parameterised SQL.
+
+        Args:
+            filter: e.g. ``"task = 'strategyqa' and tags.owner = 'nlp' and metrics.accuracy > 0.6"``.
+            order_by: ``FIELD [asc|desc]`` (id, name, library_version, created_at, ready_at, retired_at,
+                metrics.KEY); ties by id.
+            limit: At most this many experts.
+
+        Raises:
+            FilterError: The filter or order is outside the grammar (the message names the token).
+
+        Example::
+
+            registry.search_experts("status = 'ready' and alias = 'prod'", order_by="created_at desc", limit=10)
+        """
+        return self.context.catalogue.search_experts(expert_query(filter, order_by=order_by, limit=limit))
+
+    def retire(self, key: int | str, *, force: bool = False, by: str | None = None) -> Expert:
+        """Take an expert out of routing; it stays in the catalogue and S3 with its audit history.
+
+        Raises:
+            InvalidStateError: An alias names the expert (unless ``force``, which removes the alias first,
+                kept as a move by ``by``), or it is not ready.
+        """
+        return self.context.catalogue.retire_expert(
+            self.expert(key).id, force=force, moved_by=by or _current_user()
+        )
+
+    # -- aliases, tags and descriptions --------------------------------------------------------------------
+    def set_alias(
+        self, task: int | str, alias: str, expert: int | str, *, by: str | None = None
+    ) -> AliasMove | None:
+        """Point ``task@alias`` at an expert of that task (creating or moving the alias atomically); the move
+        is kept with ``by`` (default: the OS user). Returns None when the alias already named that expert.
+
+        Raises:
+            NotFoundError: Unknown task or expert.
+            InvalidStateError: The expert belongs to another task, or is not ready.
+
+        Example::
+
+            registry.set_alias("strategyqa", "prod", "strategyqa-v2")
+            registry.expert("strategyqa@prod")
+        """
+        return self.context.catalogue.set_alias(
+            self.task(task).id, alias, self.expert(expert).id, moved_by=by or _current_user()
+        )
+
+    def unset_alias(self, task: int | str, alias: str, *, by: str | None = None) -> AliasMove:
+        """Remove ``task@alias`` (the removal is kept as a move). Raises NotFoundError for an unknown alias."""
+        return self.context.catalogue.remove_alias(self.task(task).id, alias, moved_by=by or _current_user())
+
+    def aliases(self, task: int | str | None = None) -> list[ExpertAlias]:
+        """Aliases of one task, or of all, by task and alias."""
+        return self.context.catalogue.list_aliases(self.task(task).id if task is not None else None)
+
+    def alias_history(self, task: int | str | None = None, alias: str | None = None) -> list[AliasMove]:
+        """Every move of the aliases (of a task, or one of its aliases), oldest first: who, when, from, to."""
+        return self.context.catalogue.alias_moves(self.task(task).id if task is not None else None, alias)
+
+    def tag_task(
+        self,
+        task: int | str,
+        tags: dict[str, str] | None = None,
+        *,
+        remove: Sequence[str] = (),
+        description: str | None = None,
+    ) -> Task:
+        """Set (and ``remove``) tags of a task, and its Markdown description when given ('' clears it)."""
+        return self.context.catalogue.tag_task(
+            self.task(task).id, tags=tags, remove=remove, description=description
+        )
+
+    def tag_expert(
+        self,
+        expert: int | str,
+        tags: dict[str, str] | None = None,
+        *,
+        remove: Sequence[str] = (),
+        description: str | None = None,
+    ) -> Expert:
+        """:meth:`tag_task` for an expert (by id, name or ``task@alias``)."""
+        return self.context.catalogue.tag_expert(
+            self.expert(expert).id, tags=tags, remove=remove, description=description
+        )
 
     def training_runs(self, task: int | str | None = None) -> list[TrainingRun]:
         """Training runs, oldest first."""
@@ -848,6 +947,35 @@ class Registry:
         from elmreg.runtime.backup import restore
 
         return restore(self.context, Path(folder))
+
+
+def _card_tags(folder: Path) -> tuple[dict[str, str], str | None]:
+    """The tags and description of an exported expert's card in ``folder`` (none without a card)."""
+    card_path = folder / "elmreg_expert.json"
+    if not card_path.is_file():
+        return {}, None
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{card_path}: not valid JSON ({exc})") from None
+    tags = card.get("tags") or {}
+    if not isinstance(tags, dict):
+        raise UserError(f"{card_path}: tags must be an object of KEY: VALUE")
+    description = card.get("description")
+    if description is not None and not isinstance(description, str):
+        raise UserError(f"{card_path}: description must be text")
+    merged_tags({}, tags)
+    if description is not None:
+        check_description(description)
+    return tags, description
+
+
+def _current_user() -> str:
+    """Who moves an alias when the caller does not say: the OS user (containers may have no name for it)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
 
 
 def _check_evaluation_counts(limit: int | None, q: int) -> None:

@@ -152,6 +152,7 @@ class Router:
         record: bool = True,
         seed: int = 0,
         recorder: Recorder | None = None,
+        prefer_alias: str | None = None,
     ) -> RoutingDecision:
         """Choose one expert for a set of unlabeled instances of one task.
 
@@ -164,6 +165,8 @@ class Router:
             top_k: Shorthand for the ``top_k`` option: nearest entries per query that vote (the paper: 1).
             kinds: Only experts of these kinds.
             backbone_id: Only experts on this backbone.
+            prefer_alias: Of each task that has this alias, only the expert it names (default: the
+                ``routing_prefer_alias`` setting); the alias is recorded in the decision's details.
             library_version: Route against the library as it was at this version (default: now).
             caller_label: Free text stored with the decision (who or what asked).
             task_id: The registered task the instances come from, if any (for the audit views).
@@ -183,6 +186,7 @@ class Router:
             )
         queries = sample_queries(queries, q, seed=seed)
         version = self._version(library_version)
+        prefer_alias = self._prefer_alias(prefer_alias, method)
         if method.in_model:
             facts = _DecisionFacts(method, None, None, version, kinds, backbone_id, caller_label, task_id)
             return self._route_in_model(facts, queries, record=record, recorder=recorder)
@@ -190,12 +194,14 @@ class Router:
         embedder_id = self._embedder_id(embedder, version, kinds)
         started = time.perf_counter()
         vectors = self.embed_queries(queries, embedder)
-        result = method.retrieve(self._retrieval(embedder_id, version, kinds, backbone_id), vectors)
+        result = method.retrieve(
+            self._retrieval(embedder_id, version, kinds, backbone_id, prefer_alias), vectors
+        )
         votes, tallies = method.tally(result)
         latency_ms = (time.perf_counter() - started) * 1000
         self._require_votes(embedder, votes, version, kinds)
         facts = _DecisionFacts(
-            method, embedder, embedder_id, version, kinds, backbone_id, caller_label, task_id
+            method, embedder, embedder_id, version, kinds, backbone_id, caller_label, task_id, prefer_alias
         )
         decision_id = (
             self._record(facts, result, votes, tallies, len(vectors), latency_ms, recorder)
@@ -220,6 +226,7 @@ class Router:
         record: bool = True,
         seed: int = 0,
         recorder: Recorder | None = None,
+        prefer_alias: str | None = None,
     ) -> Assignment:
         """Who answers each of ``queries``, by any routing method, with the decisions recorded on the way.
 
@@ -240,6 +247,7 @@ class Router:
             task_id=task_id,
             record=record,
             recorder=recorder,
+            prefer_alias=prefer_alias,
         )
         if method.per_instance:
             decisions = self._route_each(queries, method, **scope)
@@ -273,16 +281,20 @@ class Router:
         task_id: int | None,
         record: bool,
         recorder: Recorder | None,
+        prefer_alias: str | None,
     ) -> list[RoutingDecision]:
         """One decision per instance, in input order, all retrieved in one search."""
         if not queries:
             raise UserError("routing needs at least one input instance")
         version = self._version(library_version)
+        prefer_alias = self._prefer_alias(prefer_alias, method)
         embedder = self.embedder_for(method)
         embedder_id = self._embedder_id(embedder, version, kinds)
         started = time.perf_counter()
         vectors = self.embed_queries(queries, embedder)
-        result = method.retrieve(self._retrieval(embedder_id, version, kinds, backbone_id), vectors)
+        result = method.retrieve(
+            self._retrieval(embedder_id, version, kinds, backbone_id, prefer_alias), vectors
+        )
         # One latency for the shared search, split evenly over the decisions it made.
         latency_ms = (time.perf_counter() - started) * 1000 / len(queries)
         names = {t.expert_id: t.expert_name for t in result.tallies}
@@ -290,7 +302,7 @@ class Router:
         for vote in result.votes:
             by_query.setdefault(vote.query_index, []).append(replace(vote, query_index=0))
         facts = _DecisionFacts(
-            method, embedder, embedder_id, version, kinds, backbone_id, caller_label, task_id
+            method, embedder, embedder_id, version, kinds, backbone_id, caller_label, task_id, prefer_alias
         )
         decisions = []
         for index in range(len(queries)):
@@ -392,9 +404,23 @@ class Router:
         return self._embedder_ids[embedder.name]
 
     def _retrieval(
-        self, embedder_id: int, version: int, kinds: Sequence[str] | None, backbone_id: int | None
+        self,
+        embedder_id: int,
+        version: int,
+        kinds: Sequence[str] | None,
+        backbone_id: int | None,
+        prefer_alias: str | None,
     ) -> Retrieval:
-        return Retrieval(self.context.library, embedder_id, version, kinds, backbone_id, self.ef_search)
+        return Retrieval(
+            self.context.library, embedder_id, version, kinds, backbone_id, self.ef_search, prefer_alias
+        )
+
+    def _prefer_alias(self, prefer_alias: str | None, method: RoutingMethod) -> str | None:
+        """The alias filter of a call: its own, else the setting's ('' turns the setting off)."""
+        alias = prefer_alias if prefer_alias is not None else self.context.settings.routing_prefer_alias
+        if alias and method.in_model:
+            raise UserError(f"router {method.name} mixes every visible expert; it takes no --prefer-alias")
+        return alias or None
 
     def _require_votes(
         self, embedder: Embedder, votes: Sequence[RoutingVote], version: int, kinds: Sequence[str] | None
@@ -417,6 +443,13 @@ class Router:
         recorder: Recorder | None,
         details: dict | None = None,
     ) -> int:
+        details = (
+            details
+            if details is not None
+            else _search_details(result, max(self.ef_search, facts.method.top_k))
+        )
+        if facts.prefer_alias:
+            details = {**details, "prefer_alias": facts.prefer_alias}
         record = RoutingDecisionRecord(
             embedder_id=facts.embedder_id,
             library_version=facts.version,
@@ -428,11 +461,7 @@ class Router:
             task_id=facts.task_id,
             backbone_id=facts.backbone_id,
             kinds=tuple(facts.kinds) if facts.kinds else None,
-            details=(
-                details
-                if details is not None
-                else _search_details(result, max(self.ef_search, facts.method.top_k))
-            ),
+            details=details,
             router=facts.method.name,
             router_params=facts.method.options,
         )
@@ -451,6 +480,7 @@ class _DecisionFacts:
     backbone_id: int | None
     caller_label: str | None
     task_id: int | None
+    prefer_alias: str | None = None
 
     def decision(
         self,

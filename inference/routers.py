@@ -64,6 +64,8 @@ class Retrieval:
     kinds: Sequence[str] | None
     backbone_id: int | None
     ef_search: int
+    # Only each task's expert of this alias, where the task has one (None: no such filter).
+    prefer_alias: str | None = None
 
 
 class RoutingMethod(ABC):
@@ -187,6 +189,7 @@ class RetrievalOfExperts(RoutingMethod):
             ef_search=retrieval.ef_search,
             kinds=retrieval.kinds,
             backbone_id=retrieval.backbone_id,
+            prefer_alias=retrieval.prefer_alias,
         )
 
 
@@ -227,6 +230,7 @@ class NearestCentroid(RoutingMethod):
             top_k=self.top_k,
             kinds=retrieval.kinds,
             backbone_id=retrieval.backbone_id,
+            prefer_alias=retrieval.prefer_alias,
         )
 
 

@@ -52,6 +52,8 @@ class Task:
     backbone_id: int
     training_config: dict[str, Any]
     created_at: dt.datetime
+    tags: dict[str, str] = field(default_factory=dict)
+    description: str | None = None  # Markdown
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,38 @@ class Expert:
     ready_at: dt.datetime | None
     retired_at: dt.datetime | None
     parents: tuple[tuple[int, float], ...] = ()
+    tags: dict[str, str] = field(default_factory=dict)
+    description: str | None = None  # Markdown
+    # The aliases that name this expert, as ``task@alias`` (filled by get_expert and search).
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExpertAlias:
+    """An alias of a task (``task@alias``) and the expert it names now."""
+
+    task: str
+    alias: str
+    expert_id: int
+    expert_name: str
+    updated_at: dt.datetime
+
+    @property
+    def ref(self) -> str:
+        return f"{self.task}@{self.alias}"
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    """One move of an alias: ``from_expert`` None when it was created, ``to_expert`` None when it was removed."""
+
+    id: int
+    task: str
+    alias: str
+    from_expert: str | None
+    to_expert: str | None
+    moved_by: str
+    moved_at: dt.datetime
 
 
 @dataclass(frozen=True)

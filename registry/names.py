@@ -61,3 +61,28 @@ def derived_expert_name(text: str) -> str:
     if not cleaned[:1].isalnum() or cleaned.isdigit():
         cleaned = f"x{cleaned}"
     return cleaned[:EXPERT_NAME_LENGTH]
+
+
+ALIAS_LENGTH = 64  # expert_aliases.alias
+_ALIAS = re.compile(rf"[A-Za-z][A-Za-z0-9_-]{{0,{ALIAS_LENGTH - 1}}}")
+
+
+def check_alias(alias: str) -> str:
+    """Return ``alias`` if it may name an expert of a task (``task@alias``).
+
+    Raises:
+        InvalidNameError: It does not follow the grammar.
+    """
+    if not _ALIAS.fullmatch(alias):
+        raise InvalidNameError(
+            f"alias {alias!r} is not allowed: use 1-{ALIAS_LENGTH} ASCII letters, digits, _ and - "
+            "starting with a letter, e.g. prod"
+        )
+    return alias
+
+
+def split_alias_ref(key: str) -> tuple[str, str] | None:
+    """``"strategyqa@prod"`` -> ``("strategyqa", "prod")``; None for a key that is not ``task@alias`` (task
+    and expert names never hold '@')."""
+    task, sep, alias = key.partition("@")
+    return (task, alias) if sep else None

@@ -115,6 +115,11 @@ class Settings(BaseSettings):
         le=64,
         description="Pooled connections the Q queries of one decision are split over (1: no split).",
     )
+    routing_prefer_alias: str | None = Field(
+        None,
+        description="Route only to each task's expert of this alias where the task has one (e.g. prod); "
+        "tasks without it, and merges, keep all their experts.",
+    )
     library_index_type: Literal["vector", "halfvec", "bit"] = Field(
         "vector",
         description="Type the HNSW index compares in: vector (float32), halfvec (float16, half the index size) "

@@ -29,6 +29,7 @@ from elmreg.registry.entities import Job, Task
 from elmreg.registry.errors import AlreadyExistsError, NotFoundError, TaskSpecError, UserError, first_line
 from elmreg.registry.kinds import get_expert_kind, trainable_kinds
 from elmreg.registry.names import InvalidNameError, check_task_name
+from elmreg.registry.tags import check_description, merged_tags
 from elmreg.runtime.context import RegistryContext
 
 LEVELS = ("prompt", "dataset")
@@ -57,6 +58,8 @@ class TaskRequest:
     task_type: str | None = None
     metric: str | None = None
     training: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    description: str | None = None  # Markdown
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], where: str = "manifest") -> TaskRequest:
@@ -156,6 +159,9 @@ def plan_task(context: RegistryContext, request: TaskRequest, *, to_register: bo
     if request.name is not None and to_register:
         _ensure_free(context, request.name)
     get_expert_kind(request.kind).make_config(request.training)
+    tags = merged_tags({}, request.tags)
+    if request.description is not None:
+        check_description(request.description)
 
     spec = DatasetSpec(request.dataset, request.subset, request.split)
     cache = context.settings.cache_path
@@ -196,6 +202,8 @@ def plan_task(context: RegistryContext, request: TaskRequest, *, to_register: bo
         "max_examples": request.max_examples or DEFAULT_MAX_EXAMPLES[task_type],
         "expert_kind": request.kind,
         "training_config": dict(request.training),
+        "tags": tags,
+        "description": request.description or None,
     }
     return TaskPlan(
         fields, backbone_name, family, rows_available=loaded.total, examples_checked=len(examples)

@@ -214,15 +214,21 @@ def test_export_and_import_lora_round_trip(lab, tmp_path):
     lab.add_task("bigbench:colours", max_examples=16, training=FAST)
     lab.train()
     [expert] = lab.experts()
-    folder = lab.export_expert(expert.name, tmp_path / "export")
+    lab.tag_expert(expert.name, {"owner": "nlp"}, description="# Colours\nAnswers colour questions.")
+    lab.set_alias("colours", "prod", expert.name)
+    # The alias names the expert wherever an expert is taken; tags and description travel in the card.
+    folder = lab.export_expert("colours@prod", tmp_path / "export")
     card = json.loads((folder / "elmreg_expert.json").read_text())
     assert card["name"] == expert.name and card["backbone"] == lab.settings.backbone
+    assert card["tags"] == {"owner": "nlp"} and card["aliases"] == ["colours@prod"]
     plain = PeftModel.from_pretrained(load_backbone(lab.settings.backbone, cache_dir=tmp_path).model, folder)
     assert any("lora_A" in n for n, _ in plain.named_parameters())
 
     imported = lab.import_expert(folder, task="colours", name="colours-again")
     assert imported.status == "ready" and imported.library_version == 2
     assert imported.artifact == expert.artifact  # same bytes: one object in the bucket
+    assert imported.tags == {"owner": "nlp"} and imported.description.startswith("# Colours")
+    assert imported.aliases == ()  # an alias names one expert: the copy does not take it
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))

@@ -7,15 +7,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from elmreg.registry.entities import (
+    AliasMove,
     Backbone,
     Embedder,
     Expert,
+    ExpertAlias,
     Job,
     LibraryEntry,
     Publication,
     StoredArtifact,
     Task,
 )
+from elmreg.registry.search import ExpertQuery
 
 
 class CatalogueStore(ABC):
@@ -149,20 +152,88 @@ class CatalogueStore(ABC):
 
     @abstractmethod
     def get_expert(self, key: int | str) -> Expert:
-        """Look an expert up by id or name. Raises NotFoundError."""
+        """Look an expert up by id, name or ``task@alias`` (the expert the alias names now): every verb that
+        takes an expert (predict, serve's model, export, merges) resolves it here.
+
+        Raises:
+            NotFoundError: No such expert, task or alias.
+        """
+
+    @abstractmethod
+    def search_experts(self, query: ExpertQuery) -> list[Expert]:
+        """The experts matching ``query``'s filter, in its order, at most its limit (with their aliases)."""
 
     @abstractmethod
     def list_experts(self, *, status: str | None = None, task_id: int | None = None) -> list[Expert]:
         """Experts, oldest first, optionally filtered."""
 
     @abstractmethod
-    def retire_expert(self, expert_id: int) -> Expert:
+    def retire_expert(self, expert_id: int, *, force: bool = False, moved_by: str = "") -> Expert:
         """Take a ready expert out of routing (a new library version); its weights and audit history stay.
+
+        Args:
+            force: Remove the aliases that name the expert first (each removal is kept as a move by
+                ``moved_by``), in the same transaction.
 
         Raises:
             NotFoundError: No such expert.
-            InvalidStateError: The expert is not ready (already retired, or not trained yet).
+            InvalidStateError: The expert is not ready (already retired, or not trained yet), or an alias names
+                it and ``force`` is False (the message names the alias).
         """
+
+    # -- aliases, tags and descriptions --------------------------------------------------------------------
+    @abstractmethod
+    def set_alias(self, task_id: int, alias: str, expert_id: int, *, moved_by: str) -> AliasMove | None:
+        """Point ``task@alias`` at ``expert_id``, creating the alias or moving it, and keep the move; one
+        transaction, serialised per task, so concurrent moves apply one after the other.
+
+        Returns:
+            The move, or None when the alias already named that expert (nothing is written).
+
+        Raises:
+            NotFoundError: No such task or expert.
+            InvalidNameError: The alias is outside the grammar.
+            InvalidStateError: The expert belongs to another task, or is not ready.
+        """
+
+    @abstractmethod
+    def remove_alias(self, task_id: int, alias: str, *, moved_by: str) -> AliasMove:
+        """Remove ``task@alias`` and keep the removal as a move. Raises NotFoundError for an unknown alias."""
+
+    @abstractmethod
+    def list_aliases(self, task_id: int | None = None) -> list[ExpertAlias]:
+        """Aliases (of one task, or all), by task and alias."""
+
+    @abstractmethod
+    def alias_moves(self, task_id: int | None = None, alias: str | None = None) -> list[AliasMove]:
+        """Every move of the aliases (of one task, or one alias of it), oldest first."""
+
+    @abstractmethod
+    def tag_task(
+        self,
+        task_id: int,
+        *,
+        tags: dict[str, str] | None = None,
+        remove: Sequence[str] = (),
+        description: str | None = None,
+    ) -> Task:
+        """Set and remove tags of a task, and set its description when given (limits in ``registry.tags``).
+
+        Raises:
+            NotFoundError: No such task.
+            UserError: A tag or the description is outside the limits, or a tag to remove is not there.
+        """
+
+    @abstractmethod
+    def tag_expert(
+        self,
+        expert_id: int,
+        *,
+        tags: dict[str, str] | None = None,
+        remove: Sequence[str] = (),
+        description: str | None = None,
+    ) -> Expert:
+        """:meth:`tag_task` for an expert."""
 
     @abstractmethod
     def referenced_artifact_uris(self) -> set[str]:

@@ -71,9 +71,11 @@ class LibraryStore(ABC):
         ef_search: int = 100,
         kinds: Sequence[str] | None = None,
         backbone_id: int | None = None,
+        prefer_alias: str | None = None,
     ) -> VoteResult:
         """RoE's retrieval and vote: each query's ``top_k`` nearest entries among experts routable at
-        ``library_version`` (optionally of some ``kinds`` / one backbone), and the votes per expert.
+        ``library_version`` (optionally of some ``kinds`` / one backbone; with ``prefer_alias``, only the
+        aliased expert of each task that has that alias), and the votes per expert.
 
         Every query gets ``top_k`` votes whenever that many visible entries exist, however many hidden
         (retired, later, other-kind, other-backbone) entries lie nearer: the index scan goes on past
@@ -99,6 +101,7 @@ class LibraryStore(ABC):
         top_k: int = 1,
         kinds: Sequence[str] | None = None,
         backbone_id: int | None = None,
+        prefer_alias: str | None = None,
     ) -> VoteResult:
         """Like :meth:`vote`, over one centroid per expert (the normalised mean of its entries) instead of its
         entries: each query votes for the experts with the ``top_k`` most similar centroids among those

@@ -118,6 +118,9 @@ class TaskRow(Base):
     backbone_id: Mapped[int] = mapped_column(ForeignKey("backbones.id"), index=True)
     training_config: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
     created_at: Mapped[dt.datetime] = _now()
+    # String keys to string values, and Markdown for people (migration 0010).
+    tags: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    description: Mapped[str | None] = mapped_column(Text)
 
 
 class ExpertRow(Base):
@@ -154,6 +157,37 @@ class ExpertRow(Base):
     created_at: Mapped[dt.datetime] = _now()
     ready_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     retired_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    tags: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    description: Mapped[str | None] = mapped_column(Text)
+
+
+class ExpertAliasRow(Base):
+    """A name for one expert of a task (``strategyqa@prod``) that moves when its row is updated (migration 0010)."""
+
+    __tablename__ = "expert_aliases"
+
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expert_id: Mapped[int] = mapped_column(ForeignKey("experts.id"), index=True)
+    updated_at: Mapped[dt.datetime] = _now()
+
+
+class ExpertAliasMoveRow(Base):
+    """Every move of an alias, for audit: NULL ``from_expert_id`` is a new alias, NULL ``to_expert_id`` a removal."""
+
+    __tablename__ = "expert_alias_moves"
+    __table_args__ = (
+        CheckConstraint("from_expert_id IS NOT NULL OR to_expert_id IS NOT NULL", name="moved"),
+        Index("ix_expert_alias_moves_task_id_alias", "task_id", "alias"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
+    alias: Mapped[str] = mapped_column(String(64))
+    from_expert_id: Mapped[int | None] = mapped_column(ForeignKey("experts.id"))
+    to_expert_id: Mapped[int | None] = mapped_column(ForeignKey("experts.id"))
+    moved_by: Mapped[str] = mapped_column(String(200))
+    moved_at: Mapped[dt.datetime] = _now()
 
 
 class ExpertParentRow(Base):

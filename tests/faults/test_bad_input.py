@@ -285,6 +285,31 @@ ROWS = [
     ),
     _row("experts retire", ["experts", "retire", "echo"], 2, "already retired"),
     _row("experts retire", ["experts", "retire", "999999"], 2, "999999"),
+    # -- aliases, tags and search ---------------------------------------------------------------------------
+    _row("experts alias", ["experts", "show", "colours@prod"], 2, "task colours has no alias 'prod'"),
+    _row("experts alias", ["experts", "export", "nope@prod", "--out", "{files}/x"], 2, "no task 'nope'"),
+    _row(
+        "experts alias", ["experts", "alias", "set", "colours", "prod", "moods"], 2, "an expert of task moods"
+    ),
+    _row("experts alias", ["experts", "alias", "set", "colours", "prod'--", "colours"], 2, "alias"),
+    _row("experts alias", ["experts", "alias", "unset", "colours", "prod"], 2, "has no alias 'prod'"),
+    _row("experts list", ["experts", "list", "--filter", "name = 'x' and"], 2, "end of the filter"),
+    _row("experts list", ["experts", "list", "--filter", "nme = 'x'"], 2, "unknown field 'nme'"),
+    _row(
+        "experts list",
+        ["experts", "list", "--filter", "name = x OR 1 = 1"],
+        2,
+        "'x' at position 8",
+    ),
+    _row(
+        "experts list", ["experts", "list", "--filter", "name = 'x'; DROP TABLE experts"], 2, "character ';'"
+    ),
+    _row("experts list", ["experts", "list", "--order-by", "tags.owner"], 2, "cannot order by"),
+    _row("experts tag", ["experts", "tag", "colours", "owner=" + "x" * 300], 2, "longer than the 256"),
+    _row("experts tag", ["experts", "tag", "colours", "bad key=v"], 2, "tag key"),
+    _row("experts tag", ["experts", "tag", "colours", "owner"], 2, "not KEY=VALUE"),
+    _row("tasks tag", ["tasks", "tag", "colours", "--remove", "owner"], 2, "no tag 'owner'"),
+    _row("add-task", [*DATA, "--prompt", TPL, "--tag", "owner=" + "x" * 300], 2, "longer than the 256"),
     # -- audit, db, gc, library, experiment, report ------------------------------------------------------------
     _row("audit", ["audit", "--view", "decisions", "--limit", "0"], 2, "not in the range"),
     _row("audit", ["audit", "prune", "--before", "last tuesday"], 2, "last tuesday"),

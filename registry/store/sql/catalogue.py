@@ -11,9 +11,11 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from elmreg.registry.entities import (
+    AliasMove,
     Backbone,
     Embedder,
     Expert,
+    ExpertAlias,
     Job,
     LibraryEntry,
     LibrarySearchOptions,
@@ -22,12 +24,15 @@ from elmreg.registry.entities import (
     Task,
 )
 from elmreg.registry.errors import AlreadyExistsError, CatalogueError, InvalidStateError, NotFoundError
-from elmreg.registry.names import check_task_name
+from elmreg.registry.names import check_alias, check_task_name, split_alias_ref
 from elmreg.registry.pause_points import pause_point
+from elmreg.registry.search import ExpertQuery
 from elmreg.registry.store.catalogue import CatalogueStore
 from elmreg.registry.store.models import (
     BackboneRow,
     EmbedderRow,
+    ExpertAliasMoveRow,
+    ExpertAliasRow,
     ExpertParentRow,
     ExpertRow,
     JobRow,
@@ -43,6 +48,8 @@ from elmreg.registry.store.sql.library import (
     create_hnsw_index_sql,
     next_library_version,
 )
+from elmreg.registry.store.sql.search import search_statement
+from elmreg.registry.tags import check_description, check_tags, merged_tags
 
 
 class SqlCatalogueStore(CatalogueStore):
@@ -137,6 +144,9 @@ class SqlCatalogueStore(CatalogueStore):
     def create_task(self, *, enqueue_training: bool = True, **fields: Any) -> tuple[Task, Job | None]:
         # Every way a task is created (CLI, API, manifests, the experiment harness) ends here.
         check_task_name(fields["name"])
+        fields["tags"] = merged_tags({}, fields.get("tags") or {})
+        if fields.get("description") is not None:
+            check_description(fields["description"])
         with self.sessions() as session:
             row = TaskRow(**fields)
             session.add(row)
@@ -263,11 +273,29 @@ class SqlCatalogueStore(CatalogueStore):
 
     def get_expert(self, key: int | str) -> Expert:
         with self.sessions() as session:
-            row = records.by_key(session, ExpertRow, key, "expert")
+            reference = split_alias_ref(key) if isinstance(key, str) else None
+            if reference is not None:
+                row = _aliased_expert(session, *reference)
+            else:
+                row = records.by_key(session, ExpertRow, key, "expert")
             parents = session.scalars(
                 select(ExpertParentRow).where(ExpertParentRow.expert_id == row.id)
             ).all()
-            return records.expert(row, parents)
+            return records.expert(row, parents, _alias_refs(session, [row.id]).get(row.id, ()))
+
+    def search_experts(self, query: ExpertQuery) -> list[Expert]:
+        with self.sessions() as session:
+            rows = session.scalars(search_statement(query)).all()
+            ids = [r.id for r in rows]
+            parents: dict[int, list[ExpertParentRow]] = {}
+            merged = [r.id for r in rows if r.kind == "merged"]
+            if merged:
+                for link in session.scalars(
+                    select(ExpertParentRow).where(ExpertParentRow.expert_id.in_(merged))
+                ):
+                    parents.setdefault(link.expert_id, []).append(link)
+            aliases = _alias_refs(session, ids)
+            return [records.expert(r, parents.get(r.id, ()), aliases.get(r.id, ())) for r in rows]
 
     def list_experts(self, *, status: str | None = None, task_id: int | None = None) -> list[Expert]:
         query = select(ExpertRow).order_by(ExpertRow.id)
@@ -285,9 +313,10 @@ class SqlCatalogueStore(CatalogueStore):
                     select(ExpertParentRow).where(ExpertParentRow.expert_id.in_(merged))
                 ):
                     parents.setdefault(link.expert_id, []).append(link)
-            return [records.expert(r, parents.get(r.id, ())) for r in rows]
+            aliases = _alias_refs(session, [r.id for r in rows])
+            return [records.expert(r, parents.get(r.id, ()), aliases.get(r.id, ())) for r in rows]
 
-    def retire_expert(self, expert_id: int) -> Expert:
+    def retire_expert(self, expert_id: int, *, force: bool = False, moved_by: str = "") -> Expert:
         with self.sessions() as session:
             row = session.scalar(select(ExpertRow).where(ExpertRow.id == expert_id).with_for_update())
             if row is None:
@@ -300,12 +329,137 @@ class SqlCatalogueStore(CatalogueStore):
                 raise InvalidStateError(
                     f"expert {row.name} is {row.status}; only ready experts can be retired"
                 )
+            # The expert row is locked, and set_alias takes it FOR SHARE: no alias can land on it meanwhile.
+            aliases = session.scalars(
+                select(ExpertAliasRow)
+                .where(ExpertAliasRow.expert_id == expert_id)
+                .order_by(ExpertAliasRow.task_id, ExpertAliasRow.alias)
+                .with_for_update()
+            ).all()
+            if aliases and not force:
+                refs = ", ".join(_alias_refs(session, [expert_id])[expert_id])
+                raise InvalidStateError(
+                    f"expert {row.name} is aliased as {refs}: move the alias first "
+                    "('elmreg experts alias set'), or retire with --force to remove it"
+                )
+            for alias in aliases:
+                session.add(_move(alias.task_id, alias.alias, expert_id, None, moved_by))
+                session.delete(alias)
             version = next_library_version(session)
             session.add(LibraryChangeRow(version=version, expert_id=expert_id, change="retired"))
             row.status, row.retired_at_version = "retired", version
             row.retired_at = dt.datetime.now(dt.UTC)
             session.flush()
             return records.expert(row)
+
+    # -- aliases, tags and descriptions --------------------------------------------------------------------
+    def set_alias(self, task_id: int, alias: str, expert_id: int, *, moved_by: str) -> AliasMove | None:
+        check_alias(alias)
+        with self.sessions() as session:
+            # The task row's lock serialises the moves of its aliases: each reads the alias, then writes it.
+            task = session.scalar(select(TaskRow).where(TaskRow.id == task_id).with_for_update())
+            if task is None:
+                raise NotFoundError(f"no task '{task_id}'")
+            # FOR SHARE: the expert cannot be retired while an alias lands on it (retire locks it FOR UPDATE).
+            expert = session.scalar(
+                select(ExpertRow).where(ExpertRow.id == expert_id).with_for_update(read=True)
+            )
+            if expert is None:
+                raise NotFoundError(f"no expert '{expert_id}'")
+            if expert.task_id != task.id:
+                owner = (
+                    f"of task {session.get(TaskRow, expert.task_id).name}"
+                    if expert.task_id is not None
+                    else "of no task (a merge)"
+                )
+                raise InvalidStateError(
+                    f"expert {expert.name} is an expert {owner}, not of {task.name}: "
+                    f"{task.name}@{alias} can only name an expert of {task.name}"
+                )
+            if expert.status != "ready":
+                raise InvalidStateError(
+                    f"expert {expert.name} is {expert.status}; only ready experts are aliased"
+                )
+            row = session.get(ExpertAliasRow, (task_id, alias))
+            if row is not None and row.expert_id == expert_id:
+                return None
+            previous = row.expert_id if row is not None else None
+            if row is None:
+                session.add(ExpertAliasRow(task_id=task_id, alias=alias, expert_id=expert_id))
+            else:
+                row.expert_id, row.updated_at = expert_id, dt.datetime.now(dt.UTC)
+            move = _move(task_id, alias, previous, expert_id, moved_by)
+            session.add(move)
+            session.flush()
+            return _alias_move(session, move)
+
+    def remove_alias(self, task_id: int, alias: str, *, moved_by: str) -> AliasMove:
+        with self.sessions() as session:
+            task = session.scalar(select(TaskRow).where(TaskRow.id == task_id).with_for_update())
+            if task is None:
+                raise NotFoundError(f"no task '{task_id}'")
+            row = session.get(ExpertAliasRow, (task_id, alias))
+            if row is None:
+                raise NotFoundError(_no_alias(session, task, alias))
+            move = _move(task_id, alias, row.expert_id, None, moved_by)
+            session.add(move)
+            session.delete(row)
+            session.flush()
+            return _alias_move(session, move)
+
+    def list_aliases(self, task_id: int | None = None) -> list[ExpertAlias]:
+        query = (
+            select(ExpertAliasRow, TaskRow.name, ExpertRow.name)
+            .join(TaskRow, TaskRow.id == ExpertAliasRow.task_id)
+            .join(ExpertRow, ExpertRow.id == ExpertAliasRow.expert_id)
+            .order_by(TaskRow.name, ExpertAliasRow.alias)
+        )
+        if task_id is not None:
+            query = query.where(ExpertAliasRow.task_id == task_id)
+        with self.sessions() as session:
+            return [
+                ExpertAlias(task, row.alias, row.expert_id, expert, row.updated_at)
+                for row, task, expert in session.execute(query)
+            ]
+
+    def alias_moves(self, task_id: int | None = None, alias: str | None = None) -> list[AliasMove]:
+        query = select(ExpertAliasMoveRow).order_by(ExpertAliasMoveRow.id)
+        if task_id is not None:
+            query = query.where(ExpertAliasMoveRow.task_id == task_id)
+        if alias is not None:
+            query = query.where(ExpertAliasMoveRow.alias == alias)
+        with self.sessions() as session:
+            return [_alias_move(session, move) for move in session.scalars(query)]
+
+    def tag_task(
+        self,
+        task_id: int,
+        *,
+        tags: dict[str, str] | None = None,
+        remove: Sequence[str] = (),
+        description: str | None = None,
+    ) -> Task:
+        with self.sessions() as session:
+            row = session.scalar(select(TaskRow).where(TaskRow.id == task_id).with_for_update())
+            if row is None:
+                raise NotFoundError(f"no task '{task_id}'")
+            _tag(row, tags, remove, description)
+            return records.task(row)
+
+    def tag_expert(
+        self,
+        expert_id: int,
+        *,
+        tags: dict[str, str] | None = None,
+        remove: Sequence[str] = (),
+        description: str | None = None,
+    ) -> Expert:
+        with self.sessions() as session:
+            row = session.scalar(select(ExpertRow).where(ExpertRow.id == expert_id).with_for_update())
+            if row is None:
+                raise NotFoundError(f"no expert '{expert_id}'")
+            _tag(row, tags, remove, description)
+            return records.expert(row, (), _alias_refs(session, [row.id]).get(row.id, ()))
 
     def referenced_artifact_uris(self) -> set[str]:
         with self.sessions() as session:
@@ -398,3 +552,77 @@ class SqlCatalogueStore(CatalogueStore):
                 select(ExpertParentRow).where(ExpertParentRow.expert_id == row.id)
             ).all()
             return records.expert(row, parents)
+
+
+def _aliased_expert(session: Session, task_name: str, alias: str) -> ExpertRow:
+    task = records.by_key(session, TaskRow, task_name, "task")
+    row = session.scalar(
+        select(ExpertRow)
+        .join(ExpertAliasRow, ExpertAliasRow.expert_id == ExpertRow.id)
+        .where(ExpertAliasRow.task_id == task.id, ExpertAliasRow.alias == alias)
+    )
+    if row is None:
+        raise NotFoundError(_no_alias(session, task, alias))
+    return row
+
+
+def _no_alias(session: Session, task: TaskRow, alias: str) -> str:
+    known = session.scalars(
+        select(ExpertAliasRow.alias).where(ExpertAliasRow.task_id == task.id).order_by(ExpertAliasRow.alias)
+    ).all()
+    return f"task {task.name} has no alias '{alias}' (aliases: {', '.join(known) or 'none'})"
+
+
+def _alias_refs(session: Session, expert_ids: Sequence[int]) -> dict[int, list[str]]:
+    """``task@alias`` of each alias naming one of ``expert_ids``."""
+    refs: dict[int, list[str]] = {}
+    if not expert_ids:
+        return refs
+    for expert_id, task, alias in session.execute(
+        select(ExpertAliasRow.expert_id, TaskRow.name, ExpertAliasRow.alias)
+        .join(TaskRow, TaskRow.id == ExpertAliasRow.task_id)
+        .where(ExpertAliasRow.expert_id.in_(list(expert_ids)))
+        .order_by(TaskRow.name, ExpertAliasRow.alias)
+    ):
+        refs.setdefault(expert_id, []).append(f"{task}@{alias}")
+    return refs
+
+
+def _move(
+    task_id: int, alias: str, from_id: int | None, to_id: int | None, moved_by: str
+) -> ExpertAliasMoveRow:
+    return ExpertAliasMoveRow(
+        task_id=task_id,
+        alias=alias,
+        from_expert_id=from_id,
+        to_expert_id=to_id,
+        moved_by=moved_by or "unknown",
+    )
+
+
+def _alias_move(session: Session, move: ExpertAliasMoveRow) -> AliasMove:
+    session.refresh(move)
+    names = dict(
+        session.execute(
+            select(ExpertRow.id, ExpertRow.name).where(
+                ExpertRow.id.in_([i for i in (move.from_expert_id, move.to_expert_id) if i is not None])
+            )
+        ).all()
+    )
+    return AliasMove(
+        id=move.id,
+        task=session.get(TaskRow, move.task_id).name,
+        alias=move.alias,
+        from_expert=names.get(move.from_expert_id),
+        to_expert=names.get(move.to_expert_id),
+        moved_by=move.moved_by,
+        moved_at=move.moved_at,
+    )
+
+
+def _tag(
+    row: TaskRow | ExpertRow, tags: dict[str, str] | None, remove: Sequence[str], description: str | None
+) -> None:
+    row.tags = merged_tags(row.tags or {}, check_tags(tags or {}), remove)
+    if description is not None:
+        row.description = check_description(description) or None

@@ -80,14 +80,20 @@ def visible_experts_clause(version_param: str = "library_version") -> str:
     )
 
 
-def routable_filters(kinds: bool, backbone: bool) -> list[str]:
+def routable_filters(kinds: bool, backbone: bool, prefer_alias: bool = False) -> list[str]:
     """SQL conditions on ``experts e`` for a routing search: visible at ``:library_version``, and of ``:kinds`` /
-    on ``:backbone_id`` when those filters are given."""
+    on ``:backbone_id`` when those filters are given; with ``prefer_alias``, an expert whose task has the alias
+    ``:prefer_alias`` only if the alias names it (tasks without that alias, and merges, keep every expert)."""
     filters = [visible_experts_clause()]
     if kinds:
         filters.append("e.kind = ANY(:kinds)")
     if backbone:
         filters.append("e.backbone_id = :backbone_id")
+    if prefer_alias:
+        filters.append(
+            "NOT EXISTS (SELECT 1 FROM expert_aliases ea WHERE ea.task_id = e.task_id"
+            " AND ea.alias = :prefer_alias AND ea.expert_id <> e.id)"
+        )
     return filters
 
 
@@ -255,6 +261,7 @@ def vote_sql(
     *,
     filter_in_scan: bool = False,
     index_type: str = "vector",
+    prefer_alias: bool = False,
 ) -> str:
     """RoE's retrieval as one statement: per query its ``:top_k`` nearest visible entries, one row per vote.
 
@@ -268,7 +275,7 @@ def vote_sql(
     With ``bit`` the index yields the ``:candidates`` entries nearest by the Hamming distance of their sign
     bits, and those are re-ranked by the exact float32 inner product read from the table.
     """
-    filters = routable_filters(kinds, backbone)
+    filters = routable_filters(kinds, backbone, prefer_alias)
     d = int(dimension)
     entry_key = index_key(index_type, d, "le.embedding")
     operator = index_operator(index_type)
@@ -633,6 +640,7 @@ class SqlLibraryStore(LibraryStore):
         ef_search: int = 100,
         kinds: Sequence[str] | None = None,
         backbone_id: int | None = None,
+        prefer_alias: str | None = None,
     ) -> VoteResult:
         with self.sessions() as session:
             dimension = records.by_key(session, EmbedderRow, embedder_id, "embedder").dimension
@@ -648,6 +656,7 @@ class SqlLibraryStore(LibraryStore):
             "top_k": top_k,
             "kinds": list(kinds) if kinds else None,
             "backbone_id": backbone_id,
+            "prefer_alias": prefer_alias,
         }
 
         def statement(filter_in_scan: bool, keys: str = index_type) -> str:
@@ -658,6 +667,7 @@ class SqlLibraryStore(LibraryStore):
                 backbone_id is not None,
                 filter_in_scan=filter_in_scan,
                 index_type=keys,
+                prefer_alias=prefer_alias is not None,
             )
 
         # 1. The fast path: ef_search candidates per query from the index, filtered afterwards.
@@ -720,8 +730,9 @@ class SqlLibraryStore(LibraryStore):
         top_k: int = 1,
         kinds: Sequence[str] | None = None,
         backbone_id: int | None = None,
+        prefer_alias: str | None = None,
     ) -> VoteResult:
-        filters = routable_filters(bool(kinds), backbone_id is not None)
+        filters = routable_filters(bool(kinds), backbone_id is not None, prefer_alias is not None)
         with self.sessions() as session:
             d = int(records.by_key(session, EmbedderRow, embedder_id, "embedder").dimension)
             # One centroid per expert: an exact scan of a few thousand rows at most, no index needed.
@@ -749,6 +760,7 @@ class SqlLibraryStore(LibraryStore):
                     "top_k": top_k,
                     "kinds": list(kinds) if kinds else None,
                     "backbone_id": backbone_id,
+                    "prefer_alias": prefer_alias,
                 },
             ).all()
         votes: list[RoutingVote] = []

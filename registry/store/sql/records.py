@@ -70,10 +70,12 @@ def task(row: TaskRow) -> Task:
         backbone_id=row.backbone_id,
         training_config=dict(row.training_config),
         created_at=row.created_at,
+        tags=dict(row.tags),
+        description=row.description,
     )
 
 
-def expert(row: ExpertRow, parents: Sequence[ExpertParentRow] = ()) -> Expert:
+def expert(row: ExpertRow, parents: Sequence[ExpertParentRow] = (), aliases: Sequence[str] = ()) -> Expert:
     artifact = (
         StoredArtifact(row.artifact_uri, row.artifact_sha256, row.artifact_size)
         if row.artifact_uri and row.artifact_sha256 and row.artifact_size is not None
@@ -97,6 +99,9 @@ def expert(row: ExpertRow, parents: Sequence[ExpertParentRow] = ()) -> Expert:
         ready_at=row.ready_at,
         retired_at=row.retired_at,
         parents=tuple((p.parent_id, p.weight) for p in sorted(parents, key=lambda p: p.position)),
+        tags=dict(row.tags),
+        description=row.description,
+        aliases=tuple(sorted(aliases)),
     )
 
 
