@@ -793,6 +793,23 @@ class Registry:
         """Write routing decisions (``PendingDecision`` s with reserved ids) and their votes in one transaction."""
         self.context.library.record_decisions(decisions)
 
+    def replay_decisions(self, paths=None, *, dry_run: bool = False):
+        """Write the routing decisions a server spilled when the catalogue was away (``HOME/serve``'s spill
+        files, or ``paths``) under their reserved ids: a file replayed twice adds nothing. A file whose lines all
+        parse (and whose decisions the catalogue takes) is removed after; one with a bad line is kept, nothing of
+        it written, and its ``problems`` say ``FILE:LINE: what``.
+
+        Returns:
+            One ``registry.audit_spill.SpillReplay`` per file, oldest first.
+
+        Raises:
+            UserError: A named file does not exist.
+        """
+        from elmreg.registry.audit_spill import replay_spills, spill_files
+
+        chosen = [Path(p) for p in paths] if paths else spill_files(self.settings.home / "serve")
+        return replay_spills(self.context.library, chosen, dry_run=dry_run)
+
     def backbone(self, key: int | str):
         """A catalogued backbone (``registry.store.entities.Backbone``) by id or name. Raises NotFoundError."""
         return self.context.catalogue.get_backbone(key)

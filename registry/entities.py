@@ -263,11 +263,16 @@ class ApiKey:
 
 @dataclass(frozen=True)
 class PendingDecision:
-    """A routing decision whose id was reserved when it was made, written later with others in one batch."""
+    """A routing decision whose id was reserved when it was made, written later with others in one batch.
+
+    ``made_at`` is when it was made: a decision spilled to a file and replayed later keeps that time (written
+    straight away, it gets the catalogue's clock at insert, a fraction of a second later).
+    """
 
     decision_id: int
     record: RoutingDecisionRecord
     votes: tuple[RoutingVote, ...]
+    made_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,7 @@ class ServingService:
         self._route_lock = (
             threading.Lock()
         )  # one embedding + vote at a time: they share the CPU with the engine
+        self._replay_spilled()
         self.writer = DecisionWriter(
             registry,
             spill_dir=registry.settings.home / "serve",
@@ -106,6 +107,19 @@ class ServingService:
         self.engine = Batcher(engine)
         self._experts: dict[str, tuple[Expert, float]] = {}
         self.engine.start()
+
+    def _replay_spilled(self) -> None:
+        """Write what an earlier run spilled while the catalogue was away (before this run can spill more)."""
+        for result in self.registry.replay_decisions():
+            if result.problems:
+                _log.error("kept %s, nothing of it written: %s", result.path, "; ".join(result.problems))
+            else:
+                _log.warning(
+                    "replayed %d spilled routing decision(s) from %s (%d were already in the catalogue)",
+                    result.written,
+                    result.path,
+                    result.decisions - result.written,
+                )
 
     def _catalogue_backbone_id(self) -> int | None:
         try:
