@@ -18,6 +18,7 @@ from elmreg.data.prompts import PromptedExample
 from elmreg.inference.assignment import Answerer
 from elmreg.models.backbones import resolve_device
 from elmreg.registry.errors import NotFoundError
+from elmreg.registry.pause_points import pause_point
 from elmreg.serve.auth import KeyChecker
 from elmreg.serve.batcher import Batcher
 from elmreg.serve.decision_writer import DecisionWriter
@@ -184,6 +185,7 @@ class ServingService:
     ) -> Routed:
         """The expert of every instance: named, ``base``, or by RoE (``auto``) on the request's instances as
         Q (one decision), or on each instance alone (``per_prompt``). Blocking: run it off the event loop."""
+        pause_point("serve-request")  # tests stop a request here to send SIGTERM while it is in flight
         if model != AUTO:
             return Routed([Answerer(self.expert(model))] * len(instances))
         if self.backbone_id is None:
