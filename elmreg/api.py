@@ -44,6 +44,9 @@ __all__ = [
     "TrainingRun",
 ]
 
+# A key's limits: a rate of at least one request in 100 s, and nothing beyond what one server could take.
+MIN_KEY_RATE, MAX_KEY_LIMIT = 0.01, 100_000
+
 
 class Registry:
     """An expert registry: its catalogue (PostgreSQL + pgvector) and its weights (S3).
@@ -739,20 +742,35 @@ class Registry:
         return {"library_version": library_version}
 
     # -- the server's API keys -----------------------------------------------------------------------------
-    def create_key(self, name: str) -> tuple[ApiKey, str]:
+    def create_key(
+        self, name: str, *, rate: float | None = None, concurrency: int | None = None
+    ) -> tuple[ApiKey, str]:
         """Make an API key for ``elmreg serve``; the catalogue keeps only its digest.
 
         Args:
             name: Who it is for; the caller label of the routing decisions made for its requests.
+            rate: Requests per second a server takes with the key (bursts of up to ``max(1, rate)``); more get
+                HTTP 429 with ``Retry-After``. None: no limit.
+            concurrency: Requests in flight at once with the key; more get HTTP 429. None: no limit.
 
         Returns:
             The key's record and the key itself, which nobody can see again after this.
 
         Raises:
             AlreadyExistsError: A key of that name exists (revoked ones too).
+            UserError: A limit out of range.
         """
+        if rate is not None and not (MIN_KEY_RATE <= rate <= MAX_KEY_LIMIT):  # also refuses NaN
+            raise UserError(
+                f"--rate must be between {MIN_KEY_RATE} and {MAX_KEY_LIMIT} requests/s, got {rate}"
+            )
+        if concurrency is not None and not 1 <= concurrency <= MAX_KEY_LIMIT:
+            raise UserError(f"--concurrency must be between 1 and {MAX_KEY_LIMIT}, got {concurrency}")
         key = new_key()
-        return self.context.keys.add_key(name, key_digest(key), key[:SHOWN_CHARACTERS]), key
+        record = self.context.keys.add_key(
+            name, key_digest(key), key[:SHOWN_CHARACTERS], rate=rate, concurrency=concurrency
+        )
+        return record, key
 
     def api_keys(self) -> list[ApiKey]:
         """Every API key, revoked ones too, oldest first."""

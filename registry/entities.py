@@ -259,6 +259,8 @@ class ApiKey:
     prefix: str
     created_at: dt.datetime
     revoked_at: dt.datetime | None
+    rate: float | None = None  # requests per second a server takes with this key (None: no limit)
+    concurrency: int | None = None  # requests in flight at once (None: no limit)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from elmreg.registry.errors import NotFoundError
 from elmreg.registry.pause_points import pause_point
 from elmreg.serve.auth import KeyChecker
 from elmreg.serve.batcher import Batcher
+from elmreg.serve.caller_limits import CallerLimits
 from elmreg.serve.decision_writer import DecisionWriter
 from elmreg.serve.metrics import ServeMetrics
 from elmreg.serve.protocol import ApiError, Limits
@@ -85,6 +86,7 @@ class ServingService:
         self.metrics = ServeMetrics()
         self.auth = auth
         self.keys = KeyChecker(registry) if auth else None
+        self.caller_limits = CallerLimits(self.metrics)
         self.backbone_name = registry.settings.backbone
         engine = registry.engine(self.backbone_name, capacity=pool_capacity, device=resolve_device(device))
         engine.max_batch, engine.observer = max_batch, self.metrics
