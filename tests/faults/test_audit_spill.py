@@ -19,10 +19,12 @@ from conftest import lab_environ
 from sqlalchemy import text
 from test_filtered_routing import Library, Q, _FixedEmbedder
 
+from elmreg.api import Registry
 from elmreg.cli.main import cli
 from elmreg.inference.router import Router
 from elmreg.registry.audit_spill import read_spill, spill_files
 from elmreg.serve.decision_writer import DecisionWriter
+from elmreg.serve.service import ServingService
 from faults import test_process_faults
 
 # The private PostgreSQL that the process faults restart, and a lab catalogue on it.
@@ -151,3 +153,15 @@ def test_decisions_spilled_while_postgres_is_down_are_replayed_once(restart_lab,
     assert mended.exit_code == 0, mended.output
     assert "wrote 1 of 1" in mended.output and not spill_files(home / "serve")
     assert _decisions(lab, [fresh_id])[fresh_id][0] == 1
+
+    # A server's start replays what an earlier run spilled, before it serves.
+    [started_id] = lab.reserve_decision_ids(1)
+    good["decision_id"] = started_id
+    (home / "serve" / "unwritten-decisions-earlier-run.jsonl").write_text(json.dumps(good) + "\n")
+    service = ServingService(Registry(lab.settings.replace(home=home)), device="cpu")
+    try:
+        assert not spill_files(home / "serve")
+        assert _decisions(lab, [started_id])[started_id][0] == 1
+    finally:
+        service.close()
+        service.registry.close()
