@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from elmreg.cli.errors import UserFacingError
 from elmreg.cli.options import TASK_SPEC_FIELDS, task_spec_options
 from elmreg.cli.output import echo_json, echo_table
 from elmreg.cli.progress import evaluation_progress, is_quiet
@@ -521,6 +522,46 @@ def audit_prune(ctx: click.Context, before, yes) -> None:
     )
     if not yes and decisions:
         click.echo("run again with --yes to delete them")
+
+
+@audit.command("replay")
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Only count what would be written; write and remove nothing.")
+@click.pass_context
+def audit_replay(ctx: click.Context, files, dry_run) -> None:
+    """Write the routing decisions 'elmreg serve' spilled while the catalogue was away (HOME/serve's
+    unwritten-decisions-*.jsonl, or FILES) under their reserved ids; a file replayed twice adds nothing.
+
+    A replayed file is removed. A file with a line that does not parse is kept and nothing of it is written:
+    each such line is printed as FILE:LINE and the exit code is 2. 'elmreg serve' replays on start too.
+
+    \b
+    Examples:
+      elmreg audit replay --dry-run
+      elmreg audit replay
+    """
+    results = _registry(ctx).replay_decisions(list(files), dry_run=dry_run)
+    if not results:
+        click.echo("no spilled decisions to replay")
+        return
+    problems = []
+    for result in results:
+        if result.problems:
+            problems += result.problems
+            continue
+        verb = "would write" if dry_run else "wrote"
+        already = result.decisions - result.written
+        click.echo(
+            f"{result.path}: {verb} {result.written} of {result.decisions} decision(s) "
+            f"({already} already in the catalogue)" + ("; removed the file" if result.removed else "")
+        )
+    if problems:
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise UserFacingError(
+            "; ".join(problems[:5])
+            + more
+            + " (kept, nothing of it written: mend or delete it, then replay again)"
+        )
 
 
 def _short(value, width: int = 60):

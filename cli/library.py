@@ -193,20 +193,27 @@ def worker(
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--standby-poll",
+    type=click.FloatRange(min=0.1, max=3600),
+    default=15.0,
+    show_default=True,
+    help="Seconds a standby waits between tries to become the active scheduler.",
+)
 @click.pass_context
-def scheduler(ctx: click.Context) -> None:
+def scheduler(ctx: click.Context, standby_poll) -> None:
     """Run the scheduler: training for new tasks, nightly manifest ingestion, nightly benchmarks.
 
-    Only one is active at a time (a PostgreSQL advisory lock); others wait as standbys. Example: elmreg scheduler
+    Only one is active at a time (a PostgreSQL advisory lock); others wait as standbys and one takes over within
+    --standby-poll seconds of the active one's end. SIGTERM or Ctrl-C stops it cleanly: a run in progress
+    finishes, the lock is released, the exit code is 0. Example: elmreg scheduler
     """
     active = _registry(ctx).scheduler()
     stop = threading.Event()
-    click.echo("scheduler starting (Ctrl-C to stop)", err=True)
-    try:
-        active.run(stop=stop)
-    except KeyboardInterrupt:
-        stop.set()
-        active.shutdown()
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, lambda *_: stop.set())
+    click.echo("scheduler starting (Ctrl-C or SIGTERM to stop)", err=True)
+    active.run(stop=stop, standby_poll_seconds=standby_poll)
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)

@@ -119,13 +119,24 @@ def keys() -> None:
 
 @keys.command("create")
 @click.argument("name")
+@click.option(
+    "--rate", type=float, help="Requests per second the key may make (over it: HTTP 429). Default: no limit."
+)
+@click.option(
+    "--concurrency",
+    type=int,
+    help="Requests the key may have in flight at once (over it: HTTP 429). Default: no limit.",
+)
 @click.pass_context
-def keys_create(ctx: click.Context, name: str) -> None:
+def keys_create(ctx: click.Context, name: str, rate, concurrency) -> None:
     """Make an API key for NAME and print it once; NAME is the caller label of its routing decisions.
 
-    Example: elmreg serve keys create alice
+    \b
+    Examples:
+      elmreg serve keys create alice
+      elmreg serve keys create batch-job --rate 5 --concurrency 2
     """
-    record, key = _registry(ctx).create_key(name)
+    record, key = _registry(ctx).create_key(name, rate=rate, concurrency=concurrency)
     click.echo(key)
     click.echo(f"key '{record.name}' created; it is shown only this once", err=True)
 
@@ -133,15 +144,22 @@ def keys_create(ctx: click.Context, name: str) -> None:
 @keys.command("list")
 @click.pass_context
 def keys_list(ctx: click.Context) -> None:
-    """List API keys: name, the key's first characters, when made and revoked.
+    """List API keys: name, the key's first characters, its limits, when made and revoked.
 
     Example: elmreg serve keys list
     """
     rows = [
-        (k.name, k.prefix + "...", k.created_at.strftime("%Y-%m-%d %H:%M"), k.revoked_at or "")
+        (
+            k.name,
+            k.prefix + "...",
+            f"{k.rate:g}/s" if k.rate is not None else "",
+            k.concurrency if k.concurrency is not None else "",
+            k.created_at.strftime("%Y-%m-%d %H:%M"),
+            k.revoked_at or "",
+        )
         for k in _registry(ctx).api_keys()
     ]
-    echo_table(("name", "key", "created", "revoked"), rows)
+    echo_table(("name", "key", "rate", "concurrency", "created", "revoked"), rows)
 
 
 @keys.command("revoke")

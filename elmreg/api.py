@@ -53,6 +53,9 @@ __all__ = [
     "TrainingRun",
 ]
 
+# A key's limits: a rate of at least one request in 100 s, and nothing beyond what one server could take.
+MIN_KEY_RATE, MAX_KEY_LIMIT = 0.01, 100_000
+
 
 class Registry:
     """An expert registry: its catalogue (PostgreSQL + pgvector) and its weights (S3).
@@ -753,20 +756,35 @@ class Registry:
         return {"library_version": library_version}
 
     # -- the server's API keys -----------------------------------------------------------------------------
-    def create_key(self, name: str) -> tuple[ApiKey, str]:
+    def create_key(
+        self, name: str, *, rate: float | None = None, concurrency: int | None = None
+    ) -> tuple[ApiKey, str]:
         """Make an API key for ``elmreg serve``; the catalogue keeps only its digest.
 
         Args:
             name: Who it is for; the caller label of the routing decisions made for its requests.
+            rate: Requests per second a server takes with the key (bursts of up to ``max(1, rate)``); more get
+                HTTP 429 with ``Retry-After``. None: no limit.
+            concurrency: Requests in flight at once with the key; more get HTTP 429. None: no limit.
 
         Returns:
             The key's record and the key itself, which nobody can see again after this.
 
         Raises:
             AlreadyExistsError: A key of that name exists (revoked ones too).
+            UserError: A limit out of range.
         """
+        if rate is not None and not (MIN_KEY_RATE <= rate <= MAX_KEY_LIMIT):  # also refuses NaN
+            raise UserError(
+                f"--rate must be between {MIN_KEY_RATE} and {MAX_KEY_LIMIT} requests/s, got {rate}"
+            )
+        if concurrency is not None and not 1 <= concurrency <= MAX_KEY_LIMIT:
+            raise UserError(f"--concurrency must be between 1 and {MAX_KEY_LIMIT}, got {concurrency}")
         key = new_key()
-        return self.context.keys.add_key(name, key_digest(key), key[:SHOWN_CHARACTERS]), key
+        record = self.context.keys.add_key(
+            name, key_digest(key), key[:SHOWN_CHARACTERS], rate=rate, concurrency=concurrency
+        )
+        return record, key
 
     def api_keys(self) -> list[ApiKey]:
         """Every API key, revoked ones too, oldest first."""
@@ -806,6 +824,23 @@ class Registry:
     def record_decisions(self, decisions) -> None:
         """Write routing decisions (``PendingDecision`` s with reserved ids) and their votes in one transaction."""
         self.context.library.record_decisions(decisions)
+
+    def replay_decisions(self, paths=None, *, dry_run: bool = False):
+        """Write the routing decisions a server spilled when the catalogue was away (``HOME/serve``'s spill
+        files, or ``paths``) under their reserved ids: a file replayed twice adds nothing. A file whose lines all
+        parse (and whose decisions the catalogue takes) is removed after; one with a bad line is kept, nothing of
+        it written, and its ``problems`` say ``FILE:LINE: what``.
+
+        Returns:
+            One ``registry.audit_spill.SpillReplay`` per file, oldest first.
+
+        Raises:
+            UserError: A named file does not exist.
+        """
+        from elmreg.registry.audit_spill import replay_spills, spill_files
+
+        chosen = [Path(p) for p in paths] if paths else spill_files(self.settings.home / "serve")
+        return replay_spills(self.context.library, chosen, dry_run=dry_run)
 
     def backbone(self, key: int | str):
         """A catalogued backbone (``registry.store.entities.Backbone``) by id or name. Raises NotFoundError."""

@@ -183,6 +183,7 @@ class Scheduler:
                     _log.warning("another scheduler is active; standing by")
                     stop.wait(standby_poll_seconds)
                     continue
+                _log.warning("scheduler active (it holds the scheduler lock)")
                 self.start()
                 while not stop.wait(lock_check_seconds) and self.holds_lock():
                     pass
@@ -191,6 +192,7 @@ class Scheduler:
                 self.shutdown()
         finally:
             self.shutdown()
+        _log.warning("scheduler stopped: no run in progress, the lock released")
 
     def next_runs(self) -> dict[str, dt.datetime | None]:
         """When each schedule fires next (for ``elmreg scheduler --list`` and tests)."""
@@ -199,8 +201,10 @@ class Scheduler:
         return {job.id: job.next_run_time for job in self._scheduler.get_jobs()}
 
     def shutdown(self) -> None:
+        """Stop firing, let a run in progress finish (each only queues jobs: seconds), then release the lock
+        so that a standby takes over at its next poll."""
         if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
+            self._scheduler.shutdown(wait=True)
             self._scheduler = None
         with self._lock_guard:
             if self._lock is not None:

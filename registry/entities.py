@@ -293,15 +293,22 @@ class ApiKey:
     prefix: str
     created_at: dt.datetime
     revoked_at: dt.datetime | None
+    rate: float | None = None  # requests per second a server takes with this key (None: no limit)
+    concurrency: int | None = None  # requests in flight at once (None: no limit)
 
 
 @dataclass(frozen=True)
 class PendingDecision:
-    """A routing decision whose id was reserved when it was made, written later with others in one batch."""
+    """A routing decision whose id was reserved when it was made, written later with others in one batch.
+
+    ``made_at`` is when it was made: a decision spilled to a file and replayed later keeps that time (written
+    straight away, it gets the catalogue's clock at insert, a fraction of a second later).
+    """
 
     decision_id: int
     record: RoutingDecisionRecord
     votes: tuple[RoutingVote, ...]
+    made_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True)

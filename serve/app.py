@@ -66,7 +66,7 @@ async def _measure(request: Request, call_next) -> Response:
 
 
 def _error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 async def _api_error(_request: Request, error: ApiError) -> JSONResponse:

@@ -4,14 +4,14 @@ A request routed by RoE is answered with its decision id before the decision is 
 blocks from the decision table's own sequence (one round trip per block, shared by all requests), and a thread
 inserts the queued decisions with their votes, many per transaction. Nothing queued is dropped: a failed insert
 is retried (the rows stay queued in order), ``close`` writes everything left, and if the catalogue stays
-unreachable past the shutdown deadline the remaining decisions go to a JSON-lines file next to the home's logs,
-so an operator can load them later, and the log says where.
+unreachable past the shutdown deadline the remaining decisions go to a spill file in ``HOME/serve``
+(``registry/audit_spill.py``), which the next ``elmreg serve`` start or ``elmreg audit replay`` writes under the
+reserved ids; the log says where.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import datetime as dt
 import logging
 import threading
 import time
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from elmreg.api import PendingDecision, RoutingDecisionRecord, RoutingVote
+from elmreg.registry.audit_spill import write_spill
 
 _log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class DecisionWriter:
                 self._ids.extend(self.store.reserve_decision_ids(self.reserve))
             decision_id = self._ids.popleft()
         with self._condition:
-            self._queue.append(PendingDecision(decision_id, record, tuple(votes)))
+            self._queue.append(PendingDecision(decision_id, record, tuple(votes), dt.datetime.now(dt.UTC)))
             self._condition.notify_all()
         return decision_id
 
@@ -142,9 +143,10 @@ class DecisionWriter:
                     self._condition.notify_all()
 
     def _spill(self, decisions: list[PendingDecision]) -> None:
-        self.spill_dir.mkdir(parents=True, exist_ok=True)
-        path = self.spill_dir / f"unwritten-decisions-{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
-        with path.open("a") as out:
-            for decision in decisions:
-                out.write(json.dumps(dataclasses.asdict(decision), default=str) + "\n")
-        _log.error("the catalogue did not take %d routing decisions; they are in %s", len(decisions), path)
+        path = write_spill(self.spill_dir, decisions)
+        _log.error(
+            "the catalogue did not take %d routing decisions; they are in %s (the next 'elmreg serve' start or "
+            "'elmreg audit replay' writes them)",
+            len(decisions),
+            path,
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -28,10 +29,12 @@ def get_limits(service: Service) -> Limits:
 RequestLimits = Annotated[Limits, Depends(get_limits)]
 
 
-async def get_caller(request: Request, service: Service) -> str:
-    """The API key's name (the decisions' ``caller_label``); 401 without a valid key."""
+async def get_caller(request: Request, service: Service) -> AsyncIterator[str]:
+    """The API key's name (the decisions' ``caller_label``); 401 without a valid key, 429 over its limits (its
+    slot is held until the response is sent)."""
     if not service.auth:
-        return "anonymous"
+        yield "anonymous"
+        return
     key = await run_in_threadpool(service.keys.check, request.headers.get("authorization"))
     if key is None:
         raise ApiError(
@@ -40,7 +43,8 @@ async def get_caller(request: Request, service: Service) -> str:
             "(make one with 'elmreg serve keys create NAME')",
             code="invalid_api_key",
         )
-    return key.name
+    with service.caller_limits.admit(key):
+        yield key.name
 
 
 Caller = Annotated[str, Depends(get_caller)]

@@ -53,6 +53,12 @@ class ServeMetrics:
         self.decisions_written = Counter(
             "elmreg_audit_decisions_written", "Routing decisions written to the catalogue", registry=r
         )
+        self.limited = Counter(
+            "elmreg_requests_limited",
+            "Requests refused with HTTP 429 by their key's limit",
+            ["key", "limit"],
+            registry=r,
+        )
         self.audit_pending = Gauge("elmreg_audit_pending", "Routing decisions not yet written", registry=r)
         self.queue_depth = Gauge("elmreg_engine_pending", "Prompts waiting for or in the engine", registry=r)
 

@@ -22,10 +22,18 @@ class ApiError(Exception):
     """A refusal: the HTTP status and OpenAI's error object (``message``, ``type``, ``param``, ``code``)."""
 
     def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None, kind: str = ""
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "",
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
         self.message = message
         self.param = param
         self.code = code
@@ -34,6 +42,7 @@ class ApiError(Exception):
             403: "permission_error",
             404: "not_found_error",
             413: "invalid_request_error",
+            429: "rate_limit_error",
             503: "service_unavailable",
         }.get(status, "invalid_request_error" if status < 500 else "server_error")
 

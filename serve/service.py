@@ -18,8 +18,10 @@ from elmreg.data.prompts import PromptedExample
 from elmreg.inference.assignment import Answerer
 from elmreg.models.backbones import resolve_device
 from elmreg.registry.errors import NotFoundError
+from elmreg.registry.pause_points import pause_point
 from elmreg.serve.auth import KeyChecker
 from elmreg.serve.batcher import Batcher
+from elmreg.serve.caller_limits import CallerLimits
 from elmreg.serve.decision_writer import DecisionWriter
 from elmreg.serve.metrics import ServeMetrics
 from elmreg.serve.protocol import ApiError, Limits
@@ -84,6 +86,7 @@ class ServingService:
         self.metrics = ServeMetrics()
         self.auth = auth
         self.keys = KeyChecker(registry) if auth else None
+        self.caller_limits = CallerLimits(self.metrics)
         self.backbone_name = registry.settings.backbone
         engine = registry.engine(self.backbone_name, capacity=pool_capacity, device=resolve_device(device))
         engine.max_batch, engine.observer = max_batch, self.metrics
@@ -98,6 +101,7 @@ class ServingService:
         self._route_lock = (
             threading.Lock()
         )  # one embedding + vote at a time: they share the CPU with the engine
+        self._replay_spilled()
         self.writer = DecisionWriter(
             registry,
             spill_dir=registry.settings.home / "serve",
@@ -106,6 +110,19 @@ class ServingService:
         self.engine = Batcher(engine)
         self._experts: dict[str, tuple[Expert, float]] = {}
         self.engine.start()
+
+    def _replay_spilled(self) -> None:
+        """Write what an earlier run spilled while the catalogue was away (before this run can spill more)."""
+        for result in self.registry.replay_decisions():
+            if result.problems:
+                _log.error("kept %s, nothing of it written: %s", result.path, "; ".join(result.problems))
+            else:
+                _log.warning(
+                    "replayed %d spilled routing decision(s) from %s (%d were already in the catalogue)",
+                    result.written,
+                    result.path,
+                    result.decisions - result.written,
+                )
 
     def _catalogue_backbone_id(self) -> int | None:
         try:
@@ -170,6 +187,7 @@ class ServingService:
     ) -> Routed:
         """The expert of every instance: named, ``base``, or by RoE (``auto``) on the request's instances as
         Q (one decision), or on each instance alone (``per_prompt``). Blocking: run it off the event loop."""
+        pause_point("serve-request")  # tests stop a request here to send SIGTERM while it is in flight
         if model != AUTO:
             return Routed([Answerer(self.expert(model))] * len(instances))
         if self.backbone_id is None:

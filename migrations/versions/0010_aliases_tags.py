@@ -7,7 +7,7 @@ every move (who, when, from, to) is kept in ``expert_alias_moves`` for audit. Ta
 Downgrading drops the aliases, their history, the tags and the descriptions.
 
 Revision ID: 0010_aliases_tags
-Revises: 0008_in_model_routing
+Revises: 0009_key_limits
 Create Date: 2026-12-01
 """
 
@@ -18,7 +18,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = "0010_aliases_tags"
-down_revision = "0008_in_model_routing"
+down_revision = "0009_key_limits"
 branch_labels = None
 depends_on = None
 

@@ -133,6 +133,15 @@ class LibraryStore(ABC):
         """Insert decisions with their reserved ids and all their votes, in one transaction."""
 
     @abstractmethod
+    def replay_decisions(self, decisions: Sequence[PendingDecision], *, dry_run: bool = False) -> int:
+        """Insert those of ``decisions`` whose ids are not in the catalogue yet, with their votes and their
+        ``made_at`` times, in one transaction (the same decision replayed twice is written once).
+
+        Returns:
+            How many were (or, with ``dry_run``, would be) written.
+        """
+
+    @abstractmethod
     def prune_decisions(self, before: dt.datetime, *, dry_run: bool = True) -> tuple[int, int]:
         """Delete routing decisions made before ``before`` with their votes (nothing with ``dry_run``).
 

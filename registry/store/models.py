@@ -388,6 +388,12 @@ class ApiKeyRow(Base):
     """A key of ``elmreg serve``'s HTTP API: only the key's sha256 is kept, so a leaked catalogue leaks no key."""
 
     __tablename__ = "api_keys"
+    __table_args__ = (
+        CheckConstraint(
+            "(rate_per_second IS NULL OR rate_per_second > 0) AND (max_concurrent IS NULL OR max_concurrent > 0)",
+            name="limits_positive",
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
@@ -396,6 +402,9 @@ class ApiKeyRow(Base):
     prefix: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[dt.datetime] = _now()
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # Limits of the key's callers on a server (migration 0009; NULL: none).
+    rate_per_second: Mapped[float | None] = mapped_column(Float)
+    max_concurrent: Mapped[int | None] = mapped_column(Integer)
 
 
 def hnsw_index_name(embedder_id: int) -> str:

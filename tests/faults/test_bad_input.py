@@ -52,6 +52,9 @@ def _write_files(files: Path) -> None:
     (files / "templates-broken.yaml").write_text("templates: {a: [\n")
     (files / "experiment-broken.yaml").write_text("name: [unclosed\n")
     (files / "a-file").write_text("a file where a folder is expected\n")
+    # Spill files of a server's unwritten routing decisions, as 'audit replay' reads them.
+    (files / "spill-broken.jsonl").write_text('{"decision_id": 7, "votes": []}\n{"decision_id": 8, "rec\n')
+    (files / "spill-latin1.jsonl").write_bytes(b'{"decision_id": 7, "record": {"caller_label": "caf\xe9"}}\n')
     (files / "not-peft").mkdir()
     (files / "not-peft" / "README.md").write_text("just a folder\n")
     pickled = files / "pickled"
@@ -313,6 +316,25 @@ ROWS = [
     # -- audit, db, gc, library, experiment, report ------------------------------------------------------------
     _row("audit", ["audit", "--view", "decisions", "--limit", "0"], 2, "not in the range"),
     _row("audit", ["audit", "prune", "--before", "last tuesday"], 2, "last tuesday"),
+    _row("audit", ["audit", "replay", "{files}/spill-broken.jsonl"], 2, "spill-broken.jsonl:2: not JSON"),
+    _row("audit", ["audit", "replay", "{files}/spill-broken.jsonl"], 2, "spill-broken.jsonl:1: no 'record'"),
+    _row("audit", ["audit", "replay", "{files}/spill-latin1.jsonl"], 2, "spill-latin1.jsonl:1: not UTF-8"),
+    _row("audit", ["audit", "replay", "{files}/array.jsonl"], 2, "array.jsonl:1: not a routing decision"),
+    _row("audit", ["audit", "replay", "--dry-run", "{files}/empty.jsonl"], 2, "no decisions in it"),
+    _row("audit", ["audit", "replay", "{files}/no-such-spill.jsonl"], 2, "no spill file"),
+    # -- serve keys, scheduler --------------------------------------------------------------------------------
+    _row("serve keys", ["serve", "keys", "create", "limited", "--rate", "0"], 2, "--rate must be between"),
+    _row("serve keys", ["serve", "keys", "create", "limited", "--rate", "-5"], 2, "--rate must be between"),
+    _row("serve keys", ["serve", "keys", "create", "limited", "--rate", "nan"], 2, "--rate must be between"),
+    _row("serve keys", ["serve", "keys", "create", "limited", "--rate", "1e9"], 2, "--rate must be between"),
+    _row("serve keys", ["serve", "keys", "create", "limited", "--rate", "fast"], 2, "'fast' is not a valid"),
+    _row(
+        "serve keys",
+        ["serve", "keys", "create", "limited", "--concurrency", "0"],
+        2,
+        "--concurrency must be between",
+    ),
+    _row("scheduler", ["scheduler", "--standby-poll", "0"], 2, "not in the range"),
     _row("db", ["db", "upgrade", "no_such_revision"], 2, "no_such_revision"),
     _row("db", ["db", "downgrade", "no_such_revision", "--yes"], 2, "no_such_revision"),
     _row("gc", ["gc", "--min-age-hours", "-1"], 2, "not in the range"),
@@ -400,6 +422,8 @@ _INPUT_NAMES = {
     "templates-broken.yaml",
     "experiment-broken.yaml",
     "a-file",
+    "spill-broken.jsonl",
+    "spill-latin1.jsonl",
     "not-peft",
     "pickled",
     "broken-config",
@@ -412,7 +436,7 @@ def test_the_table_covers_every_verb_the_issue_names():
     verbs = {p.id.split(":")[0] for p in ROWS}
     named = {"add-task", "worker", "route", "predict", "eval", "merge", "experts export", "experts import"}
     named |= {"experts retire", "audit", "db", "gc", "library reembed", "experiment", "report", "env"}
-    named |= {"backup", "restore"}
+    named |= {"backup", "restore", "serve keys", "scheduler"}
     assert named <= verbs and len(ROWS) >= 40
 
 

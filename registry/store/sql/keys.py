@@ -14,7 +14,9 @@ from elmreg.registry.store.session import ManagedSessions
 
 
 def _key(row: ApiKeyRow) -> ApiKey:
-    return ApiKey(row.id, row.name, row.prefix, row.created_at, row.revoked_at)
+    return ApiKey(
+        row.id, row.name, row.prefix, row.created_at, row.revoked_at, row.rate_per_second, row.max_concurrent
+    )
 
 
 class SqlKeyStore(KeyStore):
@@ -23,9 +25,23 @@ class SqlKeyStore(KeyStore):
     def __init__(self, sessions: ManagedSessions):
         self.sessions = sessions
 
-    def add_key(self, name: str, key_sha256: str, prefix: str) -> ApiKey:
+    def add_key(
+        self,
+        name: str,
+        key_sha256: str,
+        prefix: str,
+        *,
+        rate: float | None = None,
+        concurrency: int | None = None,
+    ) -> ApiKey:
         with self.sessions() as session:
-            row = ApiKeyRow(name=name, key_sha256=key_sha256, prefix=prefix)
+            row = ApiKeyRow(
+                name=name,
+                key_sha256=key_sha256,
+                prefix=prefix,
+                rate_per_second=rate,
+                max_concurrent=concurrency,
+            )
             session.add(row)
             session.flush()
             session.refresh(row)

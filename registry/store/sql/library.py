@@ -850,6 +850,50 @@ class SqlLibraryStore(LibraryStore):
             if vote_rows:
                 session.execute(insert(RoutingVoteRow), vote_rows)
 
+    def replay_decisions(self, decisions: Sequence[PendingDecision], *, dry_run: bool = False) -> int:
+        unique = list({d.decision_id: d for d in reversed(decisions)}.values())[::-1]
+        if not unique:
+            return 0
+        with self.sessions() as session:
+            present = set(
+                session.scalars(
+                    select(RoutingDecisionRow.id).where(
+                        RoutingDecisionRow.id.in_([d.decision_id for d in unique])
+                    )
+                )
+            )
+            new = [d for d in unique if d.decision_id not in present]
+            if dry_run or not new:
+                return len(new)
+            now = dt.datetime.now(dt.UTC)
+            rows = [
+                {"id": d.decision_id, "created_at": d.made_at or now, **_decision_row(d.record, d.votes)}
+                for d in new
+            ]
+            # A replay racing another (a server starting while an operator replays) skips what that one wrote.
+            written = set(
+                session.scalars(
+                    pg_insert(RoutingDecisionRow)
+                    .values(rows)
+                    .on_conflict_do_nothing(index_elements=["id"])
+                    .returning(RoutingDecisionRow.id)
+                )
+            )
+            vote_rows = [
+                row for d in new if d.decision_id in written for row in _vote_rows(d.decision_id, d.votes)
+            ]
+            if vote_rows:
+                session.execute(insert(RoutingVoteRow), vote_rows)
+            # The kept daily counts of every day the replayed decisions were made on, recounted from the decisions.
+            days = session.scalars(
+                select(func.min(RoutingDecisionRow.created_at))
+                .where(RoutingDecisionRow.id.in_(list(written)))
+                .group_by(func.date_trunc("day", RoutingDecisionRow.created_at))
+            ).all()
+            for day in days:
+                _recount_daily_choices_of_day(session, day)
+            return len(written)
+
     def prune_decisions(self, before: dt.datetime, *, dry_run: bool = True) -> tuple[int, int]:
         with self.sessions() as session:
             decisions = session.scalar(select(func.count()).where(RoutingDecisionRow.created_at < before))
