@@ -9,6 +9,7 @@ from typing import Any
 
 from elmreg.registry.entities import Job
 from elmreg.registry.errors import ElmregError
+from elmreg.registry.leases import Lease
 from elmreg.runtime.context import RegistryContext
 
 
@@ -37,8 +38,9 @@ class JobContext:
     _stop: threading.Event = field(default_factory=threading.Event)
 
     @property
-    def lease(self) -> tuple[int, str]:
-        return self.job.id, self.worker
+    def lease(self) -> Lease:
+        """This worker's hold on the job, for the steps that must stop once it is lost."""
+        return Lease(self.job.id, self.worker, self.check_lease)
 
     def check_lease(self) -> None:
         """Call at safe points (between training steps, before publishing): raises :class:`LeaseLost` if the

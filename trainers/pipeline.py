@@ -33,6 +33,7 @@ from elmreg.registry.errors import (
 )
 from elmreg.registry.gc import publishing_artifacts
 from elmreg.registry.kinds import LORA, weights_kind
+from elmreg.registry.leases import Lease
 from elmreg.registry.names import check_expert_name, derived_expert_name
 from elmreg.registry.outputs import check_writable_folder
 from elmreg.registry.pause_points import pause_point
@@ -82,12 +83,13 @@ def train_task(
     context: RegistryContext,
     task: Task,
     *,
-    lease: tuple[int, str] | None = None,
-    check_lease: Callable[[], None] | None = None,
+    lease: Lease | None = None,
     hooks: TrainingHooks | None = None,
-    worker: str = "inline",
 ) -> Expert:
     """Train, upload and publish the expert of ``task``; returns it ready.
+
+    With a ``lease`` (a ``train`` job), training stops and nothing is published once the lease is lost; without
+    one the expert is trained inline.
 
     A task that already has a ready expert is not trained again (a job re-claimed after its worker died between
     publishing and reporting success must not add a second expert).
@@ -100,7 +102,7 @@ def train_task(
             # The previous holder of this job died after publishing and before closing its training run: that
             # run did produce the ready expert, so close it as succeeded rather than leave it 'running' forever.
             for run in context.jobs.list_training_runs(task_id=task.id, status="running"):
-                if run.job_id == lease[0] and run.expert_id == ready[0].id:
+                if run.job_id == lease.job_id and run.expert_id == ready[0].id:
                     context.jobs.finish_training_run(run.id, status="succeeded", metrics=ready[0].metrics)
         return ready[0]
 
@@ -125,14 +127,14 @@ def train_task(
     expert = _expert_for(context, task, backbone_record.id)
     if lease is not None:
         context.jobs.abandon_training_runs(
-            lease[0], f"abandoned: the worker stopped heartbeating; {worker} took the job over"
+            lease.job_id, f"abandoned: the worker stopped heartbeating; {lease.worker} took the job over"
         )
     run = context.jobs.start_training_run(
         task_id=task.id,
         expert_id=expert.id,
-        worker=worker,
+        worker=lease.worker if lease else "inline",
         config={"kind": task.expert_kind, **config.to_dict()},
-        job_id=lease[0] if lease else None,
+        job_id=lease.job_id if lease else None,
     )
     try:
         with tempfile.TemporaryDirectory(prefix="train-", dir=_tmp_dir(context)) as scratch:
@@ -145,7 +147,7 @@ def train_task(
                 config,
                 Path(scratch),
                 progress=hooks.on_step,
-                should_stop=check_lease,
+                should_stop=lease.check if lease else None,
                 init_weights=init_weights,
             )
             published = publish(
@@ -157,7 +159,6 @@ def train_task(
                 examples=examples,
                 seed=config.seed,
                 lease=lease,
-                check_lease=check_lease,
                 hooks=hooks,
             )
             pause_point("published")  # tests kill a worker here: expert ready, its job not yet marked done
@@ -193,11 +194,11 @@ def publish(
     metrics: dict[str, Any],
     examples: Sequence[PromptedExample],
     seed: int,
-    lease: tuple[int, str] | None = None,
-    check_lease: Callable[[], None] | None = None,
+    lease: Lease | None = None,
     hooks: TrainingHooks | None = None,
 ) -> Expert:
-    """Upload the weights (verified), embed S library samples of ``examples``, and make the expert ready."""
+    """Upload the weights (verified), embed S library samples of ``examples``, and make the expert ready
+    (with a ``lease``: only while it is still held)."""
     hooks = hooks or TrainingHooks()
     # From the upload (or the decision to skip it) until the expert references the object, garbage collection
     # must not delete it: see registry/gc.py.
@@ -209,8 +210,8 @@ def publish(
         embedder = load_embedder(context.settings.embedder)
         chosen = sample_indices(len(examples), SAMPLES_PER_EXPERT, seed=seed)
         entries = embed_entries(embedder, [library_text(examples[i]) for i in chosen])
-        if check_lease is not None:
-            check_lease()
+        if lease is not None:
+            lease.check()
         return context.catalogue.publish_expert(
             expert.id,
             artifact=artifact,
@@ -218,7 +219,7 @@ def publish(
             entries=entries,
             metrics=metrics,
             config=config,
-            lease=lease,
+            lease=lease.holder if lease else None,
         )
 
 
