@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +35,7 @@ from elmreg.registry.leases import Lease
 from elmreg.registry.names import check_expert_name, derived_expert_name
 from elmreg.registry.outputs import check_writable_folder
 from elmreg.registry.pause_points import pause_point
+from elmreg.registry.progress import SILENT, Reporter
 from elmreg.runtime.context import RegistryContext
 from elmreg.runtime.library_embedding import (
     SAMPLES_PER_EXPERT,
@@ -45,22 +44,6 @@ from elmreg.runtime.library_embedding import (
     sample_indices,
 )
 from elmreg.trainers import get_trainer
-from elmreg.trainers.base import ProgressCallback
-
-_log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainingHooks:
-    """How a caller watches training: step progress and stage messages (the CLI draws progress bars)."""
-
-    on_step: ProgressCallback | None = None
-    on_stage: Callable[[str], None] | None = None
-
-    def stage(self, message: str) -> None:
-        _log.info(message)
-        if self.on_stage is not None:
-            self.on_stage(message)
 
 
 def _expert_for(context: RegistryContext, task: Task, backbone_id: int) -> Expert:
@@ -84,7 +67,7 @@ def train_task(
     task: Task,
     *,
     lease: Lease | None = None,
-    hooks: TrainingHooks | None = None,
+    reporter: Reporter = SILENT,
 ) -> Expert:
     """Train, upload and publish the expert of ``task``; returns it ready.
 
@@ -94,10 +77,9 @@ def train_task(
     A task that already has a ready expert is not trained again (a job re-claimed after its worker died between
     publishing and reporting success must not add a second expert).
     """
-    hooks = hooks or TrainingHooks()
     ready = [e for e in context.catalogue.list_experts(task_id=task.id) if e.status == "ready"]
     if ready:
-        hooks.stage(f"task {task.name} already has ready expert {ready[0].name}; nothing to train")
+        reporter.stage(f"task {task.name} already has ready expert {ready[0].name}; nothing to train")
         if lease is not None:
             # The previous holder of this job died after publishing and before closing its training run: that
             # run did produce the ready expert, so close it as succeeded rather than leave it 'running' forever.
@@ -110,14 +92,14 @@ def train_task(
     config = trainer.make_config(task.training_config)
     backbone_record = context.catalogue.get_backbone(task.backbone_id)
 
-    hooks.stage(f"loading examples of {task.name} ({task.dataset}, K={task.max_examples})")
+    reporter.stage(f"loading examples of {task.name} ({task.dataset}, K={task.max_examples})")
     examples = task_examples(
         task, cache_dir=context.settings.cache_path, limit=task.max_examples, seed=config.seed
     )
 
     init_weights = _init_weights(context, task, config.init_from) if config.init_from is not None else None
 
-    hooks.stage(f"loading backbone {backbone_record.name}")
+    reporter.stage(f"loading backbone {backbone_record.name}")
     backbone = context.backbones.get(backbone_record.name)
     if backbone_record.fingerprint is None:
         context.catalogue.get_or_create_backbone(
@@ -138,7 +120,7 @@ def train_task(
     )
     try:
         with tempfile.TemporaryDirectory(prefix="train-", dir=_tmp_dir(context)) as scratch:
-            hooks.stage(
+            reporter.stage(
                 f"training {task.expert_kind} expert on {len(examples)} examples, {config.epochs} epoch(s)"
             )
             trained = trainer.train(
@@ -146,7 +128,7 @@ def train_task(
                 examples,
                 config,
                 Path(scratch),
-                progress=hooks.on_step,
+                progress=reporter,
                 should_stop=lease.check if lease else None,
                 init_weights=init_weights,
             )
@@ -159,7 +141,7 @@ def train_task(
                 examples=examples,
                 seed=config.seed,
                 lease=lease,
-                hooks=hooks,
+                reporter=reporter,
             )
             pause_point("published")  # tests kill a worker here: expert ready, its job not yet marked done
     except BaseException as exc:
@@ -167,7 +149,7 @@ def train_task(
         context.catalogue.set_expert_status(expert.id, "failed")
         raise
     context.jobs.finish_training_run(run.id, status="succeeded", metrics=trained.metrics)
-    hooks.stage(f"expert {published.name} is ready at library version {published.library_version}")
+    reporter.stage(f"expert {published.name} is ready at library version {published.library_version}")
     return published
 
 
@@ -195,18 +177,17 @@ def publish(
     examples: Sequence[PromptedExample],
     seed: int,
     lease: Lease | None = None,
-    hooks: TrainingHooks | None = None,
+    reporter: Reporter = SILENT,
 ) -> Expert:
     """Upload the weights (verified), embed S library samples of ``examples``, and make the expert ready
     (with a ``lease``: only while it is still held)."""
-    hooks = hooks or TrainingHooks()
     # From the upload (or the decision to skip it) until the expert references the object, garbage collection
     # must not delete it: see registry/gc.py.
     with publishing_artifacts(context.jobs):
-        hooks.stage("uploading weights")
+        reporter.stage("uploading weights")
         artifact = context.artifacts.put_file(weights_path)
         pause_point("uploaded")  # tests kill a worker here: weights stored, nothing refers to them yet
-        hooks.stage(f"embedding {min(SAMPLES_PER_EXPERT, len(examples))} library samples")
+        reporter.stage(f"embedding {min(SAMPLES_PER_EXPERT, len(examples))} library samples")
         embedder = load_embedder(context.settings.embedder)
         chosen = sample_indices(len(examples), SAMPLES_PER_EXPERT, seed=seed)
         entries = embed_entries(embedder, [library_text(examples[i]) for i in chosen])
@@ -235,7 +216,7 @@ def import_peft_adapter(
     task: Task,
     *,
     name: str | None = None,
-    hooks: TrainingHooks | None = None,
+    reporter: Reporter = SILENT,
 ) -> Expert:
     """Register an existing PEFT LoRA adapter folder as the expert of ``task``.
 
@@ -245,7 +226,6 @@ def import_peft_adapter(
     Raises:
         UserError: Not a PEFT LoRA folder, or it does not fit the task's backbone.
     """
-    hooks = hooks or TrainingHooks()
     # Checked before the backbone loads: a bad name must not cost a minute of loading first.
     name = check_expert_name(name) if name is not None else derived_expert_name(f"{task.name}-imported")
     config_file, weights = folder / CONFIG_FILE, folder / LORA.weights_file
@@ -273,7 +253,7 @@ def import_peft_adapter(
     if task.expert_kind != LORA.name:
         raise TaskSpecError(f"task {task.name} trains {task.expert_kind} experts; import into a lora task")
     backbone_record = context.catalogue.get_backbone(task.backbone_id)
-    hooks.stage(f"checking the adapter against backbone {backbone_record.name}")
+    reporter.stage(f"checking the adapter against backbone {backbone_record.name}")
     backbone = context.backbones.get(backbone_record.name)
     config = {"kind": LORA.name, "adapter_config": adapter_config}
     try:
@@ -295,7 +275,7 @@ def import_peft_adapter(
         metrics={},
         examples=examples,
         seed=0,
-        hooks=hooks,
+        reporter=reporter,
     )
 
 
