@@ -206,15 +206,15 @@ def merge_experts(
     if name is not None:
         _check_name_free(context, name)
     embedder_id = context.catalogue.get_embedder(context.settings.embedder).id if library == "union" else None
-
     tuning = None
     if tune_on:
+        tasks = [context.catalogue.get_task(t) for t in tune_on]
         tuning = tune_weights(
             context,
             parents,
             base_kind,
             spec,
-            [context.catalogue.get_task(t) for t in tune_on],
+            tasks,
             grid=grid,
             limit=tune_limit,
             split=tune_split,
@@ -236,36 +236,78 @@ def merge_experts(
             merge_started = time.perf_counter()
             path, config = write_merged_weights(context, parents, base_kind, spec, Path(scratch))
             merge_seconds = time.perf_counter() - merge_started
-            # From the upload until the merged expert references it, GC must not delete it: see registry/gc.py.
-            with publishing_artifacts(context.jobs):
-                reporter.stage("uploading the merged weights")
-                artifact = context.artifacts.put_file(path)
-                entries = _union_entries(context, parents, embedder_id) if embedder_id is not None else []
-                params: dict[str, Any] = {
-                    **spec.params(),
-                    "signature": signature,
-                    "library": library,
-                    "merge_seconds": round(merge_seconds, 3),
-                }
-                if get_expert_kind(base_kind).merge == "lora_factors":
-                    params["peft_combination"] = peft_combination(spec.method)
-                if tuning is not None:
-                    params["tuning"] = tuning
-                expert = context.catalogue.create_merged_expert(
-                    name=name or _default_name(context, parents, spec, signature),
-                    backbone_id=parents[0].backbone_id,
-                    config={**config, "base_kind": base_kind, "parents": [p.name for p in parents]},
-                    merge_method=spec.method,
-                    merge_params=params,
-                    parents=[(p.id, w) for p, w in zip(parents, spec.weights, strict=True)],
-                    artifact=artifact,
-                    embedder_id=embedder_id,
-                    entries=entries,
-                )
+            params = _merge_params(spec, base_kind, signature, library, merge_seconds, tuning)
+            expert = _publish_merged(
+                context,
+                path,
+                name=name or _default_name(context, parents, spec, signature),
+                parents=parents,
+                base_kind=base_kind,
+                spec=spec,
+                config=config,
+                params=params,
+                embedder_id=embedder_id,
+                reporter=reporter,
+            )
     reporter.stage(
         f"merged expert {expert.name} (id {expert.id}) is ready at library version {expert.library_version}"
     )
     return MergeResult(expert, False, time.perf_counter() - started, merge_seconds, tuning)
+
+
+def _merge_params(
+    spec: MergeSpec,
+    base_kind: str,
+    signature: str,
+    library: str,
+    merge_seconds: float,
+    tuning: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """What the catalogue records as the merged expert's ``merge_params``."""
+    params: dict[str, Any] = {
+        **spec.params(),
+        "signature": signature,
+        "library": library,
+        "merge_seconds": round(merge_seconds, 3),
+    }
+    if get_expert_kind(base_kind).merge == "lora_factors":
+        params["peft_combination"] = peft_combination(spec.method)
+    if tuning is not None:
+        params["tuning"] = tuning
+    return params
+
+
+def _publish_merged(
+    context: RegistryContext,
+    path: Path,
+    *,
+    name: str,
+    parents: Sequence[Expert],
+    base_kind: str,
+    spec: MergeSpec,
+    config: dict[str, Any],
+    params: dict[str, Any],
+    embedder_id: int | None,
+    reporter: Reporter,
+) -> Expert:
+    """Upload the merged weights and create the merged expert, ready, with its lineage (and the parents'
+    library entries when ``embedder_id`` is given)."""
+    # From the upload until the merged expert references it, GC must not delete it: see registry/gc.py.
+    with publishing_artifacts(context.jobs):
+        reporter.stage("uploading the merged weights")
+        artifact = context.artifacts.put_file(path)
+        entries = _union_entries(context, parents, embedder_id) if embedder_id is not None else []
+        return context.catalogue.create_merged_expert(
+            name=name,
+            backbone_id=parents[0].backbone_id,
+            config={**config, "base_kind": base_kind, "parents": [p.name for p in parents]},
+            merge_method=spec.method,
+            merge_params=params,
+            parents=[(p.id, w) for p, w in zip(parents, spec.weights, strict=True)],
+            artifact=artifact,
+            embedder_id=embedder_id,
+            entries=entries,
+        )
 
 
 __all__ = [

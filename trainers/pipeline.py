@@ -20,8 +20,9 @@ from elmreg.data.examples import task_examples
 from elmreg.data.prompts import PromptedExample, library_text
 from elmreg.experts import load_expert, unload_expert
 from elmreg.experts.lora import CONFIG_FILE, export_peft_folder
+from elmreg.models.backbones import Backbone
 from elmreg.models.embedder import load_embedder
-from elmreg.registry.entities import Expert, Task
+from elmreg.registry.entities import Expert, Task, TrainingRun
 from elmreg.registry.errors import (
     AlreadyExistsError,
     CatalogueError,
@@ -30,7 +31,7 @@ from elmreg.registry.errors import (
     first_line,
 )
 from elmreg.registry.gc import publishing_artifacts
-from elmreg.registry.kinds import LORA, weights_kind
+from elmreg.registry.kinds import LORA, TrainingConfig, weights_kind
 from elmreg.registry.leases import Lease
 from elmreg.registry.names import check_expert_name, derived_expert_name
 from elmreg.registry.outputs import check_writable_folder
@@ -77,47 +78,19 @@ def train_task(
     A task that already has a ready expert is not trained again (a job re-claimed after its worker died between
     publishing and reporting success must not add a second expert).
     """
-    ready = [e for e in context.catalogue.list_experts(task_id=task.id) if e.status == "ready"]
-    if ready:
-        reporter.stage(f"task {task.name} already has ready expert {ready[0].name}; nothing to train")
-        if lease is not None:
-            # The previous holder of this job died after publishing and before closing its training run: that
-            # run did produce the ready expert, so close it as succeeded rather than leave it 'running' forever.
-            for run in context.jobs.list_training_runs(task_id=task.id, status="running"):
-                if run.job_id == lease.job_id and run.expert_id == ready[0].id:
-                    context.jobs.finish_training_run(run.id, status="succeeded", metrics=ready[0].metrics)
-        return ready[0]
-
+    ready = _ready_expert(context, task, lease, reporter)
+    if ready is not None:
+        return ready
     trainer = get_trainer(task.expert_kind)
     config = trainer.make_config(task.training_config)
-    backbone_record = context.catalogue.get_backbone(task.backbone_id)
-
     reporter.stage(f"loading examples of {task.name} ({task.dataset}, K={task.max_examples})")
     examples = task_examples(
         task, cache_dir=context.settings.cache_path, limit=task.max_examples, seed=config.seed
     )
-
     init_weights = _init_weights(context, task, config.init_from) if config.init_from is not None else None
-
-    reporter.stage(f"loading backbone {backbone_record.name}")
-    backbone = context.backbones.get(backbone_record.name)
-    if backbone_record.fingerprint is None:
-        context.catalogue.get_or_create_backbone(
-            backbone_record.name, backbone.family, fingerprint=backbone.fingerprint
-        )
-
-    expert = _expert_for(context, task, backbone_record.id)
-    if lease is not None:
-        context.jobs.abandon_training_runs(
-            lease.job_id, f"abandoned: the worker stopped heartbeating; {lease.worker} took the job over"
-        )
-    run = context.jobs.start_training_run(
-        task_id=task.id,
-        expert_id=expert.id,
-        worker=lease.worker if lease else "inline",
-        config={"kind": task.expert_kind, **config.to_dict()},
-        job_id=lease.job_id if lease else None,
-    )
+    backbone_id, backbone = _load_backbone(context, task, reporter)
+    expert = _expert_for(context, task, backbone_id)
+    run = _start_training_run(context, task, expert, config, lease)
     try:
         with tempfile.TemporaryDirectory(prefix="train-", dir=_tmp_dir(context)) as scratch:
             reporter.stage(
@@ -151,6 +124,52 @@ def train_task(
     context.jobs.finish_training_run(run.id, status="succeeded", metrics=trained.metrics)
     reporter.stage(f"expert {published.name} is ready at library version {published.library_version}")
     return published
+
+
+def _ready_expert(
+    context: RegistryContext, task: Task, lease: Lease | None, reporter: Reporter
+) -> Expert | None:
+    """The task's ready expert if it has one (nothing to train then), its training run closed."""
+    ready = [e for e in context.catalogue.list_experts(task_id=task.id) if e.status == "ready"]
+    if not ready:
+        return None
+    reporter.stage(f"task {task.name} already has ready expert {ready[0].name}; nothing to train")
+    if lease is not None:
+        # The previous holder of this job died after publishing and before closing its training run: that
+        # run did produce the ready expert, so close it as succeeded rather than leave it 'running' forever.
+        for run in context.jobs.list_training_runs(task_id=task.id, status="running"):
+            if run.job_id == lease.job_id and run.expert_id == ready[0].id:
+                context.jobs.finish_training_run(run.id, status="succeeded", metrics=ready[0].metrics)
+    return ready[0]
+
+
+def _load_backbone(context: RegistryContext, task: Task, reporter: Reporter) -> tuple[int, Backbone]:
+    """The task's backbone, loaded, with its catalogue id; records its fingerprint the first time it loads."""
+    record = context.catalogue.get_backbone(task.backbone_id)
+    reporter.stage(f"loading backbone {record.name}")
+    backbone = context.backbones.get(record.name)
+    if record.fingerprint is None:
+        context.catalogue.get_or_create_backbone(
+            record.name, backbone.family, fingerprint=backbone.fingerprint
+        )
+    return record.id, backbone
+
+
+def _start_training_run(
+    context: RegistryContext, task: Task, expert: Expert, config: TrainingConfig, lease: Lease | None
+) -> TrainingRun:
+    """A new running training run; under a lease, the job's runs that a dead worker left open are closed."""
+    if lease is not None:
+        context.jobs.abandon_training_runs(
+            lease.job_id, f"abandoned: the worker stopped heartbeating; {lease.worker} took the job over"
+        )
+    return context.jobs.start_training_run(
+        task_id=task.id,
+        expert_id=expert.id,
+        worker=lease.worker if lease else "inline",
+        config={"kind": task.expert_kind, **config.to_dict()},
+        job_id=lease.job_id if lease else None,
+    )
 
 
 def _init_weights(context: RegistryContext, task: Task, key: int | str) -> Path:
