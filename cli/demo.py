@@ -114,8 +114,8 @@ def run_demo(registry: Registry, plan: DemoPlan, *, quiet: bool = False) -> Demo
             )
 
     with stages.stage("Train the queued experts on the backbone"):
-        with training_progress(quiet) as hooks:
-            finished = registry.train(hooks=hooks)
+        with training_progress(quiet) as reporter:
+            finished = registry.train(reporter=reporter)
         failed = [job for job in finished if job.status != "succeeded"]
         ready = {e.task_id for e in registry.experts(status="ready")}
         missing = [n for n in names if registry.task(n).id not in ready]
@@ -147,10 +147,10 @@ def run_demo(registry: Registry, plan: DemoPlan, *, quiet: bool = False) -> Demo
                 outcome.unseen_choice = decision.chosen_expert_name
 
     with stages.stage(f"Evaluate RoE against the base backbone on {seen_name} ({plan.eval_limit} examples)"):
-        with evaluation_progress(quiet) as progress:
+        with evaluation_progress(quiet) as reporter:
             for route in ("roe", "base"):
                 result = registry.evaluate(
-                    seen_name, route, limit=plan.eval_limit, q=plan.q, progress=progress
+                    seen_name, route, limit=plan.eval_limit, q=plan.q, reporter=reporter
                 )
                 outcome.scores[route] = result.score
         click.echo(
@@ -162,8 +162,8 @@ def run_demo(registry: Registry, plan: DemoPlan, *, quiet: bool = False) -> Demo
         _merge_stage(registry, plan, names[:2], stages, outcome, quiet)
 
     with stages.stage(f"Benchmark new experts on every task ({plan.benchmark_limit} examples each)"):
-        with evaluation_progress(quiet) as progress:
-            bench = registry.benchmark(limit=plan.benchmark_limit, progress=progress)
+        with evaluation_progress(quiet) as reporter:
+            bench = registry.benchmark(limit=plan.benchmark_limit, reporter=reporter)
         if bench.run_id is None:
             click.echo(
                 f"    no expert became ready since the last benchmark ({_since(bench)}): nothing to do"
@@ -209,11 +209,11 @@ def _merge_stage(registry, plan: DemoPlan, parents: list[str], stages: _Stages, 
             f"    {merged.expert.name}: expert {merged.expert.id}, "
             + ("reused" if merged.reused else f"merged in {merged.merge_seconds:.1f} s")
         )
-        with evaluation_progress(quiet) as progress:
+        with evaluation_progress(quiet) as reporter:
             for task in parents:
                 for expert in (registry.expert(task), merged.expert):
                     result = registry.evaluate(
-                        task, f"expert:{expert.id}", limit=plan.benchmark_limit, progress=progress
+                        task, f"expert:{expert.id}", limit=plan.benchmark_limit, reporter=reporter
                     )
                     outcome.merge_scores[(task, expert.name)] = result.score
         echo_table(

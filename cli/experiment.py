@@ -99,9 +99,9 @@ def run_command(
     services_up(registry.settings)
     registry.upgrade_schema()
     quiet = is_quiet(ctx)
-    echo = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
-    with training_progress(quiet) as hooks:
-        result = run_experiment(registry, config, out_dir=out, echo=echo, hooks=hooks, fresh=fresh)
+    # The harness's own lines are indented and headed already: printed as they are, without bullets.
+    with training_progress(quiet, bullets=False) as reporter:
+        result = run_experiment(registry, config, out_dir=out, reporter=reporter, fresh=fresh)
     for path in result.files:
         click.echo(f"wrote {path}")
     if not result.passed:

@@ -331,11 +331,11 @@ def evaluate(
         raise click.UsageError(f"{', '.join(given)} go with --dataset, not --task")
     registry = _registry(ctx)
     options = parse_router_options(router_options)
-    with evaluation_progress(is_quiet(ctx)) as progress:
+    with evaluation_progress(is_quiet(ctx)) as reporter:
         if task:
             results = [
                 registry.evaluate(
-                    task, route, split=split, limit=limit, q=q, progress=progress, router_options=options
+                    task, route, split=split, limit=limit, q=q, reporter=reporter, router_options=options
                 )
                 for route in routes
             ]
@@ -343,7 +343,7 @@ def evaluate(
             plan = registry.plan_task(dataset, to_register=False, split=split, **spec)
             results = [
                 registry.evaluate_dataset(
-                    plan, route, split=split, limit=limit, q=q, progress=progress, router_options=options
+                    plan, route, split=split, limit=limit, q=q, reporter=reporter, router_options=options
                 )
                 for route in routes
             ]
@@ -391,8 +391,8 @@ def benchmark(ctx: click.Context, since, limit, out_dir) -> None:
 
     Example: elmreg benchmark --limit 40
     """
-    with evaluation_progress(is_quiet(ctx)) as progress:
-        report = _registry(ctx).benchmark(since=since, limit=limit, out_dir=out_dir, progress=progress)
+    with evaluation_progress(is_quiet(ctx)) as reporter:
+        report = _registry(ctx).benchmark(since=since, limit=limit, out_dir=out_dir, reporter=reporter)
     if report.run_id is None:
         click.echo(
             f"no expert became ready since {report.since:%Y-%m-%d %H:%M}: nothing to benchmark "

@@ -113,11 +113,11 @@ def add_task_command(
         }.items()
         if v is not None
     }
-    with training_progress(is_quiet(ctx, quiet) or not now) as hooks:
+    with training_progress(is_quiet(ctx, quiet) or not now) as reporter:
         task = _registry(ctx).add_task(
             dataset,
             now=now,
-            hooks=hooks,
+            reporter=reporter,
             split=split,
             level=level,
             max_examples=max_examples,
@@ -168,8 +168,8 @@ def worker(
 
     Example: elmreg worker --once
     """
-    with training_progress(is_quiet(ctx, quiet)) as hooks:
-        runner = _registry(ctx).worker(hooks=hooks, name=name, lease_seconds=lease)
+    with training_progress(is_quiet(ctx, quiet)) as reporter:
+        runner = _registry(ctx).worker(reporter=reporter, name=name, lease_seconds=lease)
         for stop_signal in (signal.SIGTERM, signal.SIGINT):
             signal.signal(stop_signal, lambda *_: runner.stop())
         if once:
@@ -305,7 +305,7 @@ def library_train_retriever(
 
     Example: elmreg library train-retriever --name retriever-1 --epochs 2
     """
-    with training_progress(is_quiet(ctx, quiet)) as hooks:
+    with training_progress(is_quiet(ctx, quiet)) as reporter:
         report = _registry(ctx).train_retriever(
             name=name,
             epochs=epochs,
@@ -314,7 +314,7 @@ def library_train_retriever(
             seed=seed,
             library_version=library_version,
             source=source,
-            hooks=hooks,
+            reporter=reporter,
         )
     click.echo(
         f"retriever {report.embedder} (embedder id {report.embedder_id}): {report.pairs} pairs of {report.experts} "

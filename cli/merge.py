@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import click
 
 from elmreg.cli.output import echo_json, echo_table
-from elmreg.cli.progress import is_quiet
+from elmreg.cli.progress import is_quiet, line_progress
 
 if TYPE_CHECKING:
     # Only for annotations: the API's imports are loaded when the root command builds the Registry.
@@ -116,19 +116,20 @@ def merge(
     """
     registry: Registry = ctx.obj["registry"]
     quiet = is_quiet(ctx) or as_json
-    result = registry.merge(
-        list(experts),
-        weights=_numbers(weights, "--weights"),
-        method=method,
-        density=density,
-        seed=seed,
-        name=name,
-        library=library,
-        tune_on=[t.strip() for t in tune_on.split(",") if t.strip()] if tune_on else (),
-        grid=_numbers(grid, "--grid"),
-        tune_limit=tune_limit,
-        stage=None if quiet else lambda line: click.echo(line, err=True),
-    )
+    with line_progress(quiet) as reporter:
+        result = registry.merge(
+            list(experts),
+            weights=_numbers(weights, "--weights"),
+            method=method,
+            density=density,
+            seed=seed,
+            name=name,
+            library=library,
+            tune_on=[t.strip() for t in tune_on.split(",") if t.strip()] if tune_on else (),
+            grid=_numbers(grid, "--grid"),
+            tune_limit=tune_limit,
+            reporter=reporter,
+        )
     if as_json:
         return echo_json(result)
     expert = result.expert

@@ -30,6 +30,7 @@ from elmreg.registry.entities import (
 )
 from elmreg.registry.errors import CatalogueError, NotFoundError, UserError
 from elmreg.registry.gc import DEFAULT_MIN_AGE, GcReport, collect_garbage
+from elmreg.registry.progress import SILENT, Reporter
 from elmreg.registry.search import expert_query
 from elmreg.registry.settings import Settings, load_settings
 from elmreg.registry.tags import check_description, merged_tags
@@ -93,13 +94,15 @@ class Registry:
         self.close()
 
     # -- growing the library -------------------------------------------------------------------------------
-    def add_task(self, dataset: str, *, now: bool = False, hooks=None, **options: Any) -> Task:
+    def add_task(
+        self, dataset: str, *, now: bool = False, reporter: Reporter = SILENT, **options: Any
+    ) -> Task:
         """Register a task (validated first; nothing is written if it is invalid) and queue its training.
 
         Args:
             dataset: ``bigbench:<task>``, a local json/jsonl/csv/parquet file or folder, or a hub id.
             now: Train the expert in this process before returning (otherwise a worker does it).
-            hooks: ``trainers.pipeline.TrainingHooks`` for progress reporting when ``now``.
+            reporter: Told of the training's progress when ``now``.
             **options: The other fields of ``registry.tasks.TaskRequest`` (prompt, kind, max_examples, ...).
 
         Example::
@@ -108,24 +111,26 @@ class Registry:
         """
         task, job = add_task(self.context, TaskRequest(dataset=dataset, **options))
         if now and job is not None:
-            done = self.worker(hooks=hooks).run_once(job_id=job.id)
+            done = self.worker(reporter=reporter).run_once(job_id=job.id)
             if done is None or done.status != "succeeded":
                 raise CatalogueError(
                     f"training task {task.name} failed: {done.last_error if done else 'not runnable'}"
                 )
         return task
 
-    def worker(self, *, hooks=None, name: str | None = None, lease_seconds: float | None = None):
+    def worker(
+        self, *, reporter: Reporter = SILENT, name: str | None = None, lease_seconds: float | None = None
+    ):
         """A worker that runs queued ``train`` jobs (``.run_once()``, ``.drain()``, ``.run_forever()``)."""
         from elmreg.jobs import DEFAULT_LEASE_SECONDS, Worker
 
         return Worker(
-            self.context, hooks=hooks, name=name, lease_seconds=lease_seconds or DEFAULT_LEASE_SECONDS
+            self.context, reporter=reporter, name=name, lease_seconds=lease_seconds or DEFAULT_LEASE_SECONDS
         )
 
-    def train(self, *, hooks=None) -> list[Job]:
+    def train(self, *, reporter: Reporter = SILENT) -> list[Job]:
         """Run every queued training job in this process; returns the jobs as they ended."""
-        return self.worker(hooks=hooks).drain()
+        return self.worker(reporter=reporter).drain()
 
     def ingest(self, folder: str | Path | None = None) -> IngestReport:
         """Register the tasks of the manifest folder (``ELMREG_MANIFEST_DIR``) that are not registered yet."""
@@ -169,7 +174,7 @@ class Registry:
         seed: int = 0,
         library_version: int | None = None,
         source: str | None = None,
-        hooks=None,
+        reporter: Reporter = SILENT,
     ):
         """Fine-tune the embedder on the library itself (pairs of samples of one expert, contrasted with the
         other experts' pairs of the batch by MultipleNegativesRankingLoss), publish it to the artifact store as
@@ -181,7 +186,7 @@ class Registry:
             library_version: Train on the experts routable at this version (default: now).
             source: The embedder whose entries are the training data and which is fine-tuned (default: the
                 configured one).
-            hooks: ``trainers.pipeline.TrainingHooks`` for progress reporting.
+            reporter: Told of the fine-tuning's progress.
 
         Returns:
             ``trainers.retriever.RetrieverReport``.
@@ -204,7 +209,7 @@ class Registry:
             config=config,
             library_version=library_version,
             source=source,
-            hooks=hooks,
+            reporter=reporter,
         )
 
     def export_expert(self, key: int | str, out_dir: str | Path) -> Path:
@@ -214,14 +219,16 @@ class Registry:
         return export_expert(self.context, self.expert(key), Path(out_dir))
 
     def import_expert(
-        self, folder: str | Path, *, task: int | str, name: str | None = None, hooks=None
+        self, folder: str | Path, *, task: int | str, name: str | None = None, reporter: Reporter = SILENT
     ) -> Expert:
         """Register an existing PEFT LoRA adapter folder as an expert of a registered task. The tags and
         description of an ``elmreg_expert.json`` card in the folder (``export_expert`` writes one) come along."""
         from elmreg.trainers.pipeline import import_peft_adapter
 
         tags, description = _card_tags(Path(folder))  # checked before anything is written
-        expert = import_peft_adapter(self.context, Path(folder), self.task(task), name=name, hooks=hooks)
+        expert = import_peft_adapter(
+            self.context, Path(folder), self.task(task), name=name, reporter=reporter
+        )
         if tags or description:
             expert = self.context.catalogue.tag_expert(expert.id, tags=tags, description=description)
         return expert
@@ -239,7 +246,7 @@ class Registry:
         tune_on=(),
         grid=None,
         tune_limit: int | None = 32,
-        stage=None,
+        reporter: Reporter = SILENT,
     ):
         """Merge ready experts of one kind and backbone into a new expert of kind ``merged``.
 
@@ -261,7 +268,7 @@ class Registry:
             tune_on: Task names: choose the weights by grid search on their validation splits instead.
             grid: Weight values tried per expert when tuning (default 0.25, 0.5, 0.75, 1).
             tune_limit: Validation examples per task when tuning (seeded sample).
-            stage: Called with a line per step (the CLI prints them).
+            reporter: Told of each step as a stage line (the CLI prints them).
 
         Returns:
             ``merging.pipeline.MergeResult``: ``expert``, ``reused``, ``seconds``, ``tuning``.
@@ -289,7 +296,7 @@ class Registry:
             tune_on=list(tune_on),
             grid=grid,
             tune_limit=tune_limit,
-            stage=stage,
+            reporter=reporter,
         )
 
     # -- using the library ----------------------------------------------------------------------------------
@@ -493,7 +500,7 @@ class Registry:
         split: str = "validation",
         limit: int | None = None,
         q: int = 32,
-        progress=None,
+        reporter: Reporter = SILENT,
         router_options: dict[str, Any] | None = None,
     ):
         """Evaluate a route (``oracle``, ``base``, ``expert:<id>`` or a router: ``roe``, ``roe-knn``, ...) on a
@@ -501,13 +508,13 @@ class Registry:
         ``inference.evaluation.EvaluationResult``.
 
         Args:
-            progress: ``progress(description, done, total)`` while examples are answered.
+            reporter: Told of each pass over the examples (one per task and answerer) as a counted step.
             router_options: Options of the router named by ``route`` (e.g. ``{"top_k": 8}``).
         """
         _check_evaluation_counts(limit, q)
         record = self.task(task)
         backbone = self.context.catalogue.get_backbone(record.backbone_id).name
-        return self._evaluator(backbone, progress).evaluate(
+        return self._evaluator(backbone, reporter).evaluate(
             record, route, split=split, limit=limit, q=q, router_options=router_options
         )
 
@@ -519,7 +526,7 @@ class Registry:
         split: str = "validation",
         limit: int | None = None,
         q: int = 32,
-        progress=None,
+        reporter: Reporter = SILENT,
         router_options: dict[str, Any] | None = None,
     ):
         """Evaluate a route on data that is not a registered task (an unseen task): ``plan`` comes from
@@ -551,7 +558,7 @@ class Registry:
             limit,
             examples,
         )
-        return self._evaluator(backbone.name, progress).evaluate_data(
+        return self._evaluator(backbone.name, reporter).evaluate_data(
             data, route, q=q, record=False, router_options=router_options
         )
 
@@ -613,11 +620,11 @@ class Registry:
             seed=seed,
         )
 
-    def _evaluator(self, backbone: str, progress=None):
+    def _evaluator(self, backbone: str, reporter: Reporter = SILENT):
         from elmreg.inference.evaluation import Evaluator
 
         return Evaluator(
-            self.context, backbone, pool=self._pool(backbone), engine=self.engine(backbone), progress=progress
+            self.context, backbone, pool=self._pool(backbone), engine=self.engine(backbone), reporter=reporter
         )
 
     def benchmark(
@@ -626,14 +633,14 @@ class Registry:
         since: dt.datetime | None = None,
         limit: int = 50,
         out_dir: str | Path | None = None,
-        progress=None,
+        reporter: Reporter = SILENT,
     ):
         """Evaluate experts added since the last run (or ``since``) on every registered task's validation split,
         with RoE / oracle / base per task; stores the matrix and writes a Markdown report with a heatmap.
         Returns ``inference.benchmark.BenchmarkReport``.
 
         Args:
-            progress: ``progress(description, done, total)`` while examples are answered.
+            reporter: Told of each pass over the examples (one per task and answerer) as a counted step.
         """
         from elmreg.inference.benchmark import run_benchmark
 
@@ -642,7 +649,7 @@ class Registry:
             since=since,
             limit=limit,
             out_dir=Path(out_dir) if out_dir else None,
-            make_evaluator=lambda backbone: self._evaluator(backbone, progress),
+            make_evaluator=lambda backbone: self._evaluator(backbone, reporter),
         )
 
     def report(self, out: str | Path | None = None):

@@ -54,9 +54,9 @@ from elmreg.inference.router import exact_vote, sample_queries
 from elmreg.registry.entities import Expert
 from elmreg.registry.errors import CatalogueError, NotFoundError, UserError
 from elmreg.registry.outputs import check_writable_folder
+from elmreg.registry.progress import SILENT, Reporter
 from elmreg.runtime.library_embedding import SAMPLES_PER_EXPERT, sample_indices
 
-Echo = Callable[[str], None]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -125,14 +125,12 @@ class Harness:
         registry: Registry,
         config: ExperimentConfig,
         *,
-        echo: Echo | None = None,
-        hooks=None,
+        reporter: Reporter = SILENT,
         fresh: bool = False,
     ):
         self.registry = registry
         self.config = config
-        self.echo = echo or (lambda line: None)
-        self.hooks = hooks
+        self.reporter = reporter
         # Predictions of earlier runs, unless asked to recompute them (see prediction_cache).
         self.cache = PredictionCache(registry.settings.cache_path / "experiments" / "predictions")
         self.use_cache = not fresh
@@ -153,13 +151,13 @@ class Harness:
                 task = self.registry.task(spec.name)
             except NotFoundError:
                 self.registry.add_task(spec.dataset, name=spec.name, **spec.options)
-                self.echo(f"    {spec.name}: registered")
+                self.reporter.stage(f"    {spec.name}: registered")
                 continue
             _check_same_spec(task, spec)
         if any(not self._expert_of(s.name) for s in specs):
             started = time.perf_counter()
-            jobs = self.registry.train(hooks=self.hooks)
-            self.echo(f"    trained {len(jobs)} expert(s) in {time.perf_counter() - started:.0f} s")
+            jobs = self.registry.train(reporter=self.reporter)
+            self.reporter.stage(f"    trained {len(jobs)} expert(s) in {time.perf_counter() - started:.0f} s")
         experts = {}
         for spec in specs:
             expert = self._expert_of(spec.name)
@@ -200,10 +198,10 @@ class Harness:
                 max_examples=len(rows),
                 training=training,
             )
-            self.echo(f"    {name}: registered ({len(rows)} examples)")
+            self.reporter.stage(f"    {name}: registered ({len(rows)} examples)")
         found = self._expert_of(name)
         if found is None:
-            self.registry.train(hooks=self.hooks)
+            self.registry.train(reporter=self.reporter)
             found = self._expert_of(name)
         if found is None:
             raise CatalogueError(f"baseline {name} could not be trained; see 'elmreg jobs'")
@@ -288,7 +286,7 @@ class Harness:
             )
             self._predictions[key] = [a["prediction"] for a in answered]
             self.cache.put(self._disk_key(task, expert), self._predictions[key])
-            self.echo(
+            self.reporter.stage(
                 f"    {task.name} x {expert.name if expert else 'base'}: "
                 f"{len(task.instances)} answered in {time.perf_counter() - started:.1f} s"
             )
@@ -328,18 +326,20 @@ class Harness:
     def prepare(self) -> None:
         """Train (or reuse) the seen experts and the MT adapter; fix the library version of the seen library."""
         config = self.config
-        self.echo(f"Seen tasks ({len(config.seen)}): experts")
+        self.reporter.stage(f"Seen tasks ({len(config.seen)}): experts")
         self.experts.update(self._ensure_tasks(list(config.seen)))
         if {"multitask", "continual", "unseen"} & set(config.sections):
             rows = [row for spec in config.seen for row in self._training_rows(spec.name)]
-            self.echo(f"Multitask baseline: one adapter on the union of {len(rows)} examples")
+            self.reporter.stage(f"Multitask baseline: one adapter on the union of {len(rows)} examples")
             self.mt = self._derived_task(
                 f"{config.name}.mt-{config.fingerprint()}", rows, training=self._mt_training()
             )
         if "multitask" in config.sections:
             rows = [row for spec in config.seen for row in self._training_rows(spec.name)]
             steps = self._expert_steps()
-            self.echo(f"Multitask baseline at one expert's budget: {steps} optimiser steps on the same union")
+            self.reporter.stage(
+                f"Multitask baseline at one expert's budget: {steps} optimiser steps on the same union"
+            )
             self.mt_equal_steps = self._derived_task(
                 f"{config.name}.mt-steps{steps}-{config.fingerprint()}",
                 rows,
@@ -449,7 +449,7 @@ class Harness:
         before = {t.name: list(self.predictions(t, before_experts[t.name])) for t in old}
         mt_before = {t.name: list(self.predictions(t, self.mt)) for t in old}
 
-        self.echo(f"Continual learning: {len(config.new)} new task(s) join the library")
+        self.reporter.stage(f"Continual learning: {len(config.new)} new task(s) join the library")
         self.experts.update(self._ensure_tasks(list(config.new)))
         variants = self._continual_mt()
 
@@ -559,7 +559,7 @@ class Harness:
                     rows = rows + rng.sample(seen_rows, min(rehearsal, len(seen_rows)))
                 suffix = "seq" if not rehearsal else f"rehearsal{rehearsal}-"
                 name = f"{config.name}.mt-{config.fingerprint()}.{suffix}{stage}"
-                self.echo(
+                self.reporter.stage(
                     f"    {label} stage {stage}: {spec.name} ({len(rows)} examples) from {previous.name}"
                 )
                 previous = self._derived_task(
@@ -624,7 +624,7 @@ class Harness:
             oracle[task.name] = max(self.score(task, expert) for expert in candidates)
         results, correct = [], {}
         for spec in specs:
-            self.echo(f"    router {spec.label}")
+            self.reporter.stage(f"    router {spec.label}")
             rows, latencies, correct[spec.label] = [], [], []
             for task in unseen:
                 score, chosen, latency, predictions = self._routed_score(task, spec)
@@ -690,7 +690,7 @@ class Harness:
             self.registry.train_retriever(
                 name=name, library_version=self.library_version, seed=self.config.seed
             )
-            self.echo(f"    trained retriever {name} in {time.perf_counter() - started:.1f} s")
+            self.reporter.stage(f"    trained retriever {name} in {time.perf_counter() - started:.1f} s")
         # Labelled as configured: the embedder's name is in the decisions' router options.
         return _LabelledRouterSpec(spec.router, {**spec.options, "embedder": name}, spec.label)
 
@@ -748,7 +748,7 @@ class Harness:
             return stored
         started = time.perf_counter()
         predictions = [row["prediction"] for row in self.registry.answer(task.instances, assignment)]
-        self.echo(
+        self.reporter.stage(
             f"    {task.name} x {assignment.decisions[0].router} mixture of {len(experts)}: "
             f"{len(task.instances)} answered in {time.perf_counter() - started:.1f} s"
         )
@@ -915,27 +915,26 @@ def run_experiment(
     config: ExperimentConfig,
     *,
     out_dir: Path | None = None,
-    echo: Echo | None = None,
-    hooks=None,
+    reporter: Reporter = SILENT,
     fresh: bool = False,
 ) -> ExperimentResult:
     """Run every section of ``config`` and write ``results.json`` and ``results.md`` to ``out_dir``
     (default: HOME/experiments/<name>/). A failed continual check is recorded, not raised: see ``passed``.
-    Predictions of earlier runs (same expert weights, same instances) are reused unless ``fresh``."""
+    Predictions of earlier runs (same expert weights, same instances) are reused unless ``fresh``; ``reporter``
+    is told of each section and step as it runs."""
     from elmreg.experiments.report import write_results
 
-    echo = echo or (lambda line: None)
     out = check_writable_folder(out_dir or registry.settings.home / "experiments" / config.name)
-    harness = Harness(registry, config, echo=echo, hooks=hooks, fresh=fresh)
+    harness = Harness(registry, config, reporter=reporter, fresh=fresh)
     result = ExperimentResult(provenance(registry, config))
     started = time.perf_counter()
 
     def timed(name: str, step: Callable[[], Any]) -> Any:
         begin = time.perf_counter()
-        echo(f"[{name}]")
+        reporter.stage(f"[{name}]")
         value = step()
         result.seconds[name] = round(time.perf_counter() - begin, 1)
-        echo(f"    ({result.seconds[name]:.1f} s)")
+        reporter.stage(f"    ({result.seconds[name]:.1f} s)")
         return value
 
     timed("prepare", harness.prepare)

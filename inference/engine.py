@@ -34,6 +34,7 @@ from elmreg.inference.pool import BASE_ADAPTER, AdapterPool
 from elmreg.inference.scoring import best_choice, choice_log_likelihoods, choice_log_likelihoods_batch
 from elmreg.models.backbones import Backbone
 from elmreg.registry.errors import UserError
+from elmreg.registry.progress import SILENT, Reporter
 
 # Offline callers (predict, eval) generate up to this many tokens per instance.
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -153,10 +154,6 @@ def prompts_for(
     ]
 
 
-# progress(done): the number of prompts answered so far.
-Progress = Callable[[int], None]
-
-
 class Engine(Protocol):
     """Answers prompts. ``take_batch`` says which waiting prompts can share the oldest one's work; ``run``
     answers one such batch, delivering to each prompt's sink (deltas first when it streams)."""
@@ -168,8 +165,9 @@ class Engine(Protocol):
     def run(self, batch: Sequence[Prompt]) -> None: ...
 
 
-def answer(engine: Engine, prompts: Sequence[Prompt], *, progress: Progress | None = None) -> list[Answer]:
-    """Every prompt answered by ``engine`` in batches it chooses, in input order (the offline entry point)."""
+def answer(engine: Engine, prompts: Sequence[Prompt], *, progress: Reporter = SILENT) -> list[Answer]:
+    """Every prompt answered by ``engine`` in batches it chooses, in input order (the offline entry point);
+    ``progress`` is told how many are answered after each batch (the caller starts and finishes the step)."""
     sinks = [_Collect() for _ in prompts]
     pending = [replace(p, sink=s) for p, s in zip(prompts, sinks, strict=True)]
     done = 0
@@ -179,8 +177,7 @@ def answer(engine: Engine, prompts: Sequence[Prompt], *, progress: Progress | No
         pending = [p for p in pending if id(p) not in taken]
         engine.run(batch)
         done += len(batch)
-        if progress is not None:
-            progress(done)
+        progress.advance(done)
     return [s.answer for s in sinks]
 
 
@@ -190,7 +187,7 @@ def answer_texts(
     assignment: Assignment,
     *,
     task_type: str | None = None,
-    progress: Progress | None = None,
+    progress: Reporter = SILENT,
 ) -> list[str]:
     """The answer text of every example (whitespace-stripped generations, or the chosen answer choice)."""
     prompts = prompts_for(examples, assignment, task_type=task_type)

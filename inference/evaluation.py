@@ -9,7 +9,7 @@ answered by the expert chosen for it alone).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,10 +22,8 @@ from elmreg.inference.router import Router
 from elmreg.inference.routers import make_router, router_names
 from elmreg.registry.entities import Expert, Task
 from elmreg.registry.errors import UserError
+from elmreg.registry.progress import SILENT, Reporter
 from elmreg.runtime.context import RegistryContext
-
-# progress(description, done, total): examples answered so far for one (task, expert) pass.
-EvaluationProgress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -94,13 +92,13 @@ class Evaluator:
         *,
         pool: AdapterPool | None = None,
         engine: Engine | None = None,
-        progress: EvaluationProgress | None = None,
+        reporter: Reporter = SILENT,
     ):
         """Args:
-        progress: Called as ``progress(description, done, total)`` while examples are answered.
+        reporter: Told of each pass over a task's examples (one per answerer) as a counted step.
         """
         self.context = context
-        self.progress = progress
+        self.reporter = reporter
         self.pool = pool or AdapterPool(context, backbone_name)
         self._router: Router | None = None
         self._engine = engine
@@ -129,15 +127,13 @@ class Evaluator:
         chosen = assignment.experts_chosen()
         who = next(iter(chosen)) if len(chosen) == 1 else f"{len(chosen)} experts"
         description = f"{data.name} with {'the base backbone' if who == 'base' else who}"
-        tick = None
-        if self.progress is not None:
-            progress, total = self.progress, len(data.examples)
-            progress(description, 0, total)
-
-            def tick(done: int) -> None:
-                progress(description, done, total)
-
-        return answer_texts(self.engine, data.examples, assignment, task_type=data.task_type, progress=tick)
+        self.reporter.start(description, len(data.examples))
+        try:
+            return answer_texts(
+                self.engine, data.examples, assignment, task_type=data.task_type, progress=self.reporter
+            )
+        finally:
+            self.reporter.finish()
 
     def _score(self, data: EvaluationData, assignment: Assignment) -> float:
         keys = {a.key for a in assignment.answerers}

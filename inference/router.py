@@ -190,25 +190,18 @@ class Router:
         if method.in_model:
             facts = _DecisionFacts(method, None, None, version, kinds, backbone_id, caller_label, task_id)
             return self._route_in_model(facts, queries, record=record, recorder=recorder)
-        embedder = self.embedder_for(method)
-        embedder_id = self._embedder_id(embedder, version, kinds)
+        facts = self._facts(method, version, kinds, backbone_id, caller_label, task_id, prefer_alias)
         started = time.perf_counter()
-        vectors = self.embed_queries(queries, embedder)
-        result = method.retrieve(
-            self._retrieval(embedder_id, version, kinds, backbone_id, prefer_alias), vectors
-        )
+        result = self._search(facts, queries)
         votes, tallies = method.tally(result)
         latency_ms = (time.perf_counter() - started) * 1000
-        self._require_votes(embedder, votes, version, kinds)
-        facts = _DecisionFacts(
-            method, embedder, embedder_id, version, kinds, backbone_id, caller_label, task_id, prefer_alias
-        )
+        self._require_votes(facts.embedder, votes, version, kinds)
         decision_id = (
-            self._record(facts, result, votes, tallies, len(vectors), latency_ms, recorder)
+            self._record(facts, result, votes, tallies, len(queries), latency_ms, recorder)
             if record
             else None
         )
-        return facts.decision(decision_id, len(vectors), latency_ms, tallies, votes)
+        return facts.decision(decision_id, len(queries), latency_ms, tallies, votes)
 
     def assign(
         self,
@@ -288,22 +281,15 @@ class Router:
             raise UserError("routing needs at least one input instance")
         version = self._version(library_version)
         prefer_alias = self._prefer_alias(prefer_alias, method)
-        embedder = self.embedder_for(method)
-        embedder_id = self._embedder_id(embedder, version, kinds)
+        facts = self._facts(method, version, kinds, backbone_id, caller_label, task_id, prefer_alias)
         started = time.perf_counter()
-        vectors = self.embed_queries(queries, embedder)
-        result = method.retrieve(
-            self._retrieval(embedder_id, version, kinds, backbone_id, prefer_alias), vectors
-        )
+        result = self._search(facts, queries)
         # One latency for the shared search, split evenly over the decisions it made.
         latency_ms = (time.perf_counter() - started) * 1000 / len(queries)
         names = {t.expert_id: t.expert_name for t in result.tallies}
         by_query: dict[int, list[RoutingVote]] = {}
         for vote in result.votes:
             by_query.setdefault(vote.query_index, []).append(replace(vote, query_index=0))
-        facts = _DecisionFacts(
-            method, embedder, embedder_id, version, kinds, backbone_id, caller_label, task_id, prefer_alias
-        )
         decisions = []
         for index in range(len(queries)):
             own = VoteResult(
@@ -315,12 +301,37 @@ class Router:
                 rerank=result.rerank,
             )
             votes, tallies = method.tally(own)
-            self._require_votes(embedder, votes, version, kinds)
+            self._require_votes(facts.embedder, votes, version, kinds)
             decision_id = (
                 self._record(facts, own, votes, tallies, 1, latency_ms, recorder) if record else None
             )
             decisions.append(facts.decision(decision_id, 1, latency_ms, tallies, votes))
         return decisions
+
+    def _facts(
+        self,
+        method: RoutingMethod,
+        version: int,
+        kinds: Sequence[str] | None,
+        backbone_id: int | None,
+        caller_label: str | None,
+        task_id: int | None,
+        prefer_alias: str | None,
+    ) -> _DecisionFacts:
+        """What a retrieving decision is made with: the method's embedder and its catalogue id, and the scope."""
+        embedder = self.embedder_for(method)
+        embedder_id = self._embedder_id(embedder, version, kinds)
+        return _DecisionFacts(
+            method, embedder, embedder_id, version, kinds, backbone_id, caller_label, task_id, prefer_alias
+        )
+
+    def _search(self, facts: _DecisionFacts, queries: Sequence[PromptedExample | str]) -> VoteResult:
+        """Embed ``queries`` and retrieve the library entries that vote for them, in one search."""
+        vectors = self.embed_queries(queries, facts.embedder)
+        scope = self._retrieval(
+            facts.embedder_id, facts.version, facts.kinds, facts.backbone_id, facts.prefer_alias
+        )
+        return facts.method.retrieve(scope, vectors)
 
     def _route_in_model(
         self,

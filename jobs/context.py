@@ -5,10 +5,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from elmreg.registry.entities import Job
 from elmreg.registry.errors import ElmregError
+from elmreg.registry.leases import Lease
+from elmreg.registry.progress import SILENT, Reporter
 from elmreg.runtime.context import RegistryContext
 
 
@@ -25,20 +26,20 @@ class JobContext:
     """What a handler gets: the registry context, its job, and a way to check it still owns the job.
 
     Attributes:
-        hooks: How the worker's caller watches jobs (``trainers.pipeline.TrainingHooks`` for ``train`` jobs; the
-            CLI draws progress bars with them), or ``None``.
+        reporter: How the worker's caller watches its jobs (the CLI draws progress bars).
     """
 
     context: RegistryContext
     job: Job
     worker: str
-    hooks: Any = None
+    reporter: Reporter = SILENT
     _lost: threading.Event = field(default_factory=threading.Event)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     @property
-    def lease(self) -> tuple[int, str]:
-        return self.job.id, self.worker
+    def lease(self) -> Lease:
+        """This worker's hold on the job, for the steps that must stop once it is lost."""
+        return Lease(self.job.id, self.worker, self.check_lease)
 
     def check_lease(self) -> None:
         """Call at safe points (between training steps, before publishing): raises :class:`LeaseLost` if the

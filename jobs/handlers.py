@@ -41,9 +41,7 @@ def handle_train(job: JobContext) -> None:
     from elmreg.trainers.pipeline import train_task
 
     task = job.context.catalogue.get_task(int(job.job.payload["task_id"]))
-    train_task(
-        job.context, task, lease=job.lease, check_lease=job.check_lease, hooks=job.hooks, worker=job.worker
-    )
+    train_task(job.context, task, lease=job.lease, reporter=job.reporter)
 
 
 @register_job_handler("benchmark")

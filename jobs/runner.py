@@ -14,12 +14,12 @@ import socket
 import threading
 import traceback
 from collections.abc import Mapping
-from typing import Any
 
 from elmreg.jobs.context import Interrupted, JobContext, JobHandler, LeaseLost
 from elmreg.jobs.handlers import registered_handlers
 from elmreg.registry.entities import Job
 from elmreg.registry.errors import ElmregError, ServiceError, UserError, first_line
+from elmreg.registry.progress import SILENT, Reporter
 from elmreg.runtime.context import RegistryContext
 
 _log = logging.getLogger(__name__)
@@ -60,18 +60,18 @@ class Worker:
         context: RegistryContext,
         handlers: Mapping[str, JobHandler] | None = None,
         *,
-        hooks: Any = None,
+        reporter: Reporter = SILENT,
         name: str | None = None,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         retry_delay_seconds: float = 30.0,
     ):
         """Args:
         handlers: Handler per job kind; by default every registered one (``jobs.handlers.registered_handlers``).
-        hooks: Passed to handlers as ``JobContext.hooks``.
+        reporter: Passed to handlers as ``JobContext.reporter``.
         """
         self.context = context
         self.handlers = dict(registered_handlers() if handlers is None else handlers)
-        self.hooks = hooks
+        self.reporter = reporter
         self.name = name or default_worker_name()
         self.lease_seconds = lease_seconds
         self.retry_delay_seconds = retry_delay_seconds
@@ -102,7 +102,7 @@ class Worker:
         )
         if job is None:
             return None
-        running = JobContext(self.context, job, self.name, self.hooks)
+        running = JobContext(self.context, job, self.name, self.reporter)
         self._current = running
         if self.stopping:  # stop() came between the claim and now
             running._stop.set()

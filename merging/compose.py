@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from elmreg.merging.pipeline import merge_experts
-from elmreg.merging.weights import Stage
 from elmreg.registry.entities import Expert
 from elmreg.registry.errors import UserError
 from elmreg.registry.kinds import weights_kind
+from elmreg.registry.progress import SILENT, Reporter
 from elmreg.runtime.context import RegistryContext
 
 
@@ -54,7 +54,7 @@ class Composition:
 
 
 def compose(
-    context: RegistryContext, decision: _Decision, k: int, *, stage: Stage | None = None
+    context: RegistryContext, decision: _Decision, k: int, *, reporter: Reporter = SILENT
 ) -> Composition:
     """Merge the ``k`` most voted experts of ``decision`` (cached) and record it on the decision.
 
@@ -101,7 +101,7 @@ def compose(
             [e.id for e in sorted(chosen, key=lambda e: e.id)],
             method="task_arithmetic",
             library="none",
-            stage=stage,
+            reporter=reporter,
         )
         expert, reused = result.expert, result.reused
         details |= {

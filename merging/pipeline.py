@@ -25,12 +25,13 @@ from typing import Any
 from elmreg.merging.lora import check_lora_configs, peft_combination
 from elmreg.merging.methods import LORA_METHODS, MergeError, MergeSpec
 from elmreg.merging.tuning import tune_weights
-from elmreg.merging.weights import Stage, scratch_dir, write_merged_weights
+from elmreg.merging.weights import scratch_dir, write_merged_weights
 from elmreg.registry.entities import Expert, LibraryEntry
 from elmreg.registry.errors import NotFoundError
 from elmreg.registry.gc import publishing_artifacts
 from elmreg.registry.kinds import get_expert_kind, weights_kind
 from elmreg.registry.names import EXPERT_NAME_LENGTH, check_expert_name, derived_expert_name
+from elmreg.registry.progress import SILENT, Reporter
 from elmreg.runtime.context import RegistryContext
 
 LIBRARY_MODES = ("union", "none")
@@ -187,7 +188,7 @@ def merge_experts(
     grid: Sequence[float] | None = None,
     tune_limit: int | None = 32,
     tune_split: str = "validation",
-    stage: Stage | None = None,
+    reporter: Reporter = SILENT,
 ) -> MergeResult:
     """Merge ready experts of one kind and backbone into a new ready expert of kind ``merged``.
 
@@ -198,7 +199,6 @@ def merge_experts(
         MergeError, NotFoundError: The merge makes no sense; nothing is written to the catalogue or the bucket.
     """
     started = time.perf_counter()
-    say = stage or (lambda message: None)
     if library not in LIBRARY_MODES:
         raise MergeError(f"library must be one of {', '.join(LIBRARY_MODES)}, got '{library}'")
     parents, base_kind = resolve_parents(context, keys)
@@ -206,64 +206,108 @@ def merge_experts(
     if name is not None:
         _check_name_free(context, name)
     embedder_id = context.catalogue.get_embedder(context.settings.embedder).id if library == "union" else None
-
     tuning = None
     if tune_on:
+        tasks = [context.catalogue.get_task(t) for t in tune_on]
         tuning = tune_weights(
             context,
             parents,
             base_kind,
             spec,
-            [context.catalogue.get_task(t) for t in tune_on],
+            tasks,
             grid=grid,
             limit=tune_limit,
             split=tune_split,
-            stage=say,
+            reporter=reporter,
         )
         spec = replace(spec, weights=tuple(tuning["chosen"]))
-        say(f"chosen weights {tuning['chosen']} (mean score {tuning['chosen_score']:.2f})")
+        reporter.stage(f"chosen weights {tuning['chosen']} (mean score {tuning['chosen_score']:.2f})")
 
     signature = merge_signature(parents, base_kind, spec)
     with context.jobs.exclusive(f"elmreg-merge:{signature}"):
         existing = context.catalogue.find_merged_expert(signature)
         if existing is not None:
-            say(f"the same merge exists already: expert {existing.name} (id {existing.id})")
+            reporter.stage(f"the same merge exists already: expert {existing.name} (id {existing.id})")
             return MergeResult(existing, True, time.perf_counter() - started, tuning=tuning)
         with tempfile.TemporaryDirectory(prefix="merge-", dir=scratch_dir(context)) as scratch:
-            say(
+            reporter.stage(
                 f"merging {len(parents)} {base_kind} experts with {spec.method}, weights {list(spec.weights)}"
             )
             merge_started = time.perf_counter()
             path, config = write_merged_weights(context, parents, base_kind, spec, Path(scratch))
             merge_seconds = time.perf_counter() - merge_started
-            # From the upload until the merged expert references it, GC must not delete it: see registry/gc.py.
-            with publishing_artifacts(context.jobs):
-                say("uploading the merged weights")
-                artifact = context.artifacts.put_file(path)
-                entries = _union_entries(context, parents, embedder_id) if embedder_id is not None else []
-                params: dict[str, Any] = {
-                    **spec.params(),
-                    "signature": signature,
-                    "library": library,
-                    "merge_seconds": round(merge_seconds, 3),
-                }
-                if get_expert_kind(base_kind).merge == "lora_factors":
-                    params["peft_combination"] = peft_combination(spec.method)
-                if tuning is not None:
-                    params["tuning"] = tuning
-                expert = context.catalogue.create_merged_expert(
-                    name=name or _default_name(context, parents, spec, signature),
-                    backbone_id=parents[0].backbone_id,
-                    config={**config, "base_kind": base_kind, "parents": [p.name for p in parents]},
-                    merge_method=spec.method,
-                    merge_params=params,
-                    parents=[(p.id, w) for p, w in zip(parents, spec.weights, strict=True)],
-                    artifact=artifact,
-                    embedder_id=embedder_id,
-                    entries=entries,
-                )
-    say(f"merged expert {expert.name} (id {expert.id}) is ready at library version {expert.library_version}")
+            params = _merge_params(spec, base_kind, signature, library, merge_seconds, tuning)
+            expert = _publish_merged(
+                context,
+                path,
+                name=name or _default_name(context, parents, spec, signature),
+                parents=parents,
+                base_kind=base_kind,
+                spec=spec,
+                config=config,
+                params=params,
+                embedder_id=embedder_id,
+                reporter=reporter,
+            )
+    reporter.stage(
+        f"merged expert {expert.name} (id {expert.id}) is ready at library version {expert.library_version}"
+    )
     return MergeResult(expert, False, time.perf_counter() - started, merge_seconds, tuning)
+
+
+def _merge_params(
+    spec: MergeSpec,
+    base_kind: str,
+    signature: str,
+    library: str,
+    merge_seconds: float,
+    tuning: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """What the catalogue records as the merged expert's ``merge_params``."""
+    params: dict[str, Any] = {
+        **spec.params(),
+        "signature": signature,
+        "library": library,
+        "merge_seconds": round(merge_seconds, 3),
+    }
+    if get_expert_kind(base_kind).merge == "lora_factors":
+        params["peft_combination"] = peft_combination(spec.method)
+    if tuning is not None:
+        params["tuning"] = tuning
+    return params
+
+
+def _publish_merged(
+    context: RegistryContext,
+    path: Path,
+    *,
+    name: str,
+    parents: Sequence[Expert],
+    base_kind: str,
+    spec: MergeSpec,
+    config: dict[str, Any],
+    params: dict[str, Any],
+    embedder_id: int | None,
+    reporter: Reporter,
+) -> Expert:
+    """Upload the merged weights and create the merged expert, ready, with its lineage (and the parents'
+    library entries when ``embedder_id`` is given)."""
+    # From the upload until the merged expert references it, GC must not delete it: see registry/gc.py.
+    with publishing_artifacts(context.jobs):
+        reporter.stage("uploading the merged weights")
+        artifact = context.artifacts.put_file(path)
+        entries = _union_entries(context, parents, embedder_id) if embedder_id is not None else []
+        return context.catalogue.create_merged_expert(
+            name=name,
+            backbone_id=parents[0].backbone_id,
+            config={**config, "base_kind": base_kind, "parents": [p.name for p in parents]},
+            merge_method=spec.method,
+            merge_params=params,
+            parents=[(p.id, w) for p, w in zip(parents, spec.weights, strict=True)],
+            artifact=artifact,
+            embedder_id=embedder_id,
+            entries=entries,
+        )
 
 
 __all__ = [

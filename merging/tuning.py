@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from elmreg.inference.evaluation import metric_score
 from elmreg.merging.methods import MergeError, MergeSpec
 from elmreg.merging.weights import scratch_dir, write_merged_weights
 from elmreg.registry.entities import Expert, Task
+from elmreg.registry.progress import SILENT, Reporter
 from elmreg.runtime.context import RegistryContext
 
 DEFAULT_GRID = (0.25, 0.5, 0.75, 1.0)
@@ -60,7 +61,7 @@ def tune_weights(
     grid: Sequence[float] | None = None,
     limit: int | None = 32,
     split: str = "validation",
-    stage: Callable[[str], None] | None = None,
+    reporter: Reporter = SILENT,
 ) -> dict[str, Any]:
     """Grid-search the merge weights on ``tasks``' held-out ``split``.
 
@@ -72,7 +73,6 @@ def tune_weights(
         MergeError: No tasks, a task on another backbone or without examples in ``split``, or too big a grid.
     """
     started = time.perf_counter()
-    say = stage or (lambda message: None)
     if not tasks:
         raise MergeError("--tune-on needs at least one task")
     backbone_id = parents[0].backbone_id
@@ -94,7 +94,7 @@ def tune_weights(
     uniform = 1.0 / len(parents)
     table = []
     for number, weights in enumerate(candidates, 1):
-        say(f"candidate {number}/{len(candidates)}: weights {list(weights)}")
+        reporter.stage(f"candidate {number}/{len(candidates)}: weights {list(weights)}")
         with tempfile.TemporaryDirectory(prefix="tune-", dir=scratch_dir(context)) as scratch:
             path, config = write_merged_weights(
                 context, parents, base_kind, replace(spec, weights=weights), Path(scratch)

@@ -5,7 +5,7 @@ Shared by the merge itself and by weight tuning, which merges every candidate in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +15,6 @@ from elmreg.merging.task_vectors import merge_tensor_files, open_readers
 from elmreg.registry.entities import Expert
 from elmreg.registry.kinds import get_expert_kind
 from elmreg.runtime.context import RegistryContext
-
-# stage(message): called with a line per step of a merge (the CLI prints them).
-Stage = Callable[[str], None]
 
 
 def write_merged_weights(

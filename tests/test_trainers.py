@@ -24,6 +24,7 @@ from elmreg.models.backbones import Backbone, load_backbone
 from elmreg.models.encoding import IGNORE_INDEX, EncodedBatch, encode, target_token_loss
 from elmreg.registry.errors import ArtifactError, ConfigurationError, UserError
 from elmreg.registry.kinds import trainable_kinds
+from elmreg.registry.progress import Silent
 from elmreg.registry.settings import DEFAULT_BACKBONE
 from elmreg.trainers import get_trainer
 
@@ -85,6 +86,23 @@ def _assert_unchanged(model: torch.nn.Module, snapshot) -> None:
     assert [(name, id(module)) for name, module in model.named_modules()] == modules
 
 
+class _Steps(Silent):
+    """Records the training steps as the trainer reports them: (step, total)."""
+
+    def __init__(self):
+        self.seen, self.total, self.detail, self.finished = [], None, "", False
+
+    def start(self, description, total):
+        self.total = total
+
+    def advance(self, done, *, detail=""):
+        self.seen.append((done, self.total))
+        self.detail = detail
+
+    def finish(self):
+        self.finished = True
+
+
 # -- the matrix ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backbone", NAMES, indirect=True)
 @pytest.mark.parametrize("kind", KINDS)
@@ -92,19 +110,20 @@ def test_training_learns_and_load_unload_restores_the_backbone(backbone: Backbon
     trainer = get_trainer(kind)
     model_before = backbone.model
     snapshot, loss_before, logits_before = _snapshot(backbone.model), _loss(backbone), _logits(backbone)
-    steps = []
+    steps = _Steps()
     trained = trainer.train(
         backbone,
         EXAMPLES,
         trainer.make_config(FAST),
         tmp_path / "out",
-        progress=lambda step, total, loss: steps.append((step, total)),
+        progress=steps,
     )
     assert trained.weights_path.is_file() and trained.weights_path.parent == tmp_path / "out"
     assert trained.config["kind"] == kind and trained.config["backbone_fingerprint"] == backbone.fingerprint
     json.dumps(trained.config)
     json.dumps(trained.metrics)
-    assert steps == [(s, FAST["epochs"]) for s in range(1, FAST["epochs"] + 1)]
+    assert steps.seen == [(s, FAST["epochs"]) for s in range(1, FAST["epochs"] + 1)] and steps.finished
+    assert steps.detail.startswith("loss ")
     assert trained.metrics["steps"] == FAST["epochs"] and trained.metrics["examples"] == len(EXAMPLES)
     assert len(trained.metrics["loss_per_step"]) == FAST["epochs"] == len(trained.metrics["loss_per_epoch"])
     assert trained.metrics["loss_per_epoch"][-1] < 0.5 * trained.metrics["loss_per_epoch"][0]
@@ -132,16 +151,16 @@ def test_max_steps_stops_mid_epoch_where_the_full_schedule_was(backbone: Backbon
     full = trainer.train(backbone, EXAMPLES, trainer.make_config(options), tmp_path / "full", seed=3)
     per_epoch = -(-len(EXAMPLES) // 3)
     stop = per_epoch + 1  # one step into the second epoch
-    steps = []
+    steps = _Steps()
     short = trainer.train(
         backbone,
         EXAMPLES,
         trainer.make_config({**options, "max_steps": stop}),
         tmp_path / "short",
         seed=3,
-        progress=lambda step, total, loss: steps.append((step, total)),
+        progress=steps,
     )
-    assert short.metrics["steps"] == stop and steps[-1] == (stop, stop)
+    assert short.metrics["steps"] == stop and steps.seen[-1] == (stop, stop)
     assert short.metrics["loss_per_step"] == full.metrics["loss_per_step"][:stop]
     assert len(short.metrics["loss_per_epoch"]) == 2
     with pytest.raises(ConfigurationError, match="max_steps must be at least 1"):

@@ -25,9 +25,7 @@ from elmreg.models.backbones import Backbone
 from elmreg.models.encoding import encode, target_token_loss
 from elmreg.registry.errors import ConfigurationError, UserError
 from elmreg.registry.kinds import ExpertKind, TrainingConfig, get_expert_kind
-
-# progress(step, total_steps, loss): called after every optimiser step.
-ProgressCallback = Callable[[int, int, float], None]
+from elmreg.registry.progress import SILENT, Reporter
 
 
 class Example(Protocol):
@@ -121,7 +119,7 @@ class ExpertTrainer(ABC):
         out_dir: Path | None = None,
         *,
         seed: int | None = None,
-        progress: ProgressCallback | None = None,
+        progress: Reporter = SILENT,
         should_stop: Callable[[], None] | None = None,
         init_weights: Path | None = None,
     ) -> TrainedExpert:
@@ -134,7 +132,7 @@ class ExpertTrainer(ABC):
             out_dir: Where the weights file is written; a new temporary folder (the caller's to remove) if
                 ``None``.
             seed: Overrides ``config.seed``. The same seed, examples and config give identical weights.
-            progress: Called after every step with (step, total_steps, loss).
+            progress: Told of the training steps as one counted step ("training"), with the running loss.
             should_stop: Called between steps; raises to abort (the worker's lease check).
             init_weights: A saved expert's weights file to start from (continual fine-tuning); the pipeline
                 resolves ``config.init_from`` to it.
@@ -181,7 +179,7 @@ class ExpertTrainer(ABC):
         backbone: Backbone,
         examples: Sequence[Example],
         config: TrainingConfig,
-        progress: ProgressCallback | None,
+        progress: Reporter,
         should_stop: Callable[[], None] | None,
     ) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -195,6 +193,7 @@ class ExpertTrainer(ABC):
         tokens = target_tokens = 0
         started = time.perf_counter()
         model.train()
+        progress.start("training", total_steps)
         try:
             for _ in range(config.epochs):
                 if step >= total_steps:  # max_steps reached
@@ -231,10 +230,10 @@ class ExpertTrainer(ABC):
                         int((batch.labels != -100).sum()) if backbone.family == "seq2seq" else 0
                     )
                     target_tokens += int((batch.labels != -100).sum())
-                    if progress is not None:
-                        progress(step, total_steps, value)
+                    progress.advance(step, detail=f"loss {value:.4f}")
                 epoch_losses.append(round(epoch_total / epoch_steps, 5))
         finally:
+            progress.finish()
             model.eval()
         seconds = time.perf_counter() - started
         return {

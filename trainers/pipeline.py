@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +20,9 @@ from elmreg.data.examples import task_examples
 from elmreg.data.prompts import PromptedExample, library_text
 from elmreg.experts import load_expert, unload_expert
 from elmreg.experts.lora import CONFIG_FILE, export_peft_folder
+from elmreg.models.backbones import Backbone
 from elmreg.models.embedder import load_embedder
-from elmreg.registry.entities import Expert, Task
+from elmreg.registry.entities import Expert, Task, TrainingRun
 from elmreg.registry.errors import (
     AlreadyExistsError,
     CatalogueError,
@@ -32,10 +31,12 @@ from elmreg.registry.errors import (
     first_line,
 )
 from elmreg.registry.gc import publishing_artifacts
-from elmreg.registry.kinds import LORA, weights_kind
+from elmreg.registry.kinds import LORA, TrainingConfig, weights_kind
+from elmreg.registry.leases import Lease
 from elmreg.registry.names import check_expert_name, derived_expert_name
 from elmreg.registry.outputs import check_writable_folder
 from elmreg.registry.pause_points import pause_point
+from elmreg.registry.progress import SILENT, Reporter
 from elmreg.runtime.context import RegistryContext
 from elmreg.runtime.library_embedding import (
     SAMPLES_PER_EXPERT,
@@ -44,22 +45,6 @@ from elmreg.runtime.library_embedding import (
     sample_indices,
 )
 from elmreg.trainers import get_trainer
-from elmreg.trainers.base import ProgressCallback
-
-_log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainingHooks:
-    """How a caller watches training: step progress and stage messages (the CLI draws progress bars)."""
-
-    on_step: ProgressCallback | None = None
-    on_stage: Callable[[str], None] | None = None
-
-    def stage(self, message: str) -> None:
-        _log.info(message)
-        if self.on_stage is not None:
-            self.on_stage(message)
 
 
 def _expert_for(context: RegistryContext, task: Task, backbone_id: int) -> Expert:
@@ -82,61 +67,33 @@ def train_task(
     context: RegistryContext,
     task: Task,
     *,
-    lease: tuple[int, str] | None = None,
-    check_lease: Callable[[], None] | None = None,
-    hooks: TrainingHooks | None = None,
-    worker: str = "inline",
+    lease: Lease | None = None,
+    reporter: Reporter = SILENT,
 ) -> Expert:
     """Train, upload and publish the expert of ``task``; returns it ready.
+
+    With a ``lease`` (a ``train`` job), training stops and nothing is published once the lease is lost; without
+    one the expert is trained inline.
 
     A task that already has a ready expert is not trained again (a job re-claimed after its worker died between
     publishing and reporting success must not add a second expert).
     """
-    hooks = hooks or TrainingHooks()
-    ready = [e for e in context.catalogue.list_experts(task_id=task.id) if e.status == "ready"]
-    if ready:
-        hooks.stage(f"task {task.name} already has ready expert {ready[0].name}; nothing to train")
-        if lease is not None:
-            # The previous holder of this job died after publishing and before closing its training run: that
-            # run did produce the ready expert, so close it as succeeded rather than leave it 'running' forever.
-            for run in context.jobs.list_training_runs(task_id=task.id, status="running"):
-                if run.job_id == lease[0] and run.expert_id == ready[0].id:
-                    context.jobs.finish_training_run(run.id, status="succeeded", metrics=ready[0].metrics)
-        return ready[0]
-
+    ready = _ready_expert(context, task, lease, reporter)
+    if ready is not None:
+        return ready
     trainer = get_trainer(task.expert_kind)
     config = trainer.make_config(task.training_config)
-    backbone_record = context.catalogue.get_backbone(task.backbone_id)
-
-    hooks.stage(f"loading examples of {task.name} ({task.dataset}, K={task.max_examples})")
+    reporter.stage(f"loading examples of {task.name} ({task.dataset}, K={task.max_examples})")
     examples = task_examples(
         task, cache_dir=context.settings.cache_path, limit=task.max_examples, seed=config.seed
     )
-
     init_weights = _init_weights(context, task, config.init_from) if config.init_from is not None else None
-
-    hooks.stage(f"loading backbone {backbone_record.name}")
-    backbone = context.backbones.get(backbone_record.name)
-    if backbone_record.fingerprint is None:
-        context.catalogue.get_or_create_backbone(
-            backbone_record.name, backbone.family, fingerprint=backbone.fingerprint
-        )
-
-    expert = _expert_for(context, task, backbone_record.id)
-    if lease is not None:
-        context.jobs.abandon_training_runs(
-            lease[0], f"abandoned: the worker stopped heartbeating; {worker} took the job over"
-        )
-    run = context.jobs.start_training_run(
-        task_id=task.id,
-        expert_id=expert.id,
-        worker=worker,
-        config={"kind": task.expert_kind, **config.to_dict()},
-        job_id=lease[0] if lease else None,
-    )
+    backbone_id, backbone = _load_backbone(context, task, reporter)
+    expert = _expert_for(context, task, backbone_id)
+    run = _start_training_run(context, task, expert, config, lease)
     try:
         with tempfile.TemporaryDirectory(prefix="train-", dir=_tmp_dir(context)) as scratch:
-            hooks.stage(
+            reporter.stage(
                 f"training {task.expert_kind} expert on {len(examples)} examples, {config.epochs} epoch(s)"
             )
             trained = trainer.train(
@@ -144,8 +101,8 @@ def train_task(
                 examples,
                 config,
                 Path(scratch),
-                progress=hooks.on_step,
-                should_stop=check_lease,
+                progress=reporter,
+                should_stop=lease.check if lease else None,
                 init_weights=init_weights,
             )
             published = publish(
@@ -157,8 +114,7 @@ def train_task(
                 examples=examples,
                 seed=config.seed,
                 lease=lease,
-                check_lease=check_lease,
-                hooks=hooks,
+                reporter=reporter,
             )
             pause_point("published")  # tests kill a worker here: expert ready, its job not yet marked done
     except BaseException as exc:
@@ -166,8 +122,54 @@ def train_task(
         context.catalogue.set_expert_status(expert.id, "failed")
         raise
     context.jobs.finish_training_run(run.id, status="succeeded", metrics=trained.metrics)
-    hooks.stage(f"expert {published.name} is ready at library version {published.library_version}")
+    reporter.stage(f"expert {published.name} is ready at library version {published.library_version}")
     return published
+
+
+def _ready_expert(
+    context: RegistryContext, task: Task, lease: Lease | None, reporter: Reporter
+) -> Expert | None:
+    """The task's ready expert if it has one (nothing to train then), its training run closed."""
+    ready = [e for e in context.catalogue.list_experts(task_id=task.id) if e.status == "ready"]
+    if not ready:
+        return None
+    reporter.stage(f"task {task.name} already has ready expert {ready[0].name}; nothing to train")
+    if lease is not None:
+        # The previous holder of this job died after publishing and before closing its training run: that
+        # run did produce the ready expert, so close it as succeeded rather than leave it 'running' forever.
+        for run in context.jobs.list_training_runs(task_id=task.id, status="running"):
+            if run.job_id == lease.job_id and run.expert_id == ready[0].id:
+                context.jobs.finish_training_run(run.id, status="succeeded", metrics=ready[0].metrics)
+    return ready[0]
+
+
+def _load_backbone(context: RegistryContext, task: Task, reporter: Reporter) -> tuple[int, Backbone]:
+    """The task's backbone, loaded, with its catalogue id; records its fingerprint the first time it loads."""
+    record = context.catalogue.get_backbone(task.backbone_id)
+    reporter.stage(f"loading backbone {record.name}")
+    backbone = context.backbones.get(record.name)
+    if record.fingerprint is None:
+        context.catalogue.get_or_create_backbone(
+            record.name, backbone.family, fingerprint=backbone.fingerprint
+        )
+    return record.id, backbone
+
+
+def _start_training_run(
+    context: RegistryContext, task: Task, expert: Expert, config: TrainingConfig, lease: Lease | None
+) -> TrainingRun:
+    """A new running training run; under a lease, the job's runs that a dead worker left open are closed."""
+    if lease is not None:
+        context.jobs.abandon_training_runs(
+            lease.job_id, f"abandoned: the worker stopped heartbeating; {lease.worker} took the job over"
+        )
+    return context.jobs.start_training_run(
+        task_id=task.id,
+        expert_id=expert.id,
+        worker=lease.worker if lease else "inline",
+        config={"kind": task.expert_kind, **config.to_dict()},
+        job_id=lease.job_id if lease else None,
+    )
 
 
 def _init_weights(context: RegistryContext, task: Task, key: int | str) -> Path:
@@ -193,24 +195,23 @@ def publish(
     metrics: dict[str, Any],
     examples: Sequence[PromptedExample],
     seed: int,
-    lease: tuple[int, str] | None = None,
-    check_lease: Callable[[], None] | None = None,
-    hooks: TrainingHooks | None = None,
+    lease: Lease | None = None,
+    reporter: Reporter = SILENT,
 ) -> Expert:
-    """Upload the weights (verified), embed S library samples of ``examples``, and make the expert ready."""
-    hooks = hooks or TrainingHooks()
+    """Upload the weights (verified), embed S library samples of ``examples``, and make the expert ready
+    (with a ``lease``: only while it is still held)."""
     # From the upload (or the decision to skip it) until the expert references the object, garbage collection
     # must not delete it: see registry/gc.py.
     with publishing_artifacts(context.jobs):
-        hooks.stage("uploading weights")
+        reporter.stage("uploading weights")
         artifact = context.artifacts.put_file(weights_path)
         pause_point("uploaded")  # tests kill a worker here: weights stored, nothing refers to them yet
-        hooks.stage(f"embedding {min(SAMPLES_PER_EXPERT, len(examples))} library samples")
+        reporter.stage(f"embedding {min(SAMPLES_PER_EXPERT, len(examples))} library samples")
         embedder = load_embedder(context.settings.embedder)
         chosen = sample_indices(len(examples), SAMPLES_PER_EXPERT, seed=seed)
         entries = embed_entries(embedder, [library_text(examples[i]) for i in chosen])
-        if check_lease is not None:
-            check_lease()
+        if lease is not None:
+            lease.check()
         return context.catalogue.publish_expert(
             expert.id,
             artifact=artifact,
@@ -218,7 +219,7 @@ def publish(
             entries=entries,
             metrics=metrics,
             config=config,
-            lease=lease,
+            lease=lease.holder if lease else None,
         )
 
 
@@ -234,7 +235,7 @@ def import_peft_adapter(
     task: Task,
     *,
     name: str | None = None,
-    hooks: TrainingHooks | None = None,
+    reporter: Reporter = SILENT,
 ) -> Expert:
     """Register an existing PEFT LoRA adapter folder as the expert of ``task``.
 
@@ -244,7 +245,6 @@ def import_peft_adapter(
     Raises:
         UserError: Not a PEFT LoRA folder, or it does not fit the task's backbone.
     """
-    hooks = hooks or TrainingHooks()
     # Checked before the backbone loads: a bad name must not cost a minute of loading first.
     name = check_expert_name(name) if name is not None else derived_expert_name(f"{task.name}-imported")
     config_file, weights = folder / CONFIG_FILE, folder / LORA.weights_file
@@ -272,7 +272,7 @@ def import_peft_adapter(
     if task.expert_kind != LORA.name:
         raise TaskSpecError(f"task {task.name} trains {task.expert_kind} experts; import into a lora task")
     backbone_record = context.catalogue.get_backbone(task.backbone_id)
-    hooks.stage(f"checking the adapter against backbone {backbone_record.name}")
+    reporter.stage(f"checking the adapter against backbone {backbone_record.name}")
     backbone = context.backbones.get(backbone_record.name)
     config = {"kind": LORA.name, "adapter_config": adapter_config}
     try:
@@ -294,7 +294,7 @@ def import_peft_adapter(
         metrics={},
         examples=examples,
         seed=0,
-        hooks=hooks,
+        reporter=reporter,
     )
 
 

@@ -27,10 +27,10 @@ import torch
 
 from elmreg.registry.entities import Expert
 from elmreg.registry.errors import AlreadyExistsError, NotFoundError, UserError
+from elmreg.registry.progress import SILENT, Reporter
 from elmreg.runtime.context import RegistryContext
 from elmreg.runtime.library_embedding import reembed_library
 from elmreg.runtime.retrievers import adopt_folder, load_catalogued_embedder, publish_retriever
-from elmreg.trainers.pipeline import TrainingHooks
 
 # (expert id, anchor text, positive text)
 Pair = tuple[int, str, str]
@@ -121,7 +121,7 @@ def fine_tune(
     batches_per_epoch: Sequence[Sequence[list[Pair]]],
     config: RetrieverConfig,
     out_dir: Path,
-    hooks: TrainingHooks,
+    reporter: Reporter,
 ) -> tuple[int, float]:
     """Fine-tune a fresh copy of the encoder at ``base_path`` with MultipleNegativesRankingLoss and save it to
     ``out_dir`` as a sentence-transformers folder. Returns the steps taken and the last step's loss."""
@@ -140,6 +140,7 @@ def fine_tune(
     total = sum(len(batches) for batches in batches_per_epoch)
     step, loss_value = 0, float("nan")
     model.train()
+    reporter.start("training", total)
     for batches in batches_per_epoch:
         for batch in batches:
             anchors = model.preprocess([anchor for _, anchor, _ in batch])
@@ -149,8 +150,8 @@ def fine_tune(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step, loss_value = step + 1, float(loss.detach())
-            if hooks.on_step is not None:
-                hooks.on_step(step, total, loss_value)
+            reporter.advance(step, detail=f"loss {loss_value:.4f}")
+    reporter.finish()
     model.eval()
     model.save_pretrained(str(out_dir))
     return step, loss_value
@@ -183,7 +184,7 @@ def train_retriever(
     config: RetrieverConfig | None = None,
     library_version: int | None = None,
     source: str | None = None,
-    hooks: TrainingHooks | None = None,
+    reporter: Reporter = SILENT,
 ) -> RetrieverReport:
     """Fine-tune ``source`` (default: the configured embedder) on its library entries at ``library_version``,
     publish it as the embedder ``name`` and give every ready or retired expert entries for it.
@@ -193,7 +194,6 @@ def train_retriever(
             than two experts with at least two library samples; nothing is written.
     """
     config = config or RetrieverConfig()
-    hooks = hooks or TrainingHooks()
     started = time.perf_counter()
     current = context.library.library_version()
     version = current if library_version is None else library_version
@@ -227,14 +227,14 @@ def train_retriever(
 
     base = load_catalogued_embedder(context, source_name)
     context.settings.cache_path.mkdir(parents=True, exist_ok=True)
-    hooks.stage(
+    reporter.stage(
         f"fine-tuning {source_name} on {len(pairs)} pairs of {len(samples)} experts' library samples "
         f"(library version {version}), {config.epochs} epoch(s)"
     )
     with tempfile.TemporaryDirectory(dir=context.settings.cache_path) as scratch:
         folder = Path(scratch) / "retriever"
-        steps, final_loss = fine_tune(base.path, batches, config, folder, hooks)
-        hooks.stage(f"uploading retriever {name}")
+        steps, final_loss = fine_tune(base.path, batches, config, folder, reporter)
+        reporter.stage(f"uploading retriever {name}")
         record = publish_retriever(
             context,
             folder,
@@ -253,7 +253,7 @@ def train_retriever(
         )
         adopt_folder(context, record, folder)
     trained = load_catalogued_embedder(context, name)
-    hooks.stage(f"re-embedding the library with {name}")
+    reporter.stage(f"re-embedding the library with {name}")
     reembedded = reembed_library(context.catalogue, context.library, trained, source_embedder=source_name)
     return RetrieverReport(
         embedder=name,

@@ -12,6 +12,7 @@ import time
 
 from elmreg.data.prompts import PromptedExample
 from elmreg.registry.gc import collect_garbage
+from elmreg.registry.leases import Lease
 from elmreg.trainers.pipeline import publish
 
 EXAMPLES = [PromptedExample(f"question {i}", "yes", ("no", "yes")) for i in range(4)]
@@ -37,10 +38,14 @@ def test_gc_waits_for_a_publish_that_reuses_an_unreferenced_object(own_context, 
         uploaded.set()
         assert resume.wait(60)
 
+    # A real claimed job: its lease check is the step between the upload and the publishing transaction.
+    job = context.jobs.enqueue_job("gc-race", {})
+    context.jobs.claim_job("gc-race-worker", lease_seconds=600, job_id=job.id)
+    lease = Lease(job.id, "gc-race-worker", pause_before_publishing)
+
     def publisher() -> None:
         outcome["expert"] = publish(
-            context, expert, weights, config={}, metrics={}, examples=EXAMPLES, seed=0,
-            check_lease=pause_before_publishing,
+            context, expert, weights, config={}, metrics={}, examples=EXAMPLES, seed=0, lease=lease,
         )  # fmt: skip
 
     def collector() -> None:
