@@ -256,45 +256,37 @@ class VllmEngine:
         return body
 
     def _generate(self, prompt: Prompt, model: str) -> Answer | None:
-        body = self._generation_body(prompt, model)
+        body = self._generation_body(prompt, model) | {"return_token_ids": True}
+        text = _Text(self.backbone.tokenizer, prompt)
         if not prompt.stream:
             data = self._post(body)
             choice = data["choices"][0]
-            return Answer(
-                choice["text"],
-                choice["finish_reason"] or "length",
-                data["usage"]["prompt_tokens"],
-                data["usage"]["completion_tokens"],
-                logprobs=_token_logprobs(choice.get("logprobs"))
-                if prompt.params.logprobs is not None
-                else None,
+            text.add(choice["token_ids"] or [])
+            return text.answer(
+                choice["finish_reason"], data["usage"]["prompt_tokens"], choice.get("logprobs")
             )
         body |= {"stream": True, "stream_options": {"include_usage": True}}
-        text, finish, usage, logprobs = [], None, {}, []
+        finish, usage, logprobs = None, {}, {"tokens": [], "token_logprobs": [], "top_logprobs": []}
         with self._client.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code != 200:
                 response.read()
                 raise _refusal(response)
             for line in response.iter_lines():
                 if prompt.sink.cancelled:
-                    return None  # closing the stream makes vLLM abort the request
+                    return None  # leaving the stream closes it, and vLLM aborts the request
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[len("data: ") :])
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or []:
-                    if choice.get("text"):
-                        text.append(choice["text"])
-                        prompt.sink.delta(choice["text"])
-                    logprobs += _token_logprobs(choice.get("logprobs")) or []
+                    text.add(choice.get("token_ids") or [])
+                    text.emit(final=False)
+                    for key, values in (choice.get("logprobs") or {}).items():
+                        if key in logprobs:
+                            logprobs[key] += values or []
                     finish = choice.get("finish_reason") or finish
-        return Answer(
-            "".join(text),
-            finish or "length",
-            usage.get("prompt_tokens", len(body["prompt"])),
-            usage.get("completion_tokens", 0),
-            logprobs=logprobs if prompt.params.logprobs is not None else None,
-        )
+        text.emit(final=True)
+        return text.answer(finish, usage.get("prompt_tokens", len(body["prompt"])), logprobs)
 
     def _classify(self, prompt: Prompt, model: str) -> Answer:
         """Rank classification: each choice's summed log-probability after the prompt, as the built-in scorer."""
@@ -331,6 +323,51 @@ class VllmEngine:
         if response.status_code != 200:
             raise _refusal(response)
         return response.json()
+
+
+class _Text:
+    """One prompt's generated tokens as text, made the way the built-in engine makes it: elmreg's tokenizer
+    decodes vLLM's token ids (special tokens skipped) and the text is cut before the first stop string. vLLM's
+    own text can differ from that by spacing (its incremental detokenizer joins word-level tokens otherwise)."""
+
+    def __init__(self, tokenizer, prompt: Prompt):
+        self.tokenizer, self.prompt = tokenizer, prompt
+        self.ids: list[int] = []
+        self.emitted = 0
+
+    def add(self, ids: list[int]) -> None:
+        self.ids += ids
+
+    @property
+    def tokens(self) -> list[int]:
+        """The generated tokens without the end of sequence (the built-in engine does not count it)."""
+        eos = self.tokenizer.eos_token_id
+        return self.ids[:-1] if self.ids and self.ids[-1] == eos else self.ids
+
+    def text(self) -> str:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cuts = [text.find(s) for s in self.prompt.params.stop if s and s in text]
+        return text[: min(cuts)] if cuts else text
+
+    def emit(self, *, final: bool) -> None:
+        text = self.text()
+        if not final:
+            # Hold back what could still be the start of a stop string, and half-decoded characters.
+            hold = max((len(s) - 1 for s in self.prompt.params.stop), default=0)
+            text = (text[: len(text) - hold] if hold else text).rstrip("\ufffd")
+        if len(text) > self.emitted:
+            self.prompt.sink.delta(text[self.emitted :])
+            self.emitted = len(text)
+
+    def answer(self, finish_reason: str | None, prompt_tokens: int, logprobs: dict | None) -> Answer:
+        wanted = self.prompt.params.logprobs is not None
+        return Answer(
+            self.text(),
+            finish_reason or "length",
+            prompt_tokens,
+            len(self.tokens),
+            logprobs=(_token_logprobs(logprobs) or [])[: len(self.tokens)] if wanted else None,
+        )
 
 
 def _token_logprobs(logprobs: dict[str, Any] | None) -> list[TokenLogprob] | None:

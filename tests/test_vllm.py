@@ -7,9 +7,12 @@ The tiny Gemma 3 has 32-dimensional attention heads: vLLM's CPU attention takes 
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pytest
 from click.testing import CliRunner
 from conftest import lab_environ
@@ -26,6 +29,7 @@ from elmreg.inference.vllm_engine import VllmEngine
 from elmreg.inference.vllm_server import vllm_python
 from elmreg.registry.errors import UserError
 from elmreg.registry.store import schema
+from elmreg.serve.server import bind, build_server
 
 pytestmark = pytest.mark.vllm
 
@@ -190,3 +194,42 @@ def test_cli_predict_with_the_vllm_engine(engines):
     assert refused.output.strip().count("\n") == 0
     bad = runner.invoke(cli, ["predict", "--expert", "colours", "--vllm-url", "localhost:1"], env=env)
     assert bad.exit_code == 2 and "--vllm-url" in bad.output
+
+
+def test_serve_in_front_of_vllm_streams_routes_and_refuses(engines):
+    """``elmreg serve --engine vllm``: named and routed requests, streaming token by token, the headers; an
+    expert vLLM cannot serve is a 400 naming the built-in engine."""
+    peft, vllm = engines
+    server, service = build_server(vllm, device="cpu", no_auth=True, log_level="warning")
+    sock = bind("127.0.0.1", 0)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", api_key="none", max_retries=0, timeout=300
+    )
+    try:
+        prompt = "what colour is the grass ?"
+        expected = _generations(peft, [peft.expert("moods")], [prompt], max_tokens=10)[0]
+        raw = client.completions.with_raw_response.create(model="moods", prompt=prompt, max_tokens=10)
+        assert raw.headers["x-elmreg-expert"] == "moods" and raw.parse().choices[0].text == expected
+        pieces = list(client.completions.create(model="moods", prompt=prompt, max_tokens=10, stream=True))
+        assert "".join(p.choices[0].text for p in pieces) == expected
+        assert len([p for p in pieces if p.choices[0].text]) > 1  # token by token, not one final chunk
+        routed = client.completions.with_raw_response.create(
+            model="auto", prompt=_prompts(4), max_tokens=1, extra_body={"choices": COLOURS}
+        )
+        assert routed.headers["x-elmreg-expert"] == "colours" and "x-elmreg-decision-id" in routed.headers
+        rows = [PromptedExample(p, "", tuple(COLOURS)) for p in _prompts(4)]
+        assert [c.text for c in routed.parse().choices] == [
+            r["prediction"] for r in peft.predict(rows, expert="colours")
+        ]
+        with pytest.raises(openai.BadRequestError, match="ffn_adapter.*--engine peft"):
+            client.completions.create(model="echo", prompt=prompt, max_tokens=4)
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        service.close()
