@@ -75,7 +75,8 @@ def engines(settings, database, tmp_path_factory):
     peft.add_task("bigbench:moods", max_examples=48, training=FAST)
     peft.add_task("bigbench:echo", max_examples=24, training=FAST, kind="ffn_adapter")
     assert all(j.status == "succeeded" for j in peft.train())
-    vllm = Registry(lab_settings.replace(engine="vllm"))
+    # vLLM's start takes ~1 min on 2 idle cores, and several times that while other suites load them.
+    vllm = Registry(lab_settings.replace(engine="vllm", vllm_start_timeout=1200))
     vllm.engine()  # starts vLLM here, so that a failure to start is this fixture's, with vLLM's own error
     yield peft, vllm
     vllm.close()
