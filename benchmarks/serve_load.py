@@ -10,12 +10,20 @@ the same load twice in one run:
 - ``batched``: the server as shipped: concurrent requests for different experts share ``generate`` calls through
   PEFT's per-row ``adapter_names``.
 
+With ``--vllm`` (vLLM installed in ``.venv-vllm``, ``make .venv-vllm``), two more modes on a vLLM server that
+elmreg starts on the same backbone folder (fp32, like the built-in engine):
+
+- ``vllm``: bare vLLM, the client naming the adapter itself (``expert-<id>``), as users of vLLM do today.
+- ``elmreg+vllm``: ``elmreg serve --engine vllm`` in front of that vLLM, the client naming the expert: what the
+  registry (auth, limits, model resolution, the audit writer) costs on top of vLLM.
+
 Each of ``--clients`` clients sends ``--requests`` greedy completions (``--max-tokens`` new tokens each, a
 validation prompt of its expert's task), client i starting at expert i and moving round the experts. Printed:
 requests/s, generated tokens/s, p50 and p95 latency per mode, and the speed-up.
 
     .venv/bin/python benchmarks/serve_load.py --home /tmp/elmreg-serve-bench
     .venv/bin/python benchmarks/serve_load.py --clients 8 --requests 4 --max-tokens 16
+    .venv/bin/python benchmarks/serve_load.py --vllm --clients 32
 """
 
 from __future__ import annotations
@@ -73,7 +81,11 @@ def _prompts(registry: Registry, expert: str, count: int, max_tokens: int) -> li
     return [text for words, text in tokenizer_words if words <= max_tokens][:count] or [rows[0].input[-200:]]
 
 
-def _load(url: str, plan: list[list[tuple[str, str]]], max_tokens: int) -> dict[str, float]:
+def _load(
+    url: str, plan: list[list[tuple[str, str]]], max_tokens: int, *, models: dict[str, str] | None = None
+) -> dict[str, float]:
+    """``plan``: each client's (expert, prompt) requests; ``models``: the model name to send for each expert
+    (default: the expert's name)."""
     latencies: list[float] = []
     tokens = [0]
     lock = threading.Lock()
@@ -83,7 +95,13 @@ def _load(url: str, plan: list[list[tuple[str, str]]], max_tokens: int) -> dict[
             for model, prompt in requests:
                 started = time.perf_counter()
                 response = http.post(
-                    f"{url}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens}
+                    f"{url}/v1/completions",
+                    json={
+                        "model": (models or {}).get(model, model),
+                        "prompt": prompt,
+                        "max_tokens": max_tokens,
+                        "temperature": 0,
+                    },
                 )
                 response.raise_for_status()
                 elapsed = time.perf_counter() - started
@@ -120,6 +138,9 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--k", type=int, default=16, help="training examples per expert (speed only)")
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument(
+        "--vllm", action="store_true", help="also measure bare vLLM and elmreg in front of it"
+    )
     args = parser.parse_args()
 
     overrides = {k: v for k, v in (("home", args.home), ("backbone", args.backbone)) if v is not None}
@@ -158,6 +179,8 @@ def main() -> None:
         server.should_exit = True
         thread.join(120)
     device = service.backbone.device
+    if args.vllm:
+        results |= _vllm_modes(overrides, experts, prompts, plan, args.max_tokens)
     print(
         f"\n{args.clients} clients x {args.requests} requests, {len(experts)} LoRA experts, "
         f"{args.max_tokens} new tokens, {registry.settings.backbone} on {device}\n"
@@ -175,6 +198,33 @@ def main() -> None:
         f"p95 {results['batched']['p95']:.2f} s vs {results['baseline']['p95']:.2f} s (goal: no worse)"
     )
     registry.close()
+
+
+def _vllm_modes(overrides, experts, prompts, plan, max_tokens: int) -> dict[str, dict[str, float]]:
+    """Bare vLLM and elmreg in front of it, on one vLLM server elmreg starts (stopped at the end)."""
+    from elmreg.inference.vllm_engine import lora_name
+
+    registry = Registry(**overrides, engine="vllm")
+    server, service = build_server(registry, no_auth=True, log_level="warning")
+    sock = bind("127.0.0.1", 0)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    vllm_url = service.engine.engine.endpoint.url
+    names = {e: lora_name(registry.expert(e)) for e in experts}
+    try:
+        # Warm-up through elmreg: every adapter verified, exported and loaded into vLLM before measuring.
+        _load(url, [[(e, prompts[e][0])] for e in experts], 2)
+        return {
+            "vllm": _load(vllm_url, plan, max_tokens, models=names),
+            "elmreg+vllm": _load(url, plan, max_tokens),
+        }
+    finally:
+        server.should_exit = True
+        thread.join(120)
+        registry.close()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import click
 
 from elmreg.cli.errors import UserFacingError
-from elmreg.cli.options import TASK_SPEC_FIELDS, task_spec_options
+from elmreg.cli.options import TASK_SPEC_FIELDS, engine_options, task_spec_options, use_engine
 from elmreg.cli.output import echo_json, echo_table
 from elmreg.cli.progress import evaluation_progress, is_quiet
 from elmreg.data.prompts import PromptTemplate
@@ -221,6 +221,7 @@ def routers() -> None:
 @click.option(
     "--out", type=click.Path(dir_okay=False), help="Write JSON lines here (default: standard output)."
 )
+@engine_options
 @click.pass_context
 def predict(
     ctx: click.Context,
@@ -235,6 +236,8 @@ def predict(
     q,
     compose,
     out,
+    engine,
+    vllm_url,
 ) -> None:
     """Answer instances with an expert (or the base backbone when neither --expert nor --route is given).
 
@@ -246,6 +249,7 @@ def predict(
       elmreg predict --input questions.jsonl --route roe --out answers.jsonl
       elmreg predict --dataset bigbench:strategyqa --limit 20 --expert strategyqa
       elmreg predict --input mixed.jsonl --compose 2
+      elmreg predict --dataset bigbench:strategyqa --limit 20 --expert strategyqa --engine vllm
     """
     import json
 
@@ -255,6 +259,7 @@ def predict(
         # Before routing: a decision recorded for answers that cannot be written would be a lie in the audit.
         check_writable_file(out)
     registry = _registry(ctx)
+    use_engine(registry, engine, vllm_url)
     instances = load_instances(registry, input_file, dataset, split, task, limit)
     rows = registry.predict(
         instances,
@@ -302,6 +307,7 @@ def predict(
 )
 @q_option("Instances a router uses to choose.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@engine_options
 @click.pass_context
 def evaluate(
     ctx: click.Context,
@@ -313,6 +319,8 @@ def evaluate(
     limit,
     q,
     as_json,
+    engine,
+    vllm_url,
     **spec,
 ) -> None:
     """Evaluate routes on a task's labelled data (accuracy, or ROUGE-L for generation); results on registered
@@ -330,6 +338,7 @@ def evaluate(
     if task and given:
         raise click.UsageError(f"{', '.join(given)} go with --dataset, not --task")
     registry = _registry(ctx)
+    use_engine(registry, engine, vllm_url)
     options = parse_router_options(router_options)
     with evaluation_progress(is_quiet(ctx)) as reporter:
         if task:

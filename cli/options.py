@@ -53,3 +53,37 @@ def task_spec_options(*, scope: str = "", name_help: str, backbone_help: str) ->
         return command
 
     return declare
+
+
+def engine_options(command: Command) -> Command:
+    """``--engine`` and ``--vllm-url``: which engine answers (the command passes them to :func:`use_engine`)."""
+    options = [
+        click.option(
+            "--engine",
+            type=click.Choice(["peft", "vllm"]),
+            default=None,
+            help="Engine that answers: peft (built in, every expert kind) or vllm (LoRA experts and base, by a "
+            "vLLM server). Default: ELMREG_ENGINE, peft.",
+        ),
+        click.option(
+            "--vllm-url",
+            metavar="URL",
+            default=None,
+            help="A running vLLM OpenAI server on this machine (default: ELMREG_VLLM_URL; none: elmreg starts "
+            "one from .venv-vllm).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def use_engine(registry, engine: str | None, vllm_url: str | None) -> None:
+    """Apply ``--engine`` / ``--vllm-url`` to the registry (a URL alone implies the vLLM engine)."""
+    if engine is None and vllm_url is None:
+        return
+    if vllm_url is not None and not vllm_url.startswith(("http://", "https://")):
+        raise click.BadParameter(f"use an http:// or https:// URL, not {vllm_url}", param_hint="--vllm-url")
+    if engine == "peft" and vllm_url:
+        raise click.UsageError("--vllm-url goes with --engine vllm")
+    registry.use_engine(engine or "vllm", vllm_url=vllm_url)

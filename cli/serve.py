@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from elmreg.cli.options import engine_options, use_engine
 from elmreg.cli.output import echo_table
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ def _registry(ctx: click.Context) -> Registry:
     show_default=True,
     help="Largest request body.",
 )
+@engine_options
 @click.pass_context
 def serve(
     ctx: click.Context,
@@ -70,6 +72,8 @@ def serve(
     max_prompt_tokens,
     max_new_tokens,
     max_body_bytes,
+    engine,
+    vllm_url,
 ) -> None:
     """Serve the registry's experts over an OpenAI-compatible HTTP API; `model: auto` picks the expert by RoE.
 
@@ -82,6 +86,7 @@ def serve(
     Example:
       elmreg serve keys create alice
       elmreg serve --port 8000 --max-batch 16
+      elmreg serve --engine vllm                # vLLM generates; elmreg routes, limits and audits
       curl -H "Authorization: Bearer $KEY" localhost:8000/v1/completions \\
         -d '{"model": "auto", "prompt": "Is the sky blue?", "choices": ["yes", "no"]}'
     """
@@ -92,6 +97,7 @@ def serve(
 
     registry = _registry(ctx)
     check_auth_setting(host, no_auth)  # before minutes of loading
+    use_engine(registry, engine, vllm_url)
     click.echo(f"loading {registry.settings.backbone} and the embedder ...", err=True)
     server, service = build_server(
         registry,

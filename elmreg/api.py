@@ -79,12 +79,18 @@ class Registry:
         self._router = None
         self._pools: dict[str, Any] = {}
         self._engines: dict[str, Any] = {}
+        self._engine_choice = (self.settings.engine, self.settings.vllm_url, self.settings.vllm_api_key)
 
     @property
     def settings(self) -> Settings:
         return self.context.settings
 
     def close(self) -> None:
+        # A vLLM engine stops the vLLM server it started.
+        for engine in self._engines.values():
+            if hasattr(engine, "close"):
+                engine.close()
+        self._engines.clear()
         self.context.close()
 
     def __enter__(self) -> Registry:
@@ -474,16 +480,66 @@ class Registry:
             rows.append(row)
         return rows
 
+    def use_engine(
+        self, engine: str, *, vllm_url: str | None = None, vllm_api_key: str | None = None
+    ) -> None:
+        """Answer with ``engine`` (``peft`` or ``vllm``, as ``ELMREG_ENGINE``) from now on; ``vllm_url``: a running
+        vLLM server (default: ``ELMREG_VLLM_URL``; empty: elmreg starts one).
+
+        Raises:
+            UserError: An unknown engine, or an engine of another kind already answered in this registry.
+        """
+        if engine not in ("peft", "vllm"):
+            raise UserError(f"unknown engine '{engine}'; use peft or vllm")
+        _, url, key = self._engine_choice
+        choice = (engine, (vllm_url if vllm_url is not None else url).rstrip("/"), vllm_api_key or key)
+        if self._engines and choice != self._engine_choice:
+            raise UserError("choose the engine before the first answer")
+        self._engine_choice = choice
+
     def engine(self, backbone: str | None = None, *, capacity: int = 4, device: str | None = None):
         """The engine that answers for experts of ``backbone`` (default: the configured one) in this process: one
-        per backbone, on the registry's one adapter pool of it (``capacity`` and ``device`` apply when it is
-        first made)."""
+        per backbone. The built-in engine (``ELMREG_ENGINE=peft``) runs on the registry's one adapter pool of
+        it (``capacity`` and ``device`` apply when it is first made); the vLLM engine talks to the vLLM server
+        at ``ELMREG_VLLM_URL``, or to one it starts on the backbone's folder."""
         from elmreg.inference.engine import PeftEngine
 
         backbone = backbone or self.settings.backbone
         if backbone not in self._engines:
-            self._engines[backbone] = PeftEngine(self._pool(backbone, capacity, device))
+            if self._engine_choice[0] == "vllm":
+                self._engines[backbone] = self._vllm_engine(backbone)
+            else:
+                self._engines[backbone] = PeftEngine(self._pool(backbone, capacity, device))
         return self._engines[backbone]
+
+    def _vllm_engine(self, backbone: str):
+        from elmreg.inference.vllm_engine import VllmEngine, load_served_backbone
+        from elmreg.inference.vllm_server import VllmServer, connect
+        from elmreg.models.backbones import local_folder
+
+        _, url, api_key = self._engine_choice
+        folder = local_folder(backbone, self.settings.cache_path)
+        if folder is None:
+            raise UserError(
+                f"the vLLM engine needs the backbone as a local folder; {backbone} is neither a folder nor "
+                "the default backbone"
+            )
+        served = load_served_backbone(backbone, folder)
+        server = None
+        if url:
+            endpoint = connect(url, api_key)
+        else:
+            server = VllmServer(
+                self.settings, folder, served_name="base", log_dir=self.settings.home / "serve"
+            )
+            endpoint = server.endpoint
+        return VllmEngine(
+            self.context,
+            served,
+            endpoint,
+            max_lora_rank=self.settings.vllm_max_lora_rank,
+            on_close=server.stop if server is not None else None,
+        )
 
     def _pool(self, backbone: str, capacity: int = 4, device: str | None = None):
         from elmreg.inference.pool import AdapterPool

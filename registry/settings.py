@@ -152,6 +152,46 @@ class Settings(BaseSettings):
         description="HNSW candidate list while building (pgvector ef_construction, at least 2 x m).",
     )
 
+    # The engine that answers prompts (inference/engine.py: peft; inference/vllm_engine.py: vllm).
+    engine: Literal["peft", "vllm"] = Field(
+        "peft",
+        description="Engine that answers: peft (in-process, every expert kind) or vllm (LoRA experts and base, "
+        "by a vLLM server).",
+    )
+    vllm_url: str = Field(
+        "",
+        description="Base URL of a running vLLM OpenAI server on this machine, e.g. http://127.0.0.1:8801. "
+        "Empty: elmreg starts one on a loopback port when the vllm engine is used.",
+    )
+    vllm_api_key: str = Field("", description="API key of that vLLM server (empty: none).")
+    vllm_python: str = Field(
+        "",
+        description="Python of the virtual environment vLLM is installed in, for the vLLM server elmreg "
+        "starts. Empty: .venv-vllm in the elmreg checkout (made by the Makefile).",
+    )
+    vllm_max_loras: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="LoRA experts the started vLLM server keeps in a batch at once (--max-loras).",
+    )
+    vllm_max_lora_rank: int = Field(
+        16,
+        ge=1,
+        le=512,
+        description="Largest LoRA rank the vLLM server takes (--max-lora-rank); experts above it are refused.",
+    )
+    vllm_memory_utilization: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="Share of accelerator memory the started vLLM server reserves for weights and KV cache "
+        "(--gpu-memory-utilization; on CPU builds, the share of RAM for the KV cache).",
+    )
+    vllm_start_timeout: float = Field(
+        300, gt=0, description="Seconds to wait for a started vLLM server to report healthy."
+    )
+
     @field_validator("home", "cache_dir")
     @classmethod
     def _expand_user(cls, value: Path | None) -> Path | None:
@@ -206,6 +246,13 @@ class Settings(BaseSettings):
         if m is not None and value < 2 * m:
             raise ValueError(f"pgvector needs at least 2 x library_hnsw_m ({2 * m})")
         return value
+
+    @field_validator("vllm_url")
+    @classmethod
+    def _vllm_url(cls, value: str) -> str:
+        if value and not re.match(r"https?://", value):
+            raise ValueError("use an http:// or https:// URL, or nothing to let elmreg start vLLM")
+        return value.rstrip("/")
 
     @field_validator("log_level")
     @classmethod
@@ -298,7 +345,7 @@ def _config_file_source(path: Path, explicit: bool) -> TomlConfigSettingsSource 
 
 def _shown(name: str, value: Any) -> str:
     """A value as an error message may show it: never a secret, nor the password inside a URL."""
-    if name in ("s3_access_key_id", "s3_secret_access_key"):
+    if name in ("s3_access_key_id", "s3_secret_access_key", "vllm_api_key"):
         return "(hidden)"
     return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", repr(value))
 
@@ -371,3 +418,8 @@ def pause_request() -> tuple[str, Path] | None:
     """
     point, _, folder = os.environ.get(PAUSE_SETTING, "").partition(":")
     return (point, Path(folder)) if point and folder else None
+
+
+def child_environ(**extra: str) -> dict[str, str]:
+    """The environment for a server process elmreg starts (vLLM): this process's own, plus ``extra``."""
+    return {**os.environ, **extra}

@@ -107,7 +107,8 @@ class ServingService:
             spill_dir=registry.settings.home / "serve",
             on_written=self.metrics.decisions_written.inc,
         )
-        self.engine = Batcher(engine)
+        # The vLLM engine brings its own queue: vLLM batches continuously, so prompts go to it as they come.
+        self.engine = engine.queue() if hasattr(engine, "queue") else Batcher(engine)
         self._experts: dict[str, tuple[Expert, float]] = {}
         self.engine.start()
 
