@@ -14,10 +14,10 @@ import argparse
 import datetime as dt
 import statistics
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from scratch import scratch_context
 from sqlalchemy import text
 
 from elmreg.registry.audit_views import AUDIT_QUERIES, AUDIT_VIEWS
@@ -55,15 +55,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     settings = load_settings()
-    base = RegistryContext(settings)
-    name = f"elmreg_audit_{uuid.uuid4().hex[:6]}"
-    with base.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-        c.execute(text(f"CREATE DATABASE {name}"))
-    context = RegistryContext(
-        settings.replace(database_url=base.engine.url.set(database=name).render_as_string(False))
-    )
-    try:
-        schema.upgrade(context.engine)
+    with scratch_context(settings, "elmreg_audit") as context:
         rng = np.random.default_rng(0)
         backbone = context.catalogue.get_or_create_backbone("bench-backbone", "causal")
         embedder = context.catalogue.get_or_create_embedder("bench-384", 384)
@@ -162,11 +154,6 @@ def main() -> None:
         started = time.perf_counter()
         library.prune_decisions(cutoff, dry_run=False)
         print(f"| elmreg audit prune --yes, same month | {(time.perf_counter() - started) * 1000:.0f} | |")
-    finally:
-        context.close()
-        with base.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-            c.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        base.close()
 
 
 def run(context: RegistryContext, sql: str) -> None:

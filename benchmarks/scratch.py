@@ -59,3 +59,4 @@ def scratch_context(settings: Settings, prefix: str) -> Iterator[RegistryContext
         with base.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
             c.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         base.close()
+        base.close()
